@@ -1,0 +1,22 @@
+"""Every numeric tolerance the test-suite uses, in one place.
+
+Each constant says what it bounds and why that bound is right.
+"""
+
+# fp32 outputs of two computations that are mathematically equal but ordered differently
+# (e.g. a merged weight vs. base + LoRA path).
+FP32_ATOL = 1e-5
+FP32_RTOL = 1e-5
+
+# Weights after merge followed by unmerge, in fp32.
+MERGE_ROUNDTRIP_ATOL = 1e-6
+
+# bf16 has an 8-bit mantissa: a relative error of 2^-8 per rounding.
+BF16_ATOL = 2e-2
+BF16_RTOL = 2e-2
+
+# Distributed runs vs. the single-process reference (fp32, reductions reordered).
+DIST_ATOL = 1e-5
+
+# svdquant: truncated-SVD residual may exceed the Eckart-Young optimum by this factor.
+SVD_OPTIMALITY_RATIO = 1.01
