@@ -1,0 +1,156 @@
+"""Adapter management on a converted model: enable/disable, freeze/unfreeze, delete.
+
+Layer patterns are matched against LoRA layer names (wildcards or callables); adapter patterns are
+wildcards. Each call records its resolved effect (concrete layer and adapter names) in the mode log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+from .modes import record, register_mode
+from .patterns import matches_pattern
+from .peft import lora_layers
+
+__all__ = [
+    "enable_adapters",
+    "disable_adapters",
+    "freeze_lora_weights",
+    "unfreeze_lora_weights",
+    "delete_adapter",
+    "disabled_adapters",
+]
+
+
+def _select(model: nn.Module, layer_patterns: Any, adapter_patterns: Any) -> dict[str, list[str]]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers; call qpeft.update_model first")
+    chosen: dict[str, list[str]] = {}
+    for name, layer in layers.items():
+        if matches_pattern(name, layer_patterns):
+            names = [a for a in layer.adapters if matches_pattern(a, adapter_patterns, allow_callable=False)]
+            if names:
+                chosen[name] = names
+    return chosen
+
+
+# mode -> the value it sets; "*_adapters" modes set ``enable``, the others ``requires_grad``.
+_FLAGS = {
+    "enable_adapters": True,
+    "disable_adapters": False,
+    "freeze_lora_weights": False,
+    "unfreeze_lora_weights": True,
+}
+
+
+def _apply_selection(model: nn.Module, mode: str, selection: dict[str, list[str]]) -> None:
+    layers = lora_layers(model)
+    targets = []
+    for layer_name, names in selection.items():
+        for name in names:
+            if layer_name not in layers or name not in layers[layer_name].adapters:
+                raise ValueError(f"{mode}: layer {layer_name!r} has no adapter {name!r}")
+            targets.append(layers[layer_name].adapters[name])
+    value = _FLAGS[mode]
+    for adapter in targets:
+        if mode.endswith("_adapters"):
+            adapter.enable = value
+        else:
+            adapter.requires_grad_(value)
+    record(model, mode, {"selection": selection})
+
+
+def _toggle(model: nn.Module, mode: str, layers: Any, adapters: Any) -> nn.Module:
+    _apply_selection(model, mode, _select(model, layers, adapters))
+    return model
+
+
+def enable_adapters(
+    model: nn.Module, layers_to_enable: Any = None, adapters_to_enable: Any = None
+) -> nn.Module:
+    """Enable adapters matching ``adapters_to_enable`` on layers matching ``layers_to_enable``.
+
+    Args:
+        model: a model converted by :func:`qpeft.update_model`.
+        layers_to_enable: layer-name pattern(s), wildcards or callables; None means every layer.
+        adapters_to_enable: adapter-name wildcard(s); None means every adapter.
+
+    Raises:
+        ValueError: if the model has no LoRA layers. TypeError: for a bad pattern type.
+    """
+    return _toggle(model, "enable_adapters", layers_to_enable, adapters_to_enable)
+
+
+def disable_adapters(
+    model: nn.Module, layers_to_disable: Any = None, adapters_to_disable: Any = None
+) -> nn.Module:
+    """Disable (by-pass) matching adapters; same arguments and errors as :func:`enable_adapters`."""
+    return _toggle(model, "disable_adapters", layers_to_disable, adapters_to_disable)
+
+
+def freeze_lora_weights(
+    model: nn.Module, *, layer_patterns: Any = None, adapter_patterns: Any = None
+) -> nn.Module:
+    """Set ``requires_grad=False`` on matching adapters' factors; errors as :func:`enable_adapters`."""
+    return _toggle(model, "freeze_lora_weights", layer_patterns, adapter_patterns)
+
+
+def unfreeze_lora_weights(
+    model: nn.Module, *, layer_patterns: Any = None, adapter_patterns: Any = None
+) -> nn.Module:
+    """Set ``requires_grad=True`` on matching adapters' factors; errors as :func:`enable_adapters`."""
+    return _toggle(model, "unfreeze_lora_weights", layer_patterns, adapter_patterns)
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter ``name`` from every layer that has it (LoRA layers stay in place).
+
+    Raises:
+        ValueError: if the model has no LoRA layers or no layer has an adapter called ``name``.
+    """
+    holders = [layer for layer in lora_layers(model).values() if name in layer.adapters]
+    if not holders:
+        known = sorted({a for layer in lora_layers(model).values() for a in layer.adapters})
+        raise ValueError(f"no adapter named {name!r}; the model has {known}")
+    for layer in holders:
+        del layer.adapters[name]
+    record(model, "delete_adapter", {"name": name})
+    return model
+
+
+@contextmanager
+def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: every adapter is by-passed inside, and its own flag restored on exit.
+
+    Nothing is recorded in the mode log (the model leaves the block as it entered it).
+    """
+    adapters = [a for layer in lora_layers(model).values() for a in layer.adapters.values()]
+    saved = [a.enable for a in adapters]
+    try:
+        for adapter in adapters:
+            adapter.enable = False
+        yield model
+    finally:
+        for adapter, flag in zip(adapters, saved, strict=True):
+            adapter.enable = flag
+
+
+def _replay_selection(mode: str):  # noqa: ANN202 - internal factory
+    def replay(model: nn.Module, config: dict[str, Any]) -> None:
+        _apply_selection(model, mode, config["selection"])
+
+    return replay
+
+
+for _mode in _FLAGS:
+    register_mode(_mode)(_replay_selection(_mode))
+
+
+@register_mode("delete_adapter")
+def _replay_delete(model: nn.Module, config: dict[str, Any]) -> None:
+    delete_adapter(model, config["name"])

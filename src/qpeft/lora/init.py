@@ -1,0 +1,95 @@
+"""Initialisation of new adapters: ``kaiming_zeros`` and ``svdquant``.
+
+``kaiming_zeros``: ``A`` from ``lora_a_init`` (default ``kaiming_uniform_(a=sqrt(5))``), ``B`` from
+``lora_b_init`` (default ``zeros_``), so a new adapter leaves the layer's output bit-identical.
+
+``svdquant``: with ``W: [out, in]`` and its fake-quantized value ``Q(W)``, the residual
+``R = W - Q(W)`` (fp32) is approximated by a rank-r truncated SVD ``R ~ U S V^T``, split as
+``B = U sqrt(S/scale)``, ``A = sqrt(S/scale) V^T`` so that ``scale * B @ A ~ R`` and the layer
+computes about ``W x`` at init. A randomized SVD (oversampling + power iterations) is used when r is
+small against the layer, an exact one otherwise; ranks above ``min(out, in)`` pad with zeros.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from ..config import resolve_initializer
+from .adapter import LoRAAdapter
+from .layer import LoRAModule
+
+__all__ = ["init_adapter", "truncated_svd", "quantization_residual"]
+
+OVERSAMPLE = 16
+POWER_ITERS = 6
+
+
+@torch.no_grad()
+def init_adapter(adapter: LoRAAdapter, layer: LoRAModule, layer_name: str) -> None:
+    """Fill a new adapter's factors in place according to its ``lora_init_method``.
+
+    Raises:
+        ValueError: for ``svdquant`` when the layer's weight is not finite (names the layer).
+    """
+    config = adapter.config
+    if config.lora_init_method == "svdquant":
+        _init_svdquant(adapter, layer, layer_name)
+        return
+    if config.lora_a_init is None:
+        torch.nn.init.kaiming_uniform_(adapter.lora_a, a=math.sqrt(5))
+    else:
+        resolve_initializer(config.lora_a_init)(adapter.lora_a)
+    if config.lora_b_init is None:
+        torch.nn.init.zeros_(adapter.lora_b)
+    else:
+        resolve_initializer(config.lora_b_init)(adapter.lora_b)
+
+
+def quantization_residual(layer: LoRAModule) -> torch.Tensor | None:
+    """``W - Q(W)`` in fp32, ``[out, in]`` layout, or None when the layer has no weight quantizer."""
+    quantizer = getattr(layer.base, "weight_quantizer", None)
+    if quantizer is None:
+        return None
+    weight = layer.base_weight.detach()
+    residual = weight.float() - quantizer(weight).float()
+    return layer.to_out_in(residual)
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` truncated SVD ``(U [m, k], S [k], Vh [k, n])`` with ``k = min(rank, m, n)``.
+
+    Randomized (``OVERSAMPLE`` extra columns, ``POWER_ITERS`` power iterations) when the sketch is
+    small against the matrix; exact otherwise.
+    """
+    m, n = matrix.shape
+    k = min(rank, m, n)
+    if (k + OVERSAMPLE) * 4 <= min(m, n):
+        u, s, v = torch.svd_lowrank(matrix, q=k + OVERSAMPLE, niter=POWER_ITERS)
+        return u[:, :k], s[:k], v[:, :k].T
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :k], s[:k], vh[:k]
+
+
+def _init_svdquant(adapter: LoRAAdapter, layer: LoRAModule, layer_name: str) -> None:
+    residual = quantization_residual(layer)
+    if residual is None:
+        warnings.warn(
+            f"svdquant init: layer {layer_name!r} has no weight quantizer (run qpeft.quantize first); "
+            "falling back to zero-initialised A and B",
+            stacklevel=4,
+        )
+        adapter.lora_a.zero_()
+        adapter.lora_b.zero_()
+        return
+    if not torch.isfinite(residual).all():
+        raise ValueError(f"svdquant init: layer {layer_name!r} has non-finite weights")
+    u, s, vh = truncated_svd(residual, adapter.rank)
+    root = (s / adapter.scale).sqrt()
+    k = s.numel()
+    adapter.lora_a.zero_()
+    adapter.lora_b.zero_()
+    adapter.lora_a[:k].copy_(root[:, None] * vh)
+    adapter.lora_b[:, :k].copy_(u * root[None, :])

@@ -1,0 +1,51 @@
+"""One registry from base layer types to their LoRA wrapper, looked up along the MRO.
+
+Plugins for optional libraries (transformers' ``Conv1D``, Megatron-Core, MoE experts) register
+themselves: their module is imported the first time a lookup happens after the library itself has
+been imported, so qpeft never imports an optional library on its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from torch import nn
+
+from ..wrapping import innermost
+from .layer import LoRALinear, LoRAModule
+
+__all__ = ["register_lora", "lora_class_for"]
+
+_REGISTRY: dict[type, type[LoRAModule]] = {nn.Linear: LoRALinear}
+
+# library module -> qpeft plugin module that registers its layers.
+_PLUGINS: dict[str, str] = {"transformers": "qpeft.lora.plugins.transformers"}
+_loaded: set[str] = set()
+
+
+def register_lora(base_type: type, wrapper: type[LoRAModule]) -> None:
+    """Register ``wrapper`` as the LoRA layer for ``base_type`` and its subclasses.
+
+    Raises:
+        TypeError: if ``wrapper`` is not a :class:`LoRAModule` subclass.
+    """
+    if not (isinstance(wrapper, type) and issubclass(wrapper, LoRAModule)):
+        raise TypeError(f"{wrapper!r} is not a LoRAModule subclass")
+    _REGISTRY[base_type] = wrapper
+
+
+def _load_plugins() -> None:
+    for library, plugin in _PLUGINS.items():
+        if library in sys.modules and plugin not in _loaded:
+            _loaded.add(plugin)
+            importlib.import_module(plugin)
+
+
+def lora_class_for(module: nn.Module) -> type[LoRAModule] | None:
+    """The LoRA wrapper class for ``module`` (looking through qpeft wrappers), or None."""
+    _load_plugins()
+    for cls in type(innermost(module)).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None

@@ -1,0 +1,65 @@
+"""The mode log: every call that changes a model appends ``{"mode": name, "config": {...}}``.
+
+The log lives on the model object (so ``copy.deepcopy`` carries it) and is plain JSON: callers
+record concrete, resolved settings (per-layer attributes, not callable patterns). ``replay`` re-runs
+the log on a freshly built model through the registered replay function of each mode, which is how
+``restore`` rebuilds a model's structure before loading its tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+__all__ = ["record", "state", "register_mode", "replay"]
+
+_LOG_ATTR = "_qpeft_modes"
+_REPLAY: dict[str, Callable[[nn.Module, dict[str, Any]], Any]] = {}
+
+
+def register_mode(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering ``fn(model, config)`` as the replay function of mode ``name``."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _REPLAY[name] = fn
+        return fn
+
+    return decorate
+
+
+def record(model: nn.Module, mode: str, config: dict[str, Any]) -> None:
+    """Append ``(mode, config)`` to the model's log.
+
+    Raises:
+        TypeError: if ``config`` is not plain JSON (a callable or tensor slipped in).
+    """
+    try:
+        entry = json.loads(json.dumps({"mode": mode, "config": config}))
+    except TypeError as err:
+        raise TypeError(f"mode {mode!r}: config is not JSON-serializable ({err})") from None
+    if _LOG_ATTR not in model.__dict__:
+        model.__dict__[_LOG_ATTR] = []
+    model.__dict__[_LOG_ATTR].append(entry)
+
+
+def state(model: nn.Module) -> list[dict[str, Any]]:
+    """A copy of the model's mode log: a list of ``{"mode": str, "config": dict}`` entries."""
+    return copy.deepcopy(model.__dict__.get(_LOG_ATTR, []))
+
+
+def replay(model: nn.Module, log: list[dict[str, Any]]) -> nn.Module:
+    """Re-apply every entry of ``log`` to ``model`` in order (each re-records itself).
+
+    Raises:
+        ValueError: for an entry of an unknown mode (checked before anything is applied).
+    """
+    unknown = [e.get("mode") for e in log if e.get("mode") not in _REPLAY]
+    if unknown:
+        raise ValueError(f"cannot replay unknown mode {unknown[0]!r}; known: {sorted(_REPLAY)}")
+    for entry in log:
+        _REPLAY[entry["mode"]](model, entry["config"])
+    return model

@@ -1,0 +1,166 @@
+"""``update_model``: attach or update a named LoRA adapter on the layers an ``adapter_cfg`` targets.
+
+The call runs in two phases. *Plan*: resolve every layer's attributes, check them against existing
+adapters, build and initialise every new adapter; anything wrong raises here, before the model is
+touched. *Apply*: wrap layers, attach adapters, set flags, record the mode. A failing call therefore
+leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .config import PEFTAttributeConfig, PEFTConfig
+from .lora.adapter import LoRAAdapter
+from .lora.init import init_adapter
+from .lora.layer import LoRAModule
+from .lora.registry import lora_class_for
+from .modes import record, register_mode
+from .patterns import merge_matching
+from .wrapping import ModuleWrapper
+
+__all__ = ["update_model", "is_peft_model", "lora_layers", "candidate_layers"]
+
+_FIXED = ("rank", "lora_a_init", "lora_b_init", "lora_init_method")
+
+
+def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules LoRA can target, by name: LoRA layers and registered base types, outermost wrapper."""
+    found: dict[str, nn.Module] = {}
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in inside):
+            continue
+        if isinstance(module, LoRAModule) or lora_class_for(module) is not None:
+            found[name] = module
+        if isinstance(module, ModuleWrapper):
+            inside.append(name + "." if name else "")
+    return found
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRAModule]:
+    """Every LoRA layer of ``model``, by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRAModule)}
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` has at least one LoRA layer."""
+    return any(isinstance(m, LoRAModule) for m in model.modules())
+
+
+@dataclass
+class _Plan:
+    wrap: dict[str, LoRAModule] = field(default_factory=dict)  # name -> new wrapper
+    add: dict[str, LoRAAdapter] = field(default_factory=dict)  # name -> new adapter
+    update: dict[str, PEFTAttributeConfig] = field(default_factory=dict)  # existing adapter
+    resolved: dict[str, dict[str, Any]] = field(default_factory=dict)  # for the mode log
+
+
+def _check_update(adapter: LoRAAdapter, merged: dict[str, Any], name: str, layer: str) -> None:
+    fixed = adapter.config
+    for key in [k for k in _FIXED if k in merged]:
+        if getattr(PEFTAttributeConfig(**{key: merged[key]}), key) != getattr(fixed, key):
+            raise ValueError(
+                f"adapter {name!r} on layer {layer!r}: cannot change {key} from "
+                f"{getattr(fixed, key)!r} to {merged[key]!r} (only scale and enable can change)"
+            )
+    wanted = PEFTAttributeConfig(lora_dtype=merged.get("lora_dtype")).torch_dtype()
+    if wanted is not None and wanted != adapter.lora_a.dtype:
+        raise ValueError(
+            f"adapter {name!r} on layer {layer!r}: cannot change lora_dtype from "
+            f"{adapter.lora_a.dtype} to {wanted}"
+        )
+
+
+def _plan_layer(plan: _Plan, cfg: PEFTConfig, layer_name: str, module: nn.Module) -> None:
+    merged = merge_matching(layer_name, cfg.adapter_cfg)
+    if merged is None:
+        return
+    name = cfg.adapter_name
+    if isinstance(module, LoRAModule) and name in module.adapters:
+        existing = module.adapters[name]
+        _check_update(existing, merged, name, layer_name)
+        changes = {k: merged[k] for k in ("scale", "enable") if k in merged}
+        attrs = PEFTAttributeConfig(**{**existing.config.model_dump(), **changes})
+        plan.update[layer_name] = attrs
+        plan.resolved[layer_name] = attrs.model_dump()
+        return
+    attrs = PEFTAttributeConfig(**merged)
+    plan.resolved[layer_name] = attrs.model_dump()
+    if not attrs.enable:
+        return
+    layer = module if isinstance(module, LoRAModule) else lora_class_for(module)(module)
+    adapter = layer.new_adapter(attrs, attrs.torch_dtype())
+    init_adapter(adapter, layer, layer_name)
+    if layer is not module:
+        plan.wrap[layer_name] = layer
+    plan.add[layer_name] = adapter
+
+
+def _make_plan(model: nn.Module, cfg: PEFTConfig) -> _Plan:
+    layers = candidate_layers(model)
+    if not layers:
+        raise ValueError("model has no layer that LoRA supports (nn.Linear, Conv1D, or a registered type)")
+    plan = _Plan()
+    for layer_name, module in layers.items():
+        _plan_layer(plan, cfg, layer_name, module)
+    if not plan.resolved:
+        patterns = [p if isinstance(p, str) else getattr(p, "__name__", repr(p)) for p in cfg.adapter_cfg]
+        raise ValueError(f"adapter_cfg patterns {patterns} match none of the {len(layers)} supported layers")
+    return plan
+
+
+def _set_base_trainable(model: nn.Module, trainable: bool) -> None:
+    adapter_params = {id(p) for m in model.modules() if isinstance(m, LoRAAdapter) for p in m.parameters()}
+    for param in model.parameters():
+        if id(param) not in adapter_params:
+            param.requires_grad_(trainable)
+
+
+def _apply(model: nn.Module, cfg: PEFTConfig, plan: _Plan) -> None:
+    for layer_name, wrapper in plan.wrap.items():
+        model.set_submodule(layer_name, wrapper)
+    layers = lora_layers(model)
+    for layer_name, adapter in plan.add.items():
+        layers[layer_name].adapters[cfg.adapter_name] = adapter
+    for layer_name, attrs in plan.update.items():
+        adapter = layers[layer_name].adapters[cfg.adapter_name]
+        adapter.scale, adapter.enable = float(attrs.scale), bool(attrs.enable)
+    _set_base_trainable(model, not cfg.freeze_base_model)
+    for layer_name in [*plan.add, *plan.update]:
+        layers[layer_name].adapters[cfg.adapter_name].requires_grad_(not cfg.freeze_lora_weights)
+
+
+def update_model(model: nn.Module, config: PEFTConfig | dict[str, Any]) -> nn.Module:
+    """Add adapter ``config.adapter_name`` to the layers its ``adapter_cfg`` targets, or update it.
+
+    The first call converts matching layers (``nn.Linear``, transformers ``Conv1D``, registered
+    types) into LoRA layers; later calls add more named adapters. For each layer, every matching
+    pattern is merged in order, key by key; ``enable: False`` means no adapter there. With an
+    existing adapter name, ``scale`` and ``enable`` are updated in place and its weights kept.
+
+    Args:
+        model: any ``nn.Module``; it is modified in place and returned.
+        config: a :class:`PEFTConfig` or a dict of its fields.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: invalid config (names the field and pattern); no supported layer matched; an
+            update that changes rank, initializers, init method or dtype (names adapter and layer);
+            svdquant on non-finite weights (names the layer). The model is then left untouched.
+    """
+    cfg = config if isinstance(config, PEFTConfig) else PEFTConfig.model_validate(config)
+    plan = _make_plan(model, cfg)
+    _apply(model, cfg, plan)
+    record(model, "peft", {**cfg.model_dump(exclude={"adapter_cfg"}), "adapter_cfg": plan.resolved})
+    return model
+
+
+@register_mode("peft")
+def _replay_peft(model: nn.Module, config: dict[str, Any]) -> None:
+    update_model(model, config)

@@ -1,0 +1,66 @@
+"""Tiny models shared by the tests: plain torch stacks and Hugging Face models built from configs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyMLP(nn.Module):
+    """Two linear layers with named submodules, like a transformer block's MLP."""
+
+    def __init__(self, d_in: int = 8, d_hidden: int = 16, d_out: int = 4) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_in, d_hidden)
+        self.act = nn.GELU()
+        self.down = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+class TinyBlock(nn.Module):
+    """Attention-like projections plus an MLP and an output head."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.attn = nn.ModuleDict({"q_proj": nn.Linear(d, d), "v_proj": nn.Linear(d, d, bias=False)})
+        self.mlp = TinyMLP(d, 2 * d, d)
+        self.lm_head = nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn["q_proj"](x) * torch.sigmoid(self.attn["v_proj"](x))
+        return self.lm_head(h + self.mlp(h))
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64,
+    )
+    return BertModel(cfg).eval()
+
+
+HF_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
