@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from ..config import resolve_initializer
+from ..modes import is_restoring
 from .adapter import LoRAAdapter
 from .layer import LoRAModule
 
@@ -31,9 +32,14 @@ POWER_ITERS = 6
 def init_adapter(adapter: LoRAAdapter, layer: LoRAModule, layer_name: str) -> None:
     """Fill a new adapter's factors in place according to its ``lora_init_method``.
 
+    Inside :func:`qpeft.modes.restoring` nothing is computed (the factors stay zero): the saved
+    values are loaded right after, so recomputing, e.g., svdquant's SVD would be wasted work.
+
     Raises:
         ValueError: for ``svdquant`` when the layer's weight is not finite (names the layer).
     """
+    if is_restoring():
+        return
     config = adapter.config
     if config.lora_init_method == "svdquant":
         _init_svdquant(adapter, layer, layer_name)
