@@ -11,7 +11,10 @@ from .adapters import (
     freeze_lora_weights,
     unfreeze_lora_weights,
 )
+from .checkpoint import load_adapters, restore, save, save_adapters
 from .config import ExportPEFTConfig, PEFTAttributeConfig, PEFTConfig
+from .export import export, merge_adapters, unmerge_adapters
+from .hf_peft import export_hf_peft, import_hf_peft
 from .lora import LoRAAdapter, LoRALinear, LoRAModule, register_lora
 from .modes import state
 from .patterns import matches_pattern
@@ -30,12 +33,21 @@ __all__ = [
     "disable_adapters",
     "disabled_adapters",
     "enable_adapters",
+    "export",
+    "export_hf_peft",
     "freeze_lora_weights",
+    "import_hf_peft",
     "is_peft_model",
+    "load_adapters",
     "lora_layers",
     "matches_pattern",
+    "merge_adapters",
     "register_lora",
+    "restore",
+    "save",
+    "save_adapters",
     "state",
     "unfreeze_lora_weights",
+    "unmerge_adapters",
     "update_model",
 ]
