@@ -173,7 +173,11 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     def rebuild(target: nn.Module) -> None:
         with restoring():
-            replay(target, modes)
+            for i, entry in enumerate(modes):
+                try:
+                    replay(target, [entry])
+                except (ValueError, TypeError, KeyError, AttributeError) as err:
+                    raise ValueError(f"{path / MANIFEST}: replaying modes[{i}] ({entry['mode']!r}) failed: {err}") from err
         _apply_flags(target, manifest)
         check_tensors(target, header, aliases, path / MODEL_FILE)
         load_checked(target, tensors, aliases)

@@ -163,4 +163,10 @@ def update_model(model: nn.Module, config: PEFTConfig | dict[str, Any]) -> nn.Mo
 
 @register_mode("peft")
 def _replay_peft(model: nn.Module, config: dict[str, Any]) -> None:
+    # Recorded patterns are concrete layer names: each must exist, or this is another model.
+    layers = candidate_layers(model)
+    for name in config.get("adapter_cfg", {}):
+        if name not in layers:
+            raise ValueError(f"layer {name!r} of the recorded adapter {config.get('adapter_name')!r} "
+                             "is not a LoRA-capable layer of this model")
     update_model(model, config)
