@@ -406,7 +406,7 @@ def test_save_killed_at_any_moment_leaves_old_or_new(tmp_path, point, expected):
 def test_save_loop_killed_by_sigkill(tmp_path):
     path = tmp_path / "ck"
     qpeft.save(_numbered(0), path)
-    for delay in (0.05, 0.2, 0.5):
+    for delay in (0.05, 0.3):
         child = _child("loop", path, stdout=subprocess.PIPE)
         assert child.stdout.readline().strip() == b"ready"
         time.sleep(delay)

@@ -90,6 +90,15 @@ def test_double_merge_is_refused_and_changes_nothing():
         qpeft.merge_adapters(model, "zz")
 
 
+def test_scale_of_a_merged_adapter_cannot_change():
+    model = _two_adapters()
+    qpeft.merge_adapters(model, "default")
+    with pytest.raises(ValueError, match="is merged; unmerge it before changing its scale"):
+        update_model(model, {"adapter_cfg": {"*": {"scale": 3.0}}})
+    qpeft.unmerge_adapters(model)
+    update_model(model, {"adapter_cfg": {"*": {"scale": 3.0}}})
+
+
 @pytest.mark.parametrize("build", [_two_adapters, tiny_gpt2, tiny_llama])
 def test_export_unwraps_to_the_original_objects_with_the_same_outputs(build):
     model = build()

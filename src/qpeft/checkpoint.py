@@ -28,14 +28,21 @@ from torch import nn
 from .adapters import disable_selection
 from .checkpoint_load import check_tensors, load_checked
 from .config import PEFTAttributeConfig
-from .modes import known_modes, replay, restoring, state
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    adapter_flags,
+    apply_flags,
+    check_full_manifest,
+    read_manifest,
+)
+from .modes import replay, restoring, state
 from .peft import candidate_layers, lora_layers, update_model
 from .safeio import (
     atomic_directory,
     read_header,
     read_json,
     read_tensors,
-    recover,
     tensor_table,
     write_json,
     write_tensors,
@@ -44,8 +51,6 @@ from .transaction import apply_atomically
 
 __all__ = ["save", "restore", "save_adapters", "load_adapters", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
-MANIFEST = "qpeft.json"
 MODEL_FILE = "model.safetensors"
 ADAPTER_FILE = "adapters.safetensors"
 _KINDS = {"qpeft-checkpoint": MODEL_FILE, "qpeft-adapters": ADAPTER_FILE}
@@ -56,13 +61,6 @@ def _is_ours(path: Path) -> bool:
         return read_json(path / MANIFEST).get("format") in _KINDS
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _adapter_flags(model: nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
-    return {
-        layer_name: {n: {"scale": a.scale, "enable": a.enable, "merged": a.merged} for n, a in layer.adapters.items()}
-        for layer_name, layer in lora_layers(model).items()
-    }
 
 
 def _write(path: str | os.PathLike, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -87,62 +85,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "format_version": FORMAT_VERSION,
         "modes": state(model),
         "aliases": aliases,
-        "adapters": _adapter_flags(model),
+        "adapters": adapter_flags(model),
         "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
     }
     _write(path, manifest, tensors)
-
-
-def _read_manifest(path: Path, kind: str) -> dict[str, Any]:
-    recover(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint directory at {path}")
-    manifest = read_json(path / MANIFEST)
-    if not isinstance(manifest, dict) or manifest.get("format") != kind:
-        raise ValueError(f"{path / MANIFEST} is not a {kind} manifest (format field {manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise ValueError(f"{path / MANIFEST}: invalid format_version {version!r}")
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"{path / MANIFEST}: format_version {version} is newer than this qpeft supports ({FORMAT_VERSION})"
-        )
-    return manifest
-
-
-def _check_modes(manifest: dict[str, Any], where: Path) -> list[dict[str, Any]]:
-    modes = manifest.get("modes")
-    if not isinstance(modes, list):
-        raise ValueError(f"{where}: 'modes' must be a list")
-    for i, entry in enumerate(modes):
-        if not (isinstance(entry, dict) and isinstance(entry.get("mode"), str) and isinstance(entry.get("config"), dict)):
-            raise ValueError(f"{where}: modes[{i}] is not a {{'mode': str, 'config': dict}} entry")
-        if entry["mode"] not in known_modes():
-            raise ValueError(f"{where}: modes[{i}] is mode {entry['mode']!r}, which this qpeft cannot replay")
-    return modes
-
-
-def _apply_flags(model: nn.Module, manifest: dict[str, Any]) -> None:
-    layers = lora_layers(model)
-    flags = manifest.get("adapters", {})
-    for layer_name, adapters in flags.items():
-        for name, attrs in adapters.items():
-            if layer_name not in layers or name not in layers[layer_name].adapters:
-                raise ValueError(f"checkpoint has adapter {name!r} on layer {layer_name!r}, which replaying its log did not create")
-            adapter = layers[layer_name].adapters[name]
-            adapter.scale, adapter.enable = float(attrs["scale"]), bool(attrs["enable"])
-            adapter.merged = bool(attrs["merged"])
-    for layer_name, layer in layers.items():
-        extra = set(layer.adapters) - set(flags.get(layer_name, {}))
-        if extra:
-            raise ValueError(f"replaying the log created adapter {sorted(extra)[0]!r} on layer {layer_name!r}, which the checkpoint lacks")
-    trainable = set(manifest.get("trainable", []))
-    params = dict(model.named_parameters())
-    unknown = sorted(trainable - set(params))
-    if unknown:
-        raise ValueError(f"checkpoint marks parameter {unknown[0]!r} trainable, but the model has no such parameter")
-    for name, param in params.items():
-        param.requires_grad_(name in trainable)
 
 
 def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -165,8 +111,9 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     if state(model) or lora_layers(model):
         raise ValueError("restore expects a freshly built base model; this one already has qpeft modes applied")
-    manifest = _read_manifest(path, "qpeft-checkpoint")
-    modes = _check_modes(manifest, path / MANIFEST)
+    manifest = read_manifest(path, "qpeft-checkpoint")
+    check_full_manifest(manifest, path / MANIFEST)
+    modes = manifest["modes"]
     header = read_header(path / MODEL_FILE)
     tensors = read_tensors(path / MODEL_FILE)
     aliases = manifest.get("aliases", {})
@@ -178,7 +125,7 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                     replay(target, [entry])
                 except (ValueError, TypeError, KeyError, AttributeError) as err:
                     raise ValueError(f"{path / MANIFEST}: replaying modes[{i}] ({entry['mode']!r}) failed: {err}") from err
-        _apply_flags(target, manifest)
+        apply_flags(target, manifest)
         check_tensors(target, header, aliases, path / MODEL_FILE)
         load_checked(target, tensors, aliases)
 
@@ -252,7 +199,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             layer or key). ``model`` is then left untouched.
     """
     path = Path(path)
-    manifest = _read_manifest(path, "qpeft-adapters")
+    manifest = read_manifest(path, "qpeft-adapters")
     where = path / MANIFEST
     entries = manifest.get("adapters")
     if not isinstance(entries, dict) or not entries:

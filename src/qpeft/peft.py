@@ -60,6 +60,9 @@ class _Plan:
 
 
 def _check_update(adapter: LoRAAdapter, merged: dict[str, Any], name: str, layer: str) -> None:
+    if adapter.merged and "scale" in merged and float(merged["scale"]) != adapter.scale:
+        # unmerge subtracts scale * B @ A: the scale must stay what was folded in
+        raise ValueError(f"adapter {name!r} on layer {layer!r} is merged; unmerge it before changing its scale")
     fixed = adapter.config
     for key in [k for k in _FIXED if k in merged]:
         if getattr(PEFTAttributeConfig(**{key: merged[key]}), key) != getattr(fixed, key):
