@@ -414,3 +414,28 @@ def test_save_loop_killed_by_sigkill(tmp_path):
         child.wait(timeout=60)
         child.stdout.close()
         assert _which(path) in (0, 1)
+
+
+class _Views(nn.Module):
+    """A buffer that is a strided view into part of a parameter's storage (not a tied copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.register_buffer("col", self.lin.weight.detach()[1:5, 2])
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_overlapping_views_and_unsavable_entries(tmp_path):
+    model = _Views()
+    update_model(model, {"adapter_cfg": {"*": {"rank": 2}}})
+    qpeft.save(model, tmp_path / "ck")
+    fresh = _Views()
+    qpeft.restore(fresh, tmp_path / "ck")
+    assert torch.equal(fresh.col, model.col) and torch.equal(fresh.lin.weight, model.lin.weight)
+    model.register_buffer("odd", torch.zeros(2, dtype=torch.float8_e8m0fnu))
+    with pytest.raises(TypeError, match="'odd' has dtype torch.float8_e8m0fnu"):
+        qpeft.save(model, tmp_path / "ck2")
+    assert not (tmp_path / "ck2").exists()

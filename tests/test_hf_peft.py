@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import warnings
 
 import pytest
@@ -54,6 +55,7 @@ def test_export_loads_in_peft_with_the_same_outputs(tmp_path, arch):
     qpeft.export_hf_peft(model, tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 2)
+    assert config["fan_in_fan_out"] == (arch == "gpt2")  # GPT-2's Conv1D stores weights [in, out]
     assert config["rank_pattern"] == {odd_rank: 2}  # alpha = scale * rank: 0.5 * 2 there, 3 * 4 on the MLP
     assert config["alpha_pattern"].pop(odd_rank) == 1 and set(config["alpha_pattern"].values()) == {12}
     keys = load_file(tmp_path / "hf" / "adapter_model.safetensors")
@@ -110,6 +112,24 @@ def test_dora_is_a_clear_error(tmp_path):
     model = tiny_llama()
     unchanged = _untouched(model)
     with pytest.raises(ValueError, match=r"DoRA \(use_dora=True\) is not supported"):
+        qpeft.import_hf_peft(model, path)
+    assert unchanged()
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("lora_bias", True, "LoRA bias"),
+    ("modules_to_save", ["lm_head"], "modules_to_save"),
+    ("bias", "all", "bias='all'"),
+    ("peft_type", "LOHA", "peft_type 'LOHA'"),
+    ("alora_invocation_tokens", [1, 2], "activated LoRA"),
+])
+def test_other_variants_are_clear_errors(tmp_path, field, value, words):
+    path = _peft_dir(tmp_path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    model = tiny_llama()
+    unchanged = _untouched(model)
+    with pytest.raises(ValueError, match=re.escape(words)):
         qpeft.import_hf_peft(model, path)
     assert unchanged()
 

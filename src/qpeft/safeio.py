@@ -53,7 +53,10 @@ DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "C64": torch.complex64,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
 }
+_SAVABLE = set(DTYPES.values())
 
 
 # -- atomic directories ------------------------------------------------------------------------
@@ -272,12 +275,19 @@ def tensor_table(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
 
     Returns:
         ``(tensors, aliases)``.
+
+    Raises:
+        TypeError: a value that is not a tensor, or a dtype safetensors cannot store (names the key).
     """
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen_views: dict[tuple[Any, ...], str] = {}
     seen_storages: set[tuple[Any, ...]] = set()
     for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor; it cannot be saved")
+        if value.dtype not in _SAVABLE:
+            raise TypeError(f"state_dict entry {key!r} has dtype {value.dtype}, which safetensors cannot store")
         t = value.detach()
         if t.numel() > 0 and _view_key(t) in seen_views:
             aliases[key] = seen_views[_view_key(t)]
