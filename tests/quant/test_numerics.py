@@ -19,6 +19,7 @@ CASES = {
     "int4_block": lambda c, d: nq.fake_quant_int_blockwise(ref(c, d, "x"), 4, 128),
     "int4_block_even": lambda c, d: nq.fake_quant_int_blockwise(ref(c, d, "x"), 4, 128),
     "fp8_tensor": lambda c, d: nq.fake_quant_fp8(ref(c, d, "x"), ref(c, d, "amax")),
+    "fp8_row": lambda c, d: nq.fake_quant_fp8(ref(c, d, "x"), ref(c, d, "amax")),
     "fp8_tiny": lambda c, d: nq.fake_quant_fp8(ref(c, d, "x"), ref(c, d, "amax")),
     "nvfp4": lambda c, d: nq.fake_quant_nvfp4(ref(c, d, "x"), ref(c, d, "amax")),
     "nvfp4_sat": lambda c, d: nq.fake_quant_nvfp4(ref(c, d, "x"), ref(c, d, "amax")),
