@@ -126,8 +126,8 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 except (ValueError, TypeError, KeyError, AttributeError) as err:
                     raise ValueError(f"{path / MANIFEST}: replaying modes[{i}] ({entry['mode']!r}) failed: {err}") from err
         apply_flags(target, manifest)
-        check_tensors(target, header, aliases, path / MODEL_FILE)
-        load_checked(target, tensors, aliases)
+        check_tensors(target, header, aliases, path / MODEL_FILE, lazy_extras=True)
+        load_checked(target, tensors, aliases, path / MODEL_FILE)
 
     apply_atomically(model, rebuild)
     return model
@@ -229,7 +229,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             disable_selection(target, disabled)
         keys = _new_adapter_keys(target, configs)
         check_tensors(target, header, {}, path / ADAPTER_FILE, only=keys, cast=True)
-        load_checked(target, tensors, {}, strict=False)
+        load_checked(target, tensors, {}, path / ADAPTER_FILE, strict=False, cast=True)
         return target
 
     return apply_atomically(model, attach)

@@ -217,7 +217,7 @@ def import_hf_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str 
         with restoring():
             update_model(target, {"adapter_name": adapter_name, "adapter_cfg": adapter_cfg})
         check_tensors(target, header, {}, path / WEIGHTS_FILE, only=set(tensors), cast=True)
-        load_checked(target, tensors, {}, strict=False)
+        load_checked(target, tensors, {}, path / WEIGHTS_FILE, strict=False, cast=True)
         return target
 
     return apply_atomically(model, attach)
