@@ -118,7 +118,7 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     tensors = read_tensors(path / MODEL_FILE)
     aliases = manifest.get("aliases", {})
 
-    def rebuild(target: nn.Module) -> None:
+    def rebuild(target: nn.Module, dry_run: bool) -> None:
         with restoring():
             for i, entry in enumerate(modes):
                 try:
@@ -127,7 +127,7 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                     raise ValueError(f"{path / MANIFEST}: replaying modes[{i}] ({entry['mode']!r}) failed: {err}") from err
         apply_flags(target, manifest)
         check_tensors(target, header, aliases, path / MODEL_FILE, lazy_extras=True)
-        load_checked(target, tensors, aliases, path / MODEL_FILE)
+        load_checked(target, tensors, aliases, path / MODEL_FILE, dry_run=dry_run)
 
     apply_atomically(model, rebuild)
     return model
@@ -221,7 +221,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     header = read_header(path / ADAPTER_FILE)
     tensors = read_tensors(path / ADAPTER_FILE)
 
-    def attach(target: nn.Module) -> nn.Module:
+    def attach(target: nn.Module, dry_run: bool) -> nn.Module:
         with restoring():
             for cfg in configs:
                 update_model(target, cfg)
@@ -229,7 +229,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             disable_selection(target, disabled)
         keys = _new_adapter_keys(target, configs)
         check_tensors(target, header, {}, path / ADAPTER_FILE, only=keys, cast=True)
-        load_checked(target, tensors, {}, path / ADAPTER_FILE, strict=False, cast=True)
+        load_checked(target, tensors, {}, path / ADAPTER_FILE, strict=False, cast=True, dry_run=dry_run)
         return target
 
     return apply_atomically(model, attach)

@@ -75,12 +75,14 @@ def load_checked(
     where: Path,
     strict: bool = True,
     cast: bool = False,
+    dry_run: bool = False,
 ) -> None:
     """Copy checked ``tensors`` (tied keys expanded from ``aliases``) into ``model``.
 
     Args:
         strict: the file must cover the model (a full checkpoint); False for a subset (adapters).
         cast: values may be cast to the model's dtype (as accepted by :func:`check_tensors`).
+        dry_run: the model is a throw-away structural copy: tensors are assigned, not copied.
 
     Raises:
         ValueError: a key no module accepted, or a buffer created on load with another
@@ -88,7 +90,7 @@ def load_checked(
     """
     full = {**tensors, **{key: tensors[source] for key, source in aliases.items()}}
     before = set(model.state_dict())
-    result = model.load_state_dict(full, strict=False)
+    result = model.load_state_dict(full, strict=False, assign=dry_run)
     state = model.state_dict()  # buffers created while loading are in it now
     # name keys as the file does: load_state_dict reports wrapper-internal names (``.base.``)
     unexpected = [k for k in full if k not in before and k not in state] or result.unexpected_keys

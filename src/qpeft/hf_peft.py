@@ -213,11 +213,11 @@ def import_hf_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str 
     tensors = {f"{m}.adapters.{adapter_name}.{f}": t for m, fs in modules.items() for f, t in fs.items()}
     header = {k: (t.dtype, list(t.shape)) for k, t in tensors.items()}
 
-    def attach(target: nn.Module) -> nn.Module:
+    def attach(target: nn.Module, dry_run: bool) -> nn.Module:
         with restoring():
             update_model(target, {"adapter_name": adapter_name, "adapter_cfg": adapter_cfg})
         check_tensors(target, header, {}, path / WEIGHTS_FILE, only=set(tensors), cast=True)
-        load_checked(target, tensors, {}, path / WEIGHTS_FILE, strict=False, cast=True)
+        load_checked(target, tensors, {}, path / WEIGHTS_FILE, strict=False, cast=True, dry_run=dry_run)
         return target
 
     return apply_atomically(model, attach)

@@ -2,15 +2,20 @@
 
 ``apply_atomically(model, change)`` runs ``change`` so that on failure ``model`` is left as it was:
 
-1. if the model can be deep-copied, ``change`` first runs on a copy: every error (a mode that does
-   not replay, a missing key, a wrong shape) surfaces there and the real model is never touched;
-2. ``change`` then runs on the real model under a structural snapshot: every module's attribute dict
-   (children, parameters, buffers, hooks, plain attributes, the mode log) and every parameter's
-   ``requires_grad``. If it raises, the snapshot is put back.
+1. if the model can be deep-copied, ``change(copy, dry_run=True)`` first runs on a *structural*
+   copy: the same modules and attributes, but every parameter and buffer is an uninitialised tensor
+   of the same shape, dtype and device (no data is copied, so this is cheap). Every error (a mode
+   that does not replay, a missing key, a wrong shape) surfaces there and the real model is never
+   touched. A dry run must therefore not depend on tensor values, and may skip copying values;
+2. ``change(model, dry_run=False)`` then runs on the real model under a structural snapshot:
+   every module's attribute dict (children, parameters, buffers, hooks, plain attributes, the mode
+   log) and every parameter's ``requires_grad``. If it raises, the snapshot is put back.
 
 Models that cannot be deep-copied (Megatron-Core modules hold process groups) rely on step 2 alone.
 Step 2 does not copy tensor data, so a ``change`` must check everything before it writes into
-existing tensors; the loaders here validate keys, shapes and dtypes before copying a single value.
+existing tensors; the loaders here validate keys, shapes and dtypes before copying a single value
+(only a key that no module accepts is found after the copy; on such models it is reported, with
+the structure rolled back but the values already copied into matching tensors kept).
 """
 
 from __future__ import annotations
@@ -19,15 +24,22 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["apply_atomically", "try_deepcopy"]
+__all__ = ["apply_atomically", "structural_copy"]
 
 
-def try_deepcopy(model: nn.Module) -> nn.Module | None:
-    """A deep copy of ``model``, or None when it cannot be copied."""
+def _blank(t: torch.Tensor) -> torch.Tensor:
+    blank = torch.empty_like(t)  # pages are not touched until written: no copy, little memory
+    return nn.Parameter(blank, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else blank
+
+
+def structural_copy(model: nn.Module) -> nn.Module | None:
+    """A deep copy of ``model`` with uninitialised tensors (tying kept), or None if not copyable."""
+    memo = {id(t): _blank(t) for t in [*model.parameters(), *model.buffers()]}
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, memo)
     except Exception:  # noqa: BLE001 - any failure means "not copyable"; step 2 still protects
         return None
 
@@ -51,28 +63,28 @@ def _shallow(attrs: dict[str, Any]) -> dict[str, Any]:
     return {k: v.copy() if isinstance(v, dict | list | set) else v for k, v in attrs.items()}
 
 
-def apply_atomically(model: nn.Module, change: Callable[[nn.Module], Any], validate: bool = True) -> Any:
-    """Run ``change(model)``; if it raises, ``model`` is left as it was (see module doc).
+def apply_atomically(model: nn.Module, change: Callable[[nn.Module, bool], Any], validate: bool = True) -> Any:
+    """Run ``change(model, False)``; if it raises, ``model`` is left as it was (see module doc).
 
     Args:
         model: the model to change in place.
-        change: a function of the model; it must check everything before writing tensor values.
-        validate: run ``change`` on a deep copy first when the model can be copied.
+        change: ``change(target, dry_run)``; it must check everything before writing tensor values.
+        validate: first run ``change(copy, True)`` on a structural copy when the model can be copied.
 
     Returns:
-        What ``change(model)`` returns.
+        What ``change(model, False)`` returns.
 
     Raises:
         Whatever ``change`` raises, after the model is put back.
     """
     if validate:
-        trial = try_deepcopy(model)
+        trial = structural_copy(model)
         if trial is not None:
-            change(trial)
+            change(trial, True)
             del trial
     snapshot = _Snapshot(model)
     try:
-        return change(model)
+        return change(model, False)
     except BaseException:
         snapshot.rollback()
         raise
