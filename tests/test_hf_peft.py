@@ -160,6 +160,9 @@ def test_unknown_keys_missing_modules_and_bad_ranks_are_refused(tmp_path):
     torch.save(weights, path / "adapter_model.safetensors")  # a pickle in disguise
     with pytest.raises(ValueError, match="not a safetensors file"):
         qpeft.import_hf_peft(model, path)
+    (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")  # a pickle, as named
+    with pytest.raises(ValueError, match="adapter_model.bin, a pickle"):
+        qpeft.import_hf_peft(model, path)
     assert unchanged()
 
 

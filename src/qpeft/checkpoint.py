@@ -78,6 +78,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
     Raises:
         FileExistsError: ``path`` is a file or a non-empty directory that is not a qpeft checkpoint.
+        TypeError: a state-dict entry is not a tensor or has a dtype safetensors cannot store.
+        Nothing is written then.
     """
     tensors, aliases = tensor_table(model.state_dict())
     manifest = {

@@ -197,6 +197,8 @@ def import_hf_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str 
             is then left untouched.
     """
     path = Path(path)
+    if not (path / WEIGHTS_FILE).exists() and (path / "adapter_model.bin").exists():
+        raise ValueError(f"{path} holds adapter_model.bin, a pickle; only {WEIGHTS_FILE} is read (never unpickled)")
     config = read_json(path / CONFIG_FILE)
     _check_plain_lora(config, path / CONFIG_FILE)
     read_header(path / WEIGHTS_FILE)

@@ -3,8 +3,8 @@
 ``apply_atomically(model, change)`` runs ``change`` so that on failure ``model`` is left as it was:
 
 1. if the model can be deep-copied, ``change(copy, dry_run=True)`` first runs on a *structural*
-   copy: the same modules and attributes, but every parameter and buffer is an uninitialised tensor
-   of the same shape, dtype and device (no data is copied, so this is cheap). Every error (a mode
+   copy: the same modules and attributes, but every parameter and buffer is an uninitialised CPU
+   tensor of the same shape and dtype (no data is copied, so this is cheap). Every error (a mode
    that does not replay, a missing key, a wrong shape) surfaces there and the real model is never
    touched. A dry run must therefore not depend on tensor values, and may skip copying values;
 2. ``change(model, dry_run=False)`` then runs on the real model under a structural snapshot:
@@ -31,7 +31,8 @@ __all__ = ["apply_atomically", "structural_copy"]
 
 
 def _blank(t: torch.Tensor) -> torch.Tensor:
-    blank = torch.empty_like(t)  # pages are not touched until written: no copy, little memory
+    # on the CPU even for accelerator models, and never written: no copy, next to no memory
+    blank = torch.empty(t.shape, dtype=t.dtype, device="cpu")
     return nn.Parameter(blank, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else blank
 
 
