@@ -91,7 +91,9 @@ def merge_adapters(model: nn.Module, adapter_names: list[str] | str | None = Non
     """Fold enabled adapters into their base weights in place, keeping the LoRA layers.
 
     The folded adapters are marked ``merged`` and skipped by the forward, so outputs stay the same
-    (up to rounding of the merged weight) while inference runs at the base layer's cost.
+    (up to rounding of the merged weight) while inference runs at the base layer's cost. On a
+    quantized base the quantizer then rounds ``W + dW``, so outputs change as described for
+    :func:`export` (merge does not measure or warn).
 
     Args:
         model: a converted model.
