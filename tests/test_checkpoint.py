@@ -18,9 +18,9 @@ import qpeft
 from qpeft import update_model
 from qpeft.checkpoint import MANIFEST, MODEL_FILE
 from qpeft.modes import known_modes
+from qpeft.quant import TensorQuantizer
 from qpeft.safeio import read_header
 
-from .fake_quant import fake_quantize, quantizer_calls
 from .models import TinyBlock, tiny_gpt2
 
 X = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
@@ -35,11 +35,14 @@ def _randomize_adapters(model, seed=1):
                     p.copy_(torch.randn(p.shape, generator=gen))
 
 
-def _rich_model():
+def _quantize(model, preset="int8"):
+    return qpeft.quantize(model, preset, forward_loop=lambda m: m(X))
+
+
+def _rich_model(merge=True):
     """Quantized, two adapters (callable pattern), edits, disabled layers, frozen and merged parts."""
     torch.manual_seed(0)
-    model = TinyBlock()
-    fake_quantize(model, "*proj*")
+    model = _quantize(TinyBlock())
     update_model(model, {"adapter_cfg": {"*": {"rank": 4}, "*lm_head*": {"enable": False},
                                          "*q_proj*": {"lora_init_method": "svdquant"}}})
     update_model(model, {"adapter_name": "task2",
@@ -50,8 +53,10 @@ def _rich_model():
     model.attn["v_proj"].adapters["default"].scale = 1.5  # and a direct edit
     qpeft.disable_adapters(model, layers_to_disable="*down*", adapters_to_disable="task2")
     qpeft.freeze_lora_weights(model, layer_patterns="attn*")
+    qpeft.disable_quantizer(model, "*mlp.down.input_quantizer")
     qpeft.delete_adapter(model, "gone")
-    qpeft.merge_adapters(model, "default")
+    if merge:
+        qpeft.merge_adapters(model, "default")
     return model
 
 
@@ -87,20 +92,50 @@ def test_quantized_two_adapters_with_edits_round_trip_bit_exactly(tmp_path):
     qpeft.save(model, tmp_path / "ck")
     restored = qpeft.restore(TinyBlock(), tmp_path / "ck")
     _assert_same(model, restored)
-    amax = restored.attn["q_proj"].weight_quantizer.amax  # created by the load: the replay did not calibrate
-    assert amax.shape == (16, 1) and torch.equal(amax, model.attn["q_proj"].weight_quantizer.amax)
+    q, r = model.attn["q_proj"], restored.attn["q_proj"]
+    assert torch.equal(q.weight_quantizer.amax, r.weight_quantizer.amax) and r.weight_quantizer.amax.shape == (16, 1)
+    assert not restored.mlp.down.input_quantizer.is_enabled
     qpeft.unmerge_adapters(restored)  # the merged state is real: undoing it gives the unmerged model back
     qpeft.unmerge_adapters(model)
     _assert_same(model, restored)
 
 
-def test_restore_returns_the_model_passed_in_and_skips_tensor_init(tmp_path):
+def test_restore_returns_the_model_passed_in_and_skips_tensor_init(tmp_path, monkeypatch):
     model = _rich_model()
-    assert quantizer_calls(model) > 0  # svdquant's init called the quantizer
     qpeft.save(model, tmp_path / "ck")
+
+    def no_svd(*_args):
+        raise AssertionError("restore recomputed svdquant's SVD")
+
+    monkeypatch.setattr("qpeft.lora.init.truncated_svd", no_svd)
     fresh = TinyBlock()
     assert qpeft.restore(fresh, tmp_path / "ck") is fresh
-    assert quantizer_calls(fresh) == 0  # replay neither calibrated nor ran svdquant's SVD
+    with pytest.raises(AssertionError, match="recomputed"):  # the patch is live outside restore
+        update_model(_quantize(TinyBlock()), {"adapter_cfg": {"*q_proj*": {"rank": 2, "lora_init_method": "svdquant"}}})
+
+
+class _Calibrated(nn.Module):
+    """A quantizer whose ``_amax`` buffer exists only once calibrated (created by the load)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 4)
+        self.quant = TensorQuantizer("int", 8, axis=0)
+
+    def forward(self, x):
+        return self.lin(self.quant(x.T).T)
+
+
+def test_buffers_created_while_loading_are_restored(tmp_path):
+    model = _Calibrated()
+    with model.quant.calibrating():
+        model(X)
+    qpeft.save(model, tmp_path / "ck")
+    fresh = _Calibrated()
+    assert fresh.quant.amax is None
+    qpeft.restore(fresh, tmp_path / "ck")
+    assert torch.equal(fresh.quant.amax, model.quant.amax)
+    assert torch.equal(fresh(X), model(X))
 
 
 def test_log_is_plain_json_with_callables_resolved(tmp_path):
@@ -113,7 +148,7 @@ def test_log_is_plain_json_with_callables_resolved(tmp_path):
 
 
 def _scenario(mode):
-    model = TinyBlock()
+    model = _quantize(TinyBlock()) if "quant" in mode else TinyBlock()
     update_model(model, {"adapter_cfg": {"*": {"rank": 2}}})
     update_model(model, {"adapter_name": "b", "adapter_cfg": {"*mlp*": {"rank": 3}}})
     _randomize_adapters(model)
@@ -127,7 +162,9 @@ def _scenario(mode):
         "merge_adapters": lambda: qpeft.merge_adapters(model, ["b"]),
         "unmerge_adapters": lambda: (qpeft.merge_adapters(model), qpeft.unmerge_adapters(model)),
         "export": lambda: (qpeft.disable_adapters(model, "*lm_head*"), qpeft.export(model)),
-        "test_fake_quantize": lambda: None,
+        "quantize": lambda: None,
+        "disable_quantizer": lambda: qpeft.disable_quantizer(model, "*up.input_quantizer"),
+        "enable_quantizer": lambda: (qpeft.disable_quantizer(model, None), qpeft.enable_quantizer(model, "*attn*")),
     }
     if mode not in steps:
         pytest.skip(f"no scenario for mode {mode!r} here; the tests of its own feature must replay it")
@@ -138,9 +175,6 @@ def _scenario(mode):
 @pytest.mark.parametrize("mode", known_modes())
 def test_every_mode_replays(tmp_path, mode):
     model = _scenario(mode)
-    if mode == "test_fake_quantize":
-        model = fake_quantize(TinyBlock())
-        update_model(model, {"adapter_cfg": {"*": {"rank": 2}}})
     assert mode in {e["mode"] for e in qpeft.state(model)}
     qpeft.save(model, tmp_path / "ck")
     _assert_same(model, qpeft.restore(TinyBlock(), tmp_path / "ck"))
@@ -307,13 +341,12 @@ def test_save_replaces_an_older_checkpoint(tmp_path):
 
 # -- adapter files -------------------------------------------------------------------------------
 def test_adapter_files_round_trip_only_the_adapters(tmp_path):
-    model = _rich_model()
-    qpeft.unmerge_adapters(model)
+    model = _rich_model(merge=False)
     qpeft.save_adapters(model, tmp_path / "ad", ["task2"])
     keys = read_header(tmp_path / "ad" / "adapters.safetensors")
     assert keys and all(".adapters.task2." in k for k in keys)
-    target = fake_quantize(TinyBlock(), "*proj*")
-    target.load_state_dict(model.state_dict(), strict=False)  # same base weights
+    torch.manual_seed(0)
+    target = qpeft.disable_quantizer(_quantize(TinyBlock()), "*mlp.down.input_quantizer")  # the same base
     qpeft.load_adapters(target, tmp_path / "ad")
     qpeft.delete_adapter(model, "default")
     with torch.no_grad():

@@ -39,7 +39,9 @@ PROBE_SEED = 0
 @torch.no_grad()
 def _fold(layer: LoRAModule, adapter: LoRAAdapter, sign: float) -> None:
     weight = layer.base_weight
-    view = layer.to_out_in(weight.data)  # [out, in] view of the master weight, written in place
+    # [out, in] view of the master weight, written in place; detach() (unlike .data) shares the
+    # version counter, so caches keyed on it (a frozen weight's fake-quantized value) see the change
+    view = layer.to_out_in(weight.detach())
     view.copy_((view.float() + sign * adapter.delta_weight()).to(weight.dtype))
 
 
