@@ -56,6 +56,7 @@ def test_export_loads_in_peft_with_the_same_outputs(tmp_path, arch):
     config = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 2)
     assert config["fan_in_fan_out"] == (arch == "gpt2")  # GPT-2's Conv1D stores weights [in, out]
+    assert all("." not in t for t in config["target_modules"])  # every block adapted: short names
     assert config["rank_pattern"] == {odd_rank: 2}  # alpha = scale * rank: 0.5 * 2 there, 3 * 4 on the MLP
     assert config["alpha_pattern"].pop(odd_rank) == 1 and set(config["alpha_pattern"].values()) == {12}
     keys = load_file(tmp_path / "hf" / "adapter_model.safetensors")
@@ -85,12 +86,26 @@ def test_round_trip_qpeft_hf_qpeft_keeps_factors_and_scales(tmp_path):
     update_model(model, {"adapter_cfg": {"*layers*": {"rank": 3, "scale": 0.7}, "*q_proj*": {"rank": 5}}})
     _randomize(model)
     qpeft.export_hf_peft(model, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     back = qpeft.import_hf_peft(tiny_llama(), tmp_path / "hf")
     for name, layer in qpeft.lora_layers(model).items():
         a, b = layer.adapters["default"], back.get_submodule(name).adapters["default"]
         assert torch.equal(a.lora_a, b.lora_a) and torch.equal(a.lora_b, b.lora_b)
         assert b.scale == pytest.approx(a.scale)
     torch.testing.assert_close(_logits(back), _logits(model), atol=FP32_ATOL, rtol=FP32_RTOL)
+
+
+def test_partial_targets_use_full_names(tmp_path):
+    model = tiny_llama()
+    update_model(model, {"adapter_cfg": {"*layers.0.self_attn.q_proj": {"rank": 2}, "*layers.*.mlp.up_proj": {"rank": 2}}})
+    _randomize(model)
+    qpeft.export_hf_peft(model, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
+    assert config["target_modules"] == [  # "q_proj" alone would also pick layer 1's
+        "model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
+    loaded = _quiet(peft.PeftModel.from_pretrained, tiny_llama(), tmp_path / "hf").eval()
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
 def _peft_dir(tmp_path, **kw):

@@ -11,7 +11,8 @@ A HF PEFT LoRA adapter is a directory with
 HF PEFT adds ``scaling * B(A(x))`` with ``scaling = lora_alpha / r`` (rsLoRA: ``lora_alpha /
 sqrt(r)``), so a qpeft adapter of rank ``r`` and scale ``s`` is written with ``alpha = s * r``; the
 most common rank and alpha become ``r`` / ``lora_alpha`` and the other layers go into the patterns
-(as their full module names). The factors keep their layout for transformers' ``Conv1D`` too (only
+(as their full module names). ``target_modules`` lists short names (``q_proj``) when they select
+exactly the adapted layers, full names otherwise. The factors keep their layout for transformers' ``Conv1D`` too (only
 merging transposes), so ``fan_in_fan_out`` is set for HF PEFT's sake alone. DoRA and the other
 variants change the forward, so importing them is an error.
 """
@@ -76,7 +77,19 @@ def _stores_in_out(layer: LoRAModule) -> bool:
     return type(layer).to_out_in is not LoRAModule.to_out_in
 
 
-def _hf_config(layers: dict[str, LoRAModule], adapter_name: str) -> dict[str, Any]:
+def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """Short names (``q_proj``) when they pick out exactly ``names``, as most tools expect; else full names.
+
+    HF PEFT targets every module whose name ends with ``.<target>``, so a short name is used only
+    if every module of the model with that last component is in ``names``.
+    """
+    chosen = set(names)
+    short = {n.rsplit(".", 1)[-1] for n in names}
+    clash = any(n.rsplit(".", 1)[-1] in short and n not in chosen for n, _ in model.named_modules() if n)
+    return sorted(chosen) if clash else sorted(short)
+
+
+def _hf_config(model: nn.Module, layers: dict[str, LoRAModule], adapter_name: str) -> dict[str, Any]:
     adapters = {n: layers[n].adapters[adapter_name] for n in layers}
     ranks = {n: a.rank for n, a in adapters.items()}
     alphas = {n: _number(a.scale * a.rank) for n, a in adapters.items()}
@@ -87,7 +100,7 @@ def _hf_config(layers: dict[str, LoRAModule], adapter_name: str) -> dict[str, An
         "task_type": None,
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": sorted(adapters),
+        "target_modules": _target_modules(model, list(adapters)),
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
         "lora_dropout": 0.0,
@@ -116,7 +129,7 @@ def export_hf_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str 
     if not layers:
         known = sorted({a for layer in lora_layers(model).values() for a in layer.adapters})
         raise ValueError(f"no enabled adapter named {adapter_name!r} to export; the model has {known}")
-    config = _hf_config(layers, adapter_name)
+    config = _hf_config(model, layers, adapter_name)
     tensors = {
         f"{PREFIX}{name}.{hf}": getattr(layer.adapters[adapter_name], ours).detach().cpu().contiguous()
         for name, layer in layers.items()
