@@ -13,6 +13,7 @@ from .adapters import (
 )
 from .config import ExportPEFTConfig, PEFTAttributeConfig, PEFTConfig
 from .lora import LoRAAdapter, LoRALinear, LoRAModule, register_lora
+from .lora.svdquant import refine_svdquant
 from .modes import state
 from .patterns import matches_pattern
 from .peft import is_peft_model, lora_layers, update_model
@@ -52,6 +53,7 @@ __all__ = [
     "fake_quant_mxfp4",
     "fake_quant_nvfp4",
     "quantize",
+    "refine_svdquant",
     "register_quant",
     # foundation
     "ExportPEFTConfig",
