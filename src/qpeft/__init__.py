@@ -16,6 +16,7 @@ from .config import ExportPEFTConfig, PEFTAttributeConfig, PEFTConfig
 from .export import export, merge_adapters, unmerge_adapters
 from .hf_peft import export_hf_peft, import_hf_peft
 from .lora import LoRAAdapter, LoRALinear, LoRAModule, register_lora
+from .lora.svdquant import refine_svdquant
 from .modes import state
 from .patterns import matches_pattern
 from .peft import is_peft_model, lora_layers, update_model
@@ -55,6 +56,7 @@ __all__ = [
     "fake_quant_mxfp4",
     "fake_quant_nvfp4",
     "quantize",
+    "refine_svdquant",
     "register_quant",
     # foundation
     "ExportPEFTConfig",
