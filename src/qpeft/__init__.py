@@ -16,6 +16,7 @@ from .lora import LoRAAdapter, LoRALinear, LoRAModule, register_lora
 from .modes import state
 from .patterns import matches_pattern
 from .peft import is_peft_model, lora_layers, update_model
+from .routing import adapter_routing
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "LoRAModule",
     "PEFTAttributeConfig",
     "PEFTConfig",
+    "adapter_routing",
     "delete_adapter",
     "disable_adapters",
     "disabled_adapters",

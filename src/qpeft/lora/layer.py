@@ -3,6 +3,12 @@
 ``forward(x) = base(x) + sum over enabled adapters (insertion order) of scale * B(A(x))``; each
 adapter runs in its own dtype and its result is cast to the base output's dtype. The base stays the
 same object (``layer.base``), its ``state_dict`` keys unchanged (see :mod:`qpeft.wrapping`).
+
+Adapters whose dtype equals the input's and the base output's take the fused path
+(:func:`qpeft.lora.fused.lora_addmm`: one autograd node, no casts, ``addmm``); the others, and
+every adapter when :func:`reference_forward` is called, take the simple per-adapter path that the
+tests use as the reference. Inside :func:`qpeft.adapter_routing` each sample of the batch gets the
+adapter its name selects (:mod:`qpeft.lora.routing`).
 """
 
 from __future__ import annotations
@@ -14,8 +20,22 @@ from torch import nn
 
 from ..wrapping import ModuleWrapper, innermost
 from .adapter import LoRAAdapter
+from .fused import lora_addmm
+from .routing import routed_forward
 
-__all__ = ["LoRAModule", "LoRALinear"]
+__all__ = ["LoRAModule", "LoRALinear", "reference_forward"]
+
+
+def reference_forward(layer: LoRAModule, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The simple path: ``y + adapter(x in its dtype)`` cast back, one enabled adapter at a time."""
+    cast: dict[torch.dtype, torch.Tensor] = {}
+    for adapter in layer.adapters.values():
+        if adapter.enable:
+            dtype = adapter.lora_a.dtype
+            if dtype not in cast:
+                cast[dtype] = x if x.dtype == dtype else x.to(dtype)
+            y = y + adapter(cast[dtype]).to(y.dtype)
+    return y
 
 
 class LoRAModule(ModuleWrapper):
@@ -24,6 +44,7 @@ class LoRAModule(ModuleWrapper):
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
         self.adapters = nn.ModuleDict()
+        self._routing = None  # set only inside qpeft.adapter_routing (per-sample adapters)
 
     # -- what a subclass provides -------------------------------------------------------------
     @staticmethod
@@ -49,13 +70,17 @@ class LoRAModule(ModuleWrapper):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
-        cast: dict[torch.dtype, torch.Tensor] = {}
+        if self._routing is not None:
+            return routed_forward(self, self._routing, x, y)
+        fused, rest = [], []
         for adapter in self.adapters.values():
             if adapter.enable:
-                dtype = adapter.lora_a.dtype
-                if dtype not in cast:
-                    cast[dtype] = x if x.dtype == dtype else x.to(dtype)
-                y = y + adapter(cast[dtype]).to(y.dtype)
+                same = adapter.lora_a.dtype == x.dtype == y.dtype
+                (fused if same else rest).append(adapter)
+        if fused:
+            y = lora_addmm(x, y, [(a.lora_a, a.lora_b, a.scale) for a in fused])
+        for adapter in rest:
+            y = y + adapter(x.to(adapter.lora_a.dtype)).to(y.dtype)
         return y
 
     def new_adapter(self, config: Any, dtype: torch.dtype | None) -> LoRAAdapter:
