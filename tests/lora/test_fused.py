@@ -10,9 +10,23 @@ from qpeft.lora.layer import reference_forward
 from ..tolerances import BF16_ATOL, BF16_RTOL, FASTPATH_ATOL, FASTPATH_RTOL
 
 
-def _layer(specs, base_trainable=False, bias=True):
+class _SubLinear(nn.Linear):
+    """Not exactly nn.Linear: the LoRA layer must call its forward (the lora_addmm path)."""
+
+
+# "linear": the base matmul is fused too (linear_lora); "addmm": the base runs its own forward.
+PATHS = {"linear": nn.Linear, "addmm": _SubLinear}
+GRAD_FN = {"linear": "_LinearLoRABackward", "addmm": "_LoRAAddmmBackward"}
+
+
+@pytest.fixture(params=sorted(PATHS))
+def path(request):
+    return request.param
+
+
+def _layer(specs, base_trainable=False, bias=True, path="linear"):
     torch.manual_seed(0)
-    base = nn.Linear(24, 20, bias=bias)
+    base = PATHS[path](24, 20, bias=bias)
     model = nn.Sequential(base)
     for name, rank, scale, dtype in specs:
         cfg = {"rank": rank, "scale": scale, "lora_b_init": "torch.nn.init.normal_"}
@@ -43,18 +57,19 @@ def _assert_same(layer, x, atol=FASTPATH_ATOL, rtol=FASTPATH_RTOL):
 
 
 @pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24), (2, 2, 3, 24)])
-def test_single_adapter_outputs_and_gradients(shape):
-    layer = _layer([("a", 4, 2.0, None)])
+def test_single_adapter_outputs_and_gradients(shape, path):
+    layer = _layer([("a", 4, 2.0, None)], path=path)
     _assert_same(layer, torch.randn(*shape))
 
 
-def test_several_adapters_fused_with_different_ranks_and_scales():
-    layer = _layer([("a", 4, 2.0, None), ("b", 3, 0.5, None), ("c", 6, 1.0, None)], base_trainable=True)
+def test_several_adapters_fused_with_different_ranks_and_scales(path):
+    specs = [("a", 4, 2.0, None), ("b", 3, 0.5, None), ("c", 6, 1.0, None)]
+    layer = _layer(specs, base_trainable=True, path=path)
     _assert_same(layer, torch.randn(3, 5, 24))
 
 
-def test_scale_one_and_disabled_and_frozen_adapters():
-    layer = _layer([("a", 4, 1.0, None), ("b", 3, 1.0, None), ("c", 2, 3.0, None)], bias=False)
+def test_scale_one_and_disabled_and_frozen_adapters(path):
+    layer = _layer([("a", 4, 1.0, None), ("b", 3, 1.0, None), ("c", 2, 3.0, None)], bias=False, path=path)
     qpeft.disable_adapters(layer_model := nn.Sequential(layer), adapters_to_disable="c")
     qpeft.freeze_lora_weights(layer_model, adapter_patterns="a")
     _, _, grads = _run(layer, torch.randn(4, 24), fast=True)
@@ -62,26 +77,43 @@ def test_scale_one_and_disabled_and_frozen_adapters():
     _assert_same(layer, torch.randn(4, 24))
 
 
-def test_mixed_dtypes_use_the_fused_and_the_simple_path_together():
-    layer = _layer([("a", 4, 2.0, None), ("b", 3, 0.5, "bf16")])
+def test_mixed_dtypes_use_the_fused_and_the_simple_path_together(path):
+    layer = _layer([("a", 4, 2.0, None), ("b", 3, 0.5, "bf16")], path=path)
     _assert_same(layer, torch.randn(3, 24), atol=BF16_ATOL, rtol=BF16_RTOL)
 
 
-def test_bf16_base_and_adapter_take_the_fused_path():
-    layer = _layer([("a", 4, 2.0, None)]).to(torch.bfloat16)
+def test_bf16_base_and_adapter_take_the_fused_path(path):
+    layer = _layer([("a", 4, 2.0, None)], path=path).to(torch.bfloat16)
     y1, _, _ = _run(layer, torch.randn(3, 24, dtype=torch.bfloat16), fast=True)
     assert y1.dtype == torch.bfloat16
     _assert_same(layer, torch.randn(3, 24, dtype=torch.bfloat16), atol=BF16_ATOL, rtol=BF16_RTOL)
 
 
-def test_fused_update_is_one_autograd_node():
-    layer = _layer([("a", 4, 2.0, None), ("b", 3, 0.5, None)])
+def test_fused_update_is_one_autograd_node(path):
+    layer = _layer([("a", 4, 2.0, None), ("b", 3, 0.5, None)], path=path)
     y = layer(torch.randn(3, 24))
-    assert type(y.grad_fn).__name__ == "_LoRAAddmmBackward"
+    assert type(y.grad_fn).__name__ == GRAD_FN[path]
 
 
-def test_layer_compiles_with_fullgraph():
-    layer = _layer([("a", 4, 2.0, None), ("b", 3, 0.5, None)])
+def test_base_hooks_still_run_and_switch_to_the_addmm_path():
+    layer = _layer([("a", 4, 2.0, None)])
+    seen = []
+    handle = layer.base.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    y = layer(torch.randn(3, 24))
+    assert seen == [(3, 20)] and type(y.grad_fn).__name__ == GRAD_FN["addmm"]
+    handle.remove()
+    _assert_same(layer, torch.randn(3, 24))
+
+
+def test_zero_b_keeps_the_base_output_bit_for_bit(path):
+    layer = _layer([("a", 4, 2.0, None)], path=path)
+    torch.nn.init.zeros_(layer.adapters["a"].lora_b)
+    x = torch.randn(2, 7, 24)
+    assert torch.equal(layer(x), layer.base(x))
+
+
+def test_layer_compiles_with_fullgraph(path):
+    layer = _layer([("a", 4, 2.0, None), ("b", 3, 0.5, None)], path=path)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     x = torch.randn(3, 5, 24)

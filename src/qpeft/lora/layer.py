@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _global_hooks
 
 from ..wrapping import ModuleWrapper, innermost
 from .adapter import LoRAAdapter
-from .fused import lora_addmm
+from .fused import linear_lora, lora_addmm
 from .routing import routed_forward
 
 __all__ = ["LoRAModule", "LoRALinear", "reference_forward"]
@@ -69,16 +70,22 @@ class LoRAModule(ModuleWrapper):
         return innermost(self).weight
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        y = self.base(x, *args, **kwargs)
-        if self._routing is not None:
-            return routed_forward(self, self._routing, x, y)
+        base = self.base
         fused, rest = [], []
         for adapter in self.adapters.values():
             if adapter.enable:
-                same = adapter.lora_a.dtype == x.dtype == y.dtype
-                (fused if same else rest).append(adapter)
-        if fused:
-            y = lora_addmm(x, y, [(a.lora_a, a.lora_b, a.scale) for a in fused])
+                (fused if adapter.lora_a.dtype == x.dtype else rest).append(adapter)
+        factors = [(a.lora_a, a.lora_b, a.scale) for a in fused]
+        if fused and self._routing is None and not args and not kwargs and _plain_linear(base, x):
+            y = linear_lora(x, base.weight, base.bias, factors)
+        else:
+            y = base(x, *args, **kwargs)
+            if self._routing is not None:
+                return routed_forward(self, self._routing, x, y)
+            if fused and y.dtype == x.dtype:
+                y = lora_addmm(x, y, factors)
+            else:
+                rest = fused + rest
         for adapter in rest:
             y = y + adapter(x.to(adapter.lora_a.dtype)).to(y.dtype)
         return y
@@ -88,6 +95,20 @@ class LoRAModule(ModuleWrapper):
         in_f, out_f = self.features(innermost(self))
         weight = self.base_weight
         return LoRAAdapter(in_f, out_f, config, dtype or weight.dtype, weight.device)
+
+
+def _plain_linear(base: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``base`` is exactly ``nn.Linear`` of ``x``'s dtype with no hooks to honour.
+
+    Only then may the LoRA layer compute the base matmul itself (:func:`linear_lora`); a subclass,
+    a quantized or otherwise wrapped base, or a base with forward hooks runs its own forward.
+    """
+    return (
+        type(base) is nn.Linear
+        and base.weight.dtype == x.dtype
+        and not (base._forward_hooks or base._forward_pre_hooks)
+        and not (_global_hooks._global_forward_hooks or _global_hooks._global_forward_pre_hooks)
+    )
 
 
 class LoRALinear(LoRAModule):
