@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import time
 
 import torch
 
-from .report import save
+from .report import machine, save
 
 SCENARIOS = ["train", "infer", "quant", "svd", "serve", "memory"]
 
@@ -25,7 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     for key in chosen:
         start = time.perf_counter()
         module = importlib.import_module(f"benchmarks.scenarios.{key}")
+        load_before = machine()
         section = module.run(args.repeats)
+        section.machine = load_before + f"; load at the end {os.getloadavg()[0]:.1f}"
         sections.append(section)
         print(f"== {section.title} ({time.perf_counter() - start:.0f} s)")
         for row in section.rows:

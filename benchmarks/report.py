@@ -57,7 +57,8 @@ def machine() -> str:
             versions.append(f"{lib} {__import__(lib).__version__}")
         except ImportError:
             versions.append(f"{lib} not installed")
-    return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+    load = f"load average (1 min) {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {load}, "
             f"Python {platform.python_version()}, " + ", ".join(versions))
 
 
@@ -94,7 +95,8 @@ def save(new: list[Section], order: list[str]) -> Path:
     old = json.loads(store.read_text()) if store.exists() else {}
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for s in new:
-        s.ran, s.machine = stamp, machine()
+        s.ran = stamp
+        s.machine = s.machine or machine()
         old[s.key] = asdict(s)
     sections = [
         Section(**{**old[k], "rows": [Row(**r) for r in old[k]["rows"]]}) for k in order if k in old

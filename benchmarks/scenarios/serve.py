@@ -45,7 +45,7 @@ def run(repeats: int) -> Section:
         candidates["hf-peft"] = torch.no_grad()(lambda: hf(input_ids=ids, adapter_names=routing).logits)
         diff = (candidates["hf-peft"]() - routed()).abs().max().item()
         section.notes.append(f"same outputs: max |logit difference| qpeft vs HF PEFT = {diff:.1e}")
-    t = interleaved(candidates, repeats)
+    t = interleaved(candidates, repeats, warmup=1)
     if has_peft():
         section.rows.append(ratio_row("qpeft / HF PEFT (adapter_names=)", t, "qpeft", "hf-peft", TARGET))
         section.rows.append(ratio_row("HF PEFT / base", t, "hf-peft", "base"))
