@@ -125,3 +125,17 @@ def test_layer_compiles_with_fullgraph(path):
     xr = x.clone().requires_grad_(True)
     layer(xr).sum().backward()
     torch.testing.assert_close(xc.grad, xr.grad, atol=FASTPATH_ATOL, rtol=FASTPATH_RTOL)
+
+
+def test_autocast_matches_the_reference_path(path):
+    layer = _layer([("a", 4, 2.0, None)], path=path)
+    x = torch.randn(3, 5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, ref = layer(x), reference_forward(layer, x, layer.base(x))
+    assert fast.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(fast, ref, atol=BF16_ATOL, rtol=BF16_RTOL)
+
+
+def test_non_contiguous_input(path):
+    layer = _layer([("a", 4, 2.0, None), ("b", 2, 0.5, None)], path=path)
+    _assert_same(layer, torch.randn(24, 5, 3).transpose(0, 2))

@@ -102,6 +102,8 @@ class _LinearLoRA(torch.autograd.Function):
     def forward(ctx, x, weight, bias, scales, *factors):  # noqa: ANN001, ANN205
         a, b, ranks = _concat(factors)
         y = F.linear(x, weight, bias)  # exactly what nn.Linear computes
+        if not y.is_contiguous():  # the in-place update below needs a flat view
+            y = y.contiguous()
         x2 = x.reshape(-1, x.shape[-1])
         t = _low_rank(x2, a, scales, ranks)
         y.view(-1, y.shape[-1]).addmm_(t, b.t())

@@ -101,11 +101,13 @@ def _plain_linear(base: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``base`` is exactly ``nn.Linear`` of ``x``'s dtype with no hooks to honour.
 
     Only then may the LoRA layer compute the base matmul itself (:func:`linear_lora`); a subclass,
-    a quantized or otherwise wrapped base, or a base with forward hooks runs its own forward.
+    a quantized or otherwise wrapped base, a base with forward hooks, or a forward under autocast
+    (whose casts the fused in-place update would bypass) runs the base's own forward.
     """
     return (
         type(base) is nn.Linear
         and base.weight.dtype == x.dtype
+        and not torch.is_autocast_enabled(x.device.type)
         and not (base._forward_hooks or base._forward_pre_hooks)
         and not (_global_hooks._global_forward_hooks or _global_hooks._global_forward_pre_hooks)
     )
