@@ -43,8 +43,11 @@ def run(repeats: int) -> Section:
         randomize_hf(hf)
         copy_hf_into_qpeft(hf, ours)
         candidates["hf-peft"] = torch.no_grad()(lambda: hf(input_ids=ids, adapter_names=routing).logits)
-        diff = (candidates["hf-peft"]() - routed()).abs().max().item()
-        section.notes.append(f"same outputs: max |logit difference| qpeft vs HF PEFT = {diff:.1e}")
+        hf_out = candidates["hf-peft"]()
+        diff = (hf_out - routed()).abs().max().item()
+        effect = (hf_out - candidates["base"]()).abs().max().item()
+        section.notes.append(f"same outputs: max |logit difference| qpeft vs HF PEFT = {diff:.1e} "
+                             f"(the adapters move the logits by up to {effect:.2f} from the base's)")
     t = interleaved(candidates, repeats, warmup=1)
     if has_peft():
         section.rows.append(ratio_row("qpeft / HF PEFT (adapter_names=)", t, "qpeft", "hf-peft", TARGET))
