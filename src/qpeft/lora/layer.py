@@ -5,7 +5,9 @@ adapter runs in its own dtype and its result is cast to the base output's dtype.
 same object (``layer.base``), its ``state_dict`` keys unchanged (see :mod:`qpeft.wrapping`).
 
 Adapters whose dtype equals the input's and the base output's take the fused path
-(:func:`qpeft.lora.fused.lora_addmm`: one autograd node, no casts, ``addmm``); the others, and
+(:func:`qpeft.lora.fused.lora_addmm`: one autograd node, no casts, ``addmm``; with the base matmul
+inside it, :func:`qpeft.lora.fused.linear_lora`, when the base is a registered linear base, see
+:mod:`qpeft.lora.linear_bases`); the others, and
 every adapter when :func:`reference_forward` is called, take the simple per-adapter path that the
 tests use as the reference. Inside :func:`qpeft.adapter_routing` each sample of the batch gets the
 adapter its name selects (:mod:`qpeft.lora.routing`).
@@ -17,11 +19,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _global_hooks
 
 from ..wrapping import ModuleWrapper, innermost
 from .adapter import LoRAAdapter
 from .fused import linear_lora, lora_addmm
+from .linear_bases import linear_operands
 from .routing import routed_forward
 
 __all__ = ["LoRAModule", "LoRALinear", "reference_forward"]
@@ -76,8 +78,11 @@ class LoRAModule(ModuleWrapper):
             if adapter.enable:
                 (fused if adapter.lora_a.dtype == x.dtype else rest).append(adapter)
         factors = [(a.lora_a, a.lora_b, a.scale) for a in fused]
-        if fused and self._routing is None and not args and not kwargs and _plain_linear(base, x):
-            y = linear_lora(x, base.weight, base.bias, factors)
+        operands = None
+        if fused and self._routing is None and not args and not kwargs:
+            operands = linear_operands(base, x)
+        if operands is not None:
+            y = linear_lora(x, *operands, factors)
         else:
             y = base(x, *args, **kwargs)
             if self._routing is not None:
@@ -95,22 +100,6 @@ class LoRAModule(ModuleWrapper):
         in_f, out_f = self.features(innermost(self))
         weight = self.base_weight
         return LoRAAdapter(in_f, out_f, config, dtype or weight.dtype, weight.device)
-
-
-def _plain_linear(base: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``base`` is exactly ``nn.Linear`` of ``x``'s dtype with no hooks to honour.
-
-    Only then may the LoRA layer compute the base matmul itself (:func:`linear_lora`); a subclass,
-    a quantized or otherwise wrapped base, a base with forward hooks, or a forward under autocast
-    (whose casts the fused in-place update would bypass) runs the base's own forward.
-    """
-    return (
-        type(base) is nn.Linear
-        and base.weight.dtype == x.dtype
-        and not torch.is_autocast_enabled(x.device.type)
-        and not (base._forward_hooks or base._forward_pre_hooks)
-        and not (_global_hooks._global_forward_hooks or _global_hooks._global_forward_pre_hooks)
-    )
 
 
 class LoRALinear(LoRAModule):
