@@ -37,6 +37,7 @@ from .quant import (
     quantize,
     register_quant,
 )
+from .routing import adapter_routing
 
 __version__ = "0.1.0"
 
@@ -65,6 +66,7 @@ __all__ = [
     "LoRAModule",
     "PEFTAttributeConfig",
     "PEFTConfig",
+    "adapter_routing",
     "delete_adapter",
     "disable_adapters",
     "disabled_adapters",

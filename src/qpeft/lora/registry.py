@@ -20,7 +20,10 @@ __all__ = ["register_lora", "lora_class_for"]
 _REGISTRY: dict[type, type[LoRAModule]] = {nn.Linear: LoRALinear}
 
 # library module -> qpeft plugin module that registers its layers.
-_PLUGINS: dict[str, str] = {"transformers": "qpeft.lora.plugins.transformers"}
+_PLUGINS: dict[str, str] = {
+    "transformers": "qpeft.lora.plugins.transformers",
+    "qpeft.quant.layer": "qpeft.lora.plugins.quant",  # fused LoRA over weight-only QuantLinear
+}
 _loaded: set[str] = set()
 
 
