@@ -20,3 +20,4 @@ DIST_ATOL = 1e-5
 
 # svdquant: truncated-SVD residual may exceed the Eckart-Young optimum by this factor.
 SVD_OPTIMALITY_RATIO = 1.01
+DIST_RTOL = 1e-5

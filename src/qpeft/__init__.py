@@ -14,6 +14,14 @@ from .adapters import (
 from .config import ExportPEFTConfig, PEFTAttributeConfig, PEFTConfig
 from .lora import LoRAAdapter, LoRALinear, LoRAModule, register_lora
 from .modes import state
+from .parallel import (
+    LoRAColwiseParallel,
+    LoRARowwiseParallel,
+    full_state_dict,
+    load_full_state_dict,
+    lora_tp_plan,
+    parallelize_lora,
+)
 from .patterns import matches_pattern
 from .peft import is_peft_model, lora_layers, update_model
 
@@ -23,7 +31,9 @@ __all__ = [
     "ExportPEFTConfig",
     "LoRAAdapter",
     "LoRALinear",
+    "LoRAColwiseParallel",
     "LoRAModule",
+    "LoRARowwiseParallel",
     "PEFTAttributeConfig",
     "PEFTConfig",
     "delete_adapter",
@@ -31,9 +41,13 @@ __all__ = [
     "disabled_adapters",
     "enable_adapters",
     "freeze_lora_weights",
+    "full_state_dict",
     "is_peft_model",
+    "load_full_state_dict",
     "lora_layers",
+    "lora_tp_plan",
     "matches_pattern",
+    "parallelize_lora",
     "register_lora",
     "state",
     "unfreeze_lora_weights",
