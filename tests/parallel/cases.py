@@ -19,7 +19,7 @@ import qpeft
 from tests.models import TinyBlock, tiny_llama
 
 STEPS = 3
-LR = 0.05
+LR = 0.01
 BATCH = 8
 NORMAL = "torch.nn.init.normal_"  # non-zero B so that A gets a gradient from the first step
 # Wrapper levels that DDP / FSDP1 insert into parameter names.
