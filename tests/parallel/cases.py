@@ -34,10 +34,16 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def block_model(disable_b: bool = False) -> TinyBlock:
-    """TinyBlock with adapter ``a`` on every layer and ``b`` on the MLP (optionally disabled)."""
+def block_model(disable_b: bool = False, quant: str | None = None) -> TinyBlock:
+    """TinyBlock with adapter ``a`` on every layer and ``b`` on the MLP (optionally disabled).
+
+    ``quant``: a ``qpeft.quantize`` preset applied (and calibrated on the batch) before LoRA.
+    """
     torch.manual_seed(0)
     model = TinyBlock(16)
+    if quant is not None:
+        x = block_batch()[0]
+        qpeft.quantize(model, quant, forward_loop=lambda m: m(x))
     qpeft.update_model(model, {"adapter_name": "a", "adapter_cfg": {"*": {"rank": 4, "lora_b_init": NORMAL}}})
     qpeft.update_model(model, {"adapter_name": "b",
                                "adapter_cfg": {"*mlp*": {"rank": 2, "scale": 0.5, "lora_b_init": NORMAL}}})

@@ -131,6 +131,38 @@ def tp_comms(mesh: DeviceMesh, outdir: Path) -> dict:
 TENSOR_PARALLEL = [tp_block, tp_llama, tp_comms]
 
 
+# -- quantized bases (qpeft.quantize) --------------------------------------------------------------
+def _record_error(run) -> dict:
+    try:
+        return run()
+    except RuntimeError as err:  # raised identically on every rank, before any collective
+        return {"error": str(err)}
+
+
+def q_ddp_nvfp4(mesh: DeviceMesh, outdir: Path) -> dict:
+    return train(_ddp(block_model(quant="nvfp4")), _local_batch(), block_loss)
+
+
+def q_fsdp2_nvfp4(mesh: DeviceMesh, outdir: Path) -> dict:
+    model = block_model(quant="nvfp4").to(cases.device())
+    fully_shard(model.mlp, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return train(model, _local_batch(), block_loss)
+
+
+def q_tp_int8(mesh: DeviceMesh, outdir: Path) -> dict:
+    model = qpeft.parallelize_lora(block_model(quant="int8").to(cases.device()), mesh, block_plan())
+    return _record_error(lambda: train(model, _to(block_batch()), block_loss))
+
+
+def q_tp_nvfp4(mesh: DeviceMesh, outdir: Path) -> dict:
+    model = qpeft.parallelize_lora(block_model(quant="nvfp4").to(cases.device()), mesh, block_plan())
+    return _record_error(lambda: train(model, _to(block_batch()), block_loss))
+
+
+QUANTIZED = [q_ddp_nvfp4, q_fsdp2_nvfp4, q_tp_int8, q_tp_nvfp4]
+
+
 # -- state dicts and checkpoints -----------------------------------------------------------------
 def _fsdp2_block(mesh: DeviceMesh) -> torch.nn.Module:
     model = block_model().to(cases.device())

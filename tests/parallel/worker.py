@@ -23,6 +23,7 @@ GROUPS: dict[str, list[Callable]] = {
     "data_parallel": scenarios.DATA_PARALLEL,
     "tensor_parallel": scenarios.TENSOR_PARALLEL,
     "state_dict": scenarios.STATE_DICT,
+    "quantized": scenarios.QUANTIZED,
 }
 
 
