@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 import qpeft
-from tests.models import TinyBlock, tiny_llama
+from tests.models import TinyBlock, tiny_gpt2, tiny_llama
 
 STEPS = 3
 LR = 0.01
@@ -74,6 +74,13 @@ def llama_model() -> nn.Module:
     return model
 
 
+def gpt2_model() -> nn.Module:
+    """Tiny GPT-2 (``Conv1D`` layers, weight stored ``[in, out]``) with adapter ``a`` everywhere."""
+    model = tiny_gpt2()
+    torch.manual_seed(0)
+    return qpeft.update_model(model, {"adapter_name": "a", "adapter_cfg": {"*": {"rank": 4, "lora_b_init": NORMAL}}})
+
+
 def llama_batch() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(0, 64, (2, 9), generator=gen)
@@ -97,6 +104,12 @@ def clean(name: str) -> str:
     for part in _WRAPPER_PARTS:
         name = name.replace(part, "")
     return name
+
+
+def placements(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """How each DTensor parameter is laid out on the mesh, e.g. ``("S(0)",)`` for ``Shard(0)``."""
+    return {clean(n): tuple(str(p) for p in t.placements) for n, t in sorted(model.named_parameters())
+            if isinstance(t, DTensor)}
 
 
 def adapter_params(model: nn.Module) -> dict[str, torch.Tensor]:

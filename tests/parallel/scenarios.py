@@ -106,12 +106,20 @@ DATA_PARALLEL = [ddp_find_unused, ddp_static_graph, ddp_unfreeze_after_wrap, fsd
 # -- tensor parallel -----------------------------------------------------------------------------
 def tp_block(mesh: DeviceMesh, outdir: Path) -> dict:
     model = qpeft.parallelize_lora(block_model().to(cases.device()), mesh, block_plan())
-    return train(model, _to(block_batch()), block_loss)
+    return {**train(model, _to(block_batch()), block_loss), "placements": cases.placements(model)}
 
 
 def tp_llama(mesh: DeviceMesh, outdir: Path) -> dict:
     model = qpeft.parallelize_lora(cases.llama_model().to(cases.device()), mesh, llama_plan())
     return train(model, _to(cases.llama_batch()), cases.llama_loss)
+
+
+def tp_gpt2_conv1d(mesh: DeviceMesh, outdir: Path) -> dict:
+    """GPT-2's MLP: ``Conv1D`` layers (weight ``[in, out]``), column then row parallel."""
+    plan = {"transformer.h.*.mlp.c_fc": ColwiseParallel(), "transformer.h.*.mlp.c_proj": RowwiseParallel()}
+    model = qpeft.parallelize_lora(cases.gpt2_model().to(cases.device()), mesh, plan)
+    record = train(model, _to(cases.llama_batch()), cases.llama_loss)
+    return {**record, "placements": cases.placements(model)}
 
 
 def _comm_counts(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
@@ -128,7 +136,7 @@ def tp_comms(mesh: DeviceMesh, outdir: Path) -> dict:
     return {"lora": _comm_counts(model, x), "base": base}
 
 
-TENSOR_PARALLEL = [tp_block, tp_llama, tp_comms]
+TENSOR_PARALLEL = [tp_block, tp_llama, tp_gpt2_conv1d, tp_comms]
 
 
 # -- quantized bases (qpeft.quantize) --------------------------------------------------------------

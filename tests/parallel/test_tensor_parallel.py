@@ -61,6 +61,29 @@ def outdir(tmp_path_factory):
     return path
 
 
+S0, S1, R = ("S(0)",), ("S(1)",), ("R",)  # str() of Shard(0), Shard(1), Replicate()
+
+
+def _layout(placements: dict, layer: str, weight: tuple, bias: tuple | None, a: tuple, b: tuple) -> None:
+    want = {f"{layer}.base.weight": weight, f"{layer}.adapters.a.lora_a": a, f"{layer}.adapters.a.lora_b": b}
+    if bias is not None:
+        want[f"{layer}.base.bias"] = bias
+    assert {k: placements[k] for k in want} == want
+
+
+def test_adapters_are_sharded_like_their_base(outdir):
+    """Column: W and B on out, A replicated. Row: W and A on in, B (and the bias) replicated."""
+    for rank in range(WORLD):
+        placements = load(outdir, "tp_block", rank)["placements"]
+        _layout(placements, "mlp.up", S0, S0, R, S0)
+        _layout(placements, "mlp.down", S1, R, S1, R)
+        _layout(placements, "attn.q_proj", S0, S0, R, S0)
+        assert not any(k.startswith(("lm_head", "attn.v_proj")) for k in placements)  # not in the plan
+        gpt2 = load(outdir, "tp_gpt2_conv1d", rank)["placements"]  # Conv1D stores W as [in, out]
+        _layout(gpt2, "transformer.h.0.mlp.c_fc", S1, S0, R, S0)
+        _layout(gpt2, "transformer.h.1.mlp.c_proj", S0, R, S1, R)
+
+
 def test_tiny_block_outputs_grads_and_training_match_one_process(outdir):
     ref = train(block_model(), block_batch(), block_loss)
     for rank in range(WORLD):
@@ -87,3 +110,10 @@ def test_parallelize_lora_rejects_a_bad_plan_before_sharding():
     with pytest.raises(ValueError, match="inside LoRA layer"):
         qpeft.parallelize_lora(model, None, {"mlp.up": ColwiseParallel(), "mlp.down.base": RowwiseParallel()})
     assert all(type(v) is torch.Tensor and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_gpt2_conv1d_layers_shard_on_their_stored_layout(outdir):
+    ref = train(cases.gpt2_model(), cases.llama_batch(), cases.llama_loss)
+    assert any("mlp.c_proj.adapters.a" in k for k in ref["grads"])
+    for rank in range(WORLD):
+        assert_like_reference(load(outdir, "tp_gpt2_conv1d", rank), ref, f"tp gpt2 rank {rank}")
