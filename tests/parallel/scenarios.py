@@ -168,7 +168,18 @@ def q_tp_nvfp4(mesh: DeviceMesh, outdir: Path) -> dict:
     return _record_error(lambda: train(model, _to(block_batch()), block_loss))
 
 
-QUANTIZED = [q_ddp_nvfp4, q_fsdp2_nvfp4, q_tp_int8, q_tp_nvfp4]
+def q_state_dict(mesh: DeviceMesh, outdir: Path) -> dict:
+    """Gather a trained int8 TP model; load the reference's trained nvfp4 state into FSDP2."""
+    tp = qpeft.parallelize_lora(block_model(quant="int8").to(cases.device()), mesh, block_plan())
+    train(tp, _to(block_batch()), block_loss)
+    fsdp = block_model(quant="nvfp4").to(cases.device())
+    fully_shard(fsdp.mlp, mesh=mesh)
+    fully_shard(fsdp, mesh=mesh)
+    qpeft.load_full_state_dict(fsdp, torch.load(outdir / "ref_nvfp4_sd.pt"))
+    return {"tp_int8": qpeft.full_state_dict(tp), "fsdp2_nvfp4": cases.full(fsdp(_to(block_batch())[0]))}
+
+
+QUANTIZED = [q_ddp_nvfp4, q_fsdp2_nvfp4, q_tp_int8, q_tp_nvfp4, q_state_dict]
 
 
 # -- state dicts and checkpoints -----------------------------------------------------------------

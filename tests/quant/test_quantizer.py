@@ -147,7 +147,7 @@ def test_presets_validate_and_keep_modelopt_order():
         assert pmap["*lm_head*"] == {"enable": False} and pmap["*router*"] == {"enable": False}
         for attrs in pmap.values():
             TensorQuantizer.from_config(attrs)
-    assert PRESETS["int8"]["*weight_quantizer"] == {"num_bits": 8, "axis": 0}
+    assert PRESETS["int8"]["*weight_quantizer"] == {"enable": True, "num_bits": 8, "axis": 0}
     assert PRESETS["nvfp4_weight_only"]["*input_quantizer"] == {"enable": False}
 
 

@@ -1,11 +1,13 @@
-"""Fake quantization: pure numerics, the TensorQuantizer module and ModelOpt-style configs."""
+"""Fake quantization: numerics, TensorQuantizer, ModelOpt-style configs, quantized layers, quantize()."""
 
+from .api import QuantizeConfig, quantize
 from .config import (
     DISABLED_NAME_PATTERNS,
     DISABLED_PARENT_CLASSES,
     PRESETS,
     QuantizerAttributeConfig,
 )
+from .layer import QuantConv1D, QuantLinear, QuantModule, TransposedTensorQuantizer
 from .numerics import (
     apply_ste,
     e2m1_magnitude,
@@ -18,8 +20,23 @@ from .numerics import (
     pow2,
 )
 from .quantizer import TensorQuantizer
+from .registry import quant_class_for, register_quant
+from .targets import quantized_layers
+from .toggle import disable_quantizer, enable_quantizer, model_quantizers
 
 __all__ = [
+    "QuantConv1D",
+    "QuantLinear",
+    "QuantModule",
+    "QuantizeConfig",
+    "TransposedTensorQuantizer",
+    "disable_quantizer",
+    "enable_quantizer",
+    "model_quantizers",
+    "quant_class_for",
+    "quantize",
+    "quantized_layers",
+    "register_quant",
     "DISABLED_NAME_PATTERNS",
     "DISABLED_PARENT_CLASSES",
     "PRESETS",

@@ -146,10 +146,15 @@ DISABLED_PARENT_CLASSES: tuple[str, ...] = (
 
 
 def _preset(weight: dict | None, act: dict | None) -> dict[str, dict]:
-    """Ordered pattern map: disable all, weight/input entries, then the disable list."""
+    """Ordered pattern map: disable all, weight/input entries, then the disable list.
+
+    Entries merge key by key (as ``adapter_cfg``), so the weight/input entries say
+    ``enable: True`` explicitly to override the leading ``"*": {"enable": False}`` (in
+    ModelOpt an entry without ``enable`` implies it).
+    """
     out: dict[str, dict] = {"*": dict(_OFF)}
-    out["*weight_quantizer"] = dict(weight) if weight else dict(_OFF)
-    out["*input_quantizer"] = dict(act) if act else dict(_OFF)
+    out["*weight_quantizer"] = {"enable": True, **weight} if weight else dict(_OFF)
+    out["*input_quantizer"] = {"enable": True, **act} if act else dict(_OFF)
     out.update({pattern: dict(_OFF) for pattern in DISABLED_NAME_PATTERNS})
     return out
 
