@@ -52,6 +52,13 @@ def block_model(disable_b: bool = False, quant: str | None = None) -> TinyBlock:
     return model
 
 
+def trained_block(quant: str | None = None) -> TinyBlock:
+    """The single-process reference: ``block_model`` after ``STEPS`` steps on the whole batch."""
+    model = block_model(quant=quant)
+    train(model, block_batch(), block_loss)
+    return model
+
+
 def block_batch() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     return torch.randn(BATCH, 16, generator=gen), torch.randn(BATCH, 10, generator=gen)

@@ -9,16 +9,8 @@ import torch
 
 from tests.parallel.cases import block_batch, block_loss, block_model, shard, train
 from tests.parallel.checks import assert_close, assert_like_reference, load
-from tests.parallel.launch import run_ranks
 
 WORLD = 2
-
-
-@pytest.fixture(scope="module")
-def outdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data_parallel")
-    run_ranks("data_parallel", path, WORLD)
-    return path
 
 
 @pytest.mark.parametrize("scenario", ["ddp_find_unused", "ddp_static_graph"])

@@ -2,29 +2,13 @@
 parallelism on 2 gloo ranks vs. one process. Skipped until ``qpeft.quantize`` is available."""
 
 import pytest
-import torch
 
 import qpeft
-from tests.parallel.cases import block_batch, block_loss, block_model, train
+from tests.parallel.cases import block_batch, block_loss, block_model, train, trained_block
 from tests.parallel.checks import assert_close, assert_like_reference, assert_same_tensors, load
-from tests.parallel.launch import run_ranks
 
 WORLD = 2
 pytestmark = pytest.mark.skipif(not hasattr(qpeft, "quantize"), reason="qpeft.quantize not merged yet")
-
-
-def _trained(preset: str) -> torch.nn.Module:
-    model = block_model(quant=preset)
-    train(model, block_batch(), block_loss)
-    return model
-
-
-@pytest.fixture(scope="module")
-def outdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("quantized")
-    torch.save(_trained("nvfp4").state_dict(), path / "ref_nvfp4_sd.pt")
-    run_ranks("quantized", path, WORLD)
-    return path
 
 
 @pytest.mark.parametrize("scenario", ["q_ddp_nvfp4", "q_fsdp2_nvfp4"])
@@ -52,8 +36,8 @@ def test_tensor_parallel_on_a_quantized_base_matches_one_process(outdir, preset)
 
 def test_state_dicts_of_quantized_sharded_models(outdir):
     """Gathered keys include the quantizers' amax; a full state loads into an FSDP2 model."""
-    ref_int8 = _trained("int8")
-    want_out = _trained("nvfp4")(block_batch()[0]).detach()
+    ref_int8 = trained_block("int8")
+    want_out = trained_block("nvfp4")(block_batch()[0]).detach()
     assert any(k.endswith("weight_quantizer._amax") for k in ref_int8.state_dict())
     for rank in range(WORLD):
         record = load(outdir, "q_state_dict", rank)

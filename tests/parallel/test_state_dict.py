@@ -7,30 +7,15 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import qpeft
-from tests.parallel.cases import block_batch, block_loss, block_model, train
+from tests.parallel.cases import block_batch, block_model, trained_block
 from tests.parallel.checks import assert_close, assert_same_tensors, load
-from tests.parallel.launch import run_ranks
 
 WORLD = 2
 
 
-def _trained() -> torch.nn.Module:
-    model = block_model()
-    train(model, block_batch(), block_loss)
-    return model
-
-
-@pytest.fixture(scope="module")
-def outdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("state_dict")
-    torch.save(_trained().state_dict(), path / "ref_sd.pt")
-    run_ranks("state_dict", path, WORLD)
-    return path
-
-
 @pytest.mark.parametrize("engine", ["fsdp2", "tp", "ddp"])
 def test_gathered_state_dict_has_single_process_keys_and_values(outdir, engine):
-    ref = _trained().state_dict()
+    ref = trained_block().state_dict()
     adapters = {k: v for k, v in ref.items() if qpeft.parallel.is_adapter_key(k)}
     assert len(adapters) == 14  # 2 factors of a on 5 layers and of b on the 2 MLP layers
     for rank in range(WORLD):
@@ -42,14 +27,14 @@ def test_gathered_state_dict_has_single_process_keys_and_values(outdir, engine):
 
 @pytest.mark.parametrize("engine", ["fsdp2", "tp"])
 def test_full_state_dict_loads_into_sharded_models(outdir, engine):
-    want = _trained()(block_batch()[0]).detach()
+    want = trained_block()(block_batch()[0]).detach()
     for rank in range(WORLD):
         assert_close(load(outdir, "sd_load_full", rank)[engine], want, f"{engine} rank {rank}")
 
 
 @pytest.mark.parametrize("saved_by", ["tp", "fsdp2"])
 def test_dcp_checkpoint_reloads_across_layouts(outdir, saved_by):
-    want = _trained()(block_batch()[0]).detach()
+    want = trained_block()(block_batch()[0]).detach()
     for rank in range(WORLD):
         assert_close(load(outdir, "sd_dcp", rank)[saved_by], want, f"{saved_by} -> tp rank {rank}")
     single = block_model()  # and into one process, without a process group
@@ -58,7 +43,7 @@ def test_dcp_checkpoint_reloads_across_layouts(outdir, saved_by):
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=outdir / f"dcp_{saved_by}", no_dist=True)
     single.load_state_dict(state)
-    assert_same_tensors(single.state_dict(), _trained().state_dict(), f"{saved_by} -> one process")
+    assert_same_tensors(single.state_dict(), trained_block().state_dict(), f"{saved_by} -> one process")
 
 
 # -- one process: errors leave the model as it was -----------------------------------------------
@@ -72,7 +57,7 @@ def test_full_state_dict_of_a_plain_model_is_its_state_dict():
 
 
 def test_load_adapters_only_keeps_the_base():
-    model, source = block_model(), _trained()
+    model, source = block_model(), trained_block()
     base_before = model.state_dict()["mlp.up.weight"].clone()
     qpeft.load_full_state_dict(model, qpeft.full_state_dict(source, adapters_only=True))
     assert_same_tensors(qpeft.full_state_dict(model, adapters_only=True),
@@ -93,7 +78,7 @@ def test_load_adapters_only_keeps_the_base():
 def test_bad_state_dict_is_rejected_untouched(edit, error, match):
     model = block_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    bad = {k: v + 1 for k, v in _trained().state_dict().items()}
+    bad = {k: v + 1 for k, v in trained_block().state_dict().items()}
     edit(bad)
     with pytest.raises(error, match=match):
         qpeft.load_full_state_dict(model, bad)

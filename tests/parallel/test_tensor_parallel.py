@@ -10,7 +10,6 @@ from qpeft import LoRAColwiseParallel, LoRARowwiseParallel, lora_tp_plan
 from tests.parallel import cases
 from tests.parallel.cases import block_batch, block_loss, block_model, train
 from tests.parallel.checks import assert_like_reference, load
-from tests.parallel.launch import run_ranks
 from tests.parallel.scenarios import block_plan
 
 WORLD = 2
@@ -54,13 +53,6 @@ def test_other_style_on_a_lora_layer_is_an_error():
 
 
 # -- 2 ranks -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def outdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tensor_parallel")
-    run_ranks("tensor_parallel", path, WORLD)
-    return path
-
-
 S0, S1, R = ("S(0)",), ("S(1)",), ("R",)  # str() of Shard(0), Shard(1), Replicate()
 
 

@@ -1,6 +1,6 @@
-"""Entry point of one rank: ``python -m tests.parallel.worker GROUP OUTDIR`` (see launch.py).
+"""Entry point of one rank: ``python -m tests.parallel.worker GROUP[,GROUP...] OUTDIR`` (launch.py).
 
-Each group runs its scenarios in order on the same process group and saves each scenario's record
+The groups run their scenarios in order on one process group and save each scenario's record
 as ``OUTDIR/<scenario>.rank<r>.pt``; the tests compare them with the single-process reference.
 Names are iterated in sorted order everywhere: the ranks must issue collectives identically.
 """
@@ -27,7 +27,7 @@ GROUPS: dict[str, list[Callable]] = {
 }
 
 
-def main(group: str, outdir: Path) -> None:
+def main(groups: str, outdir: Path) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     cuda = os.environ.get("QPEFT_TEST_DEVICE", "cpu") == "cuda"
     dist.init_process_group(
@@ -39,7 +39,7 @@ def main(group: str, outdir: Path) -> None:
     )
     try:
         mesh: DeviceMesh = init_device_mesh("cuda" if cuda else "cpu", (world,))
-        for scenario in GROUPS[group]:
+        for scenario in [s for group in groups.split(",") for s in GROUPS[group]]:
             torch.manual_seed(0)
             record = scenario(mesh, outdir)
             torch.save(record, outdir / f"{scenario.__name__}.rank{rank}.pt")
