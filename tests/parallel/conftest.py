@@ -7,7 +7,6 @@ single launch; the single-process references the ranks load are written first.
 import pytest
 import torch
 
-import qpeft
 from tests.parallel.cases import trained_block
 from tests.parallel.launch import run_ranks
 from tests.parallel.worker import GROUPS
@@ -18,9 +17,7 @@ WORLD = 2
 @pytest.fixture(scope="session")
 def outdir(tmp_path_factory):
     path = tmp_path_factory.mktemp("parallel")
-    groups = [g for g in GROUPS if g != "quantized" or hasattr(qpeft, "quantize")]
     torch.save(trained_block().state_dict(), path / "ref_sd.pt")
-    if "quantized" in groups:
-        torch.save(trained_block("nvfp4").state_dict(), path / "ref_nvfp4_sd.pt")
-    run_ranks(",".join(groups), path, WORLD)
+    torch.save(trained_block("nvfp4").state_dict(), path / "ref_nvfp4_sd.pt")
+    run_ranks(",".join(GROUPS), path, WORLD)
     return path

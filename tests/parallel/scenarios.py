@@ -91,6 +91,14 @@ def fsdp1_orig_params(mesh: DeviceMesh, outdir: Path) -> dict:
     return train(model, _local_batch(), block_loss, view=whole)
 
 
+def fsdp1_without_orig_params(mesh: DeviceMesh, outdir: Path) -> dict:
+    try:
+        FullyShardedDataParallel(block_model().to(cases.device()), device_id=cases.device())
+    except ValueError as err:  # raised on every rank while flattening, before any collective
+        return {"error": str(err)}
+    return {"error": ""}
+
+
 def ddp_unused_without_flag(mesh: DeviceMesh, outdir: Path) -> dict:
     try:
         train(_ddp(block_model(disable_b=True)), _local_batch(), block_loss, steps=2)
@@ -100,7 +108,7 @@ def ddp_unused_without_flag(mesh: DeviceMesh, outdir: Path) -> dict:
 
 
 DATA_PARALLEL = [ddp_find_unused, ddp_static_graph, ddp_unfreeze_after_wrap, fsdp2, fsdp1_orig_params,
-                 ddp_unused_without_flag]
+                 fsdp1_without_orig_params, ddp_unused_without_flag]
 
 
 # -- tensor parallel -----------------------------------------------------------------------------

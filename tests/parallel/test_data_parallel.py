@@ -49,3 +49,8 @@ def test_fsdp1_use_orig_params_matches_one_process(outdir):
     for rank in range(WORLD):
         record = load(outdir, "fsdp1_orig_params", rank)
         assert_like_reference(record, ref, f"fsdp1 rank {rank}", (rank, WORLD))
+
+
+def test_fsdp1_without_use_orig_params_refuses_frozen_and_trainable_together(outdir):
+    for rank in range(WORLD):
+        assert "uniform `requires_grad`" in load(outdir, "fsdp1_without_orig_params", rank)["error"]

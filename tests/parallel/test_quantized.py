@@ -1,14 +1,12 @@
 """Quantized bases (``qpeft.quantize``, LoRA over ``QuantLinear``) under DDP, FSDP2 and tensor
-parallelism on 2 gloo ranks vs. one process. Skipped until ``qpeft.quantize`` is available."""
+parallelism on 2 gloo ranks vs. one process."""
 
 import pytest
 
-import qpeft
 from tests.parallel.cases import block_batch, block_loss, block_model, train, trained_block
 from tests.parallel.checks import assert_close, assert_like_reference, assert_same_tensors, load
 
 WORLD = 2
-pytestmark = pytest.mark.skipif(not hasattr(qpeft, "quantize"), reason="qpeft.quantize not merged yet")
 
 
 @pytest.mark.parametrize("scenario", ["q_ddp_nvfp4", "q_fsdp2_nvfp4"])
