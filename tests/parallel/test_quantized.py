@@ -16,14 +16,7 @@ def test_data_parallel_on_a_quantized_base_matches_one_process(outdir, scenario)
         assert_like_reference(load(outdir, scenario, rank), ref, f"{scenario} rank {rank}", (rank, WORLD))
 
 
-@pytest.mark.parametrize(
-    "preset",
-    [
-        "int8",
-        pytest.param("nvfp4", marks=pytest.mark.xfail(
-            strict=True, reason="nvfp4 fake-quant mixes a plain tensor (bucketize grid) with DTensor")),
-    ],
-)
+@pytest.mark.parametrize("preset", ["int8", "nvfp4"])
 def test_tensor_parallel_on_a_quantized_base_matches_one_process(outdir, preset):
     ref = train(block_model(quant=preset), block_batch(), block_loss)
     for rank in range(WORLD):
