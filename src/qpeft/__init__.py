@@ -11,8 +11,12 @@ from .adapters import (
     freeze_lora_weights,
     unfreeze_lora_weights,
 )
+from .checkpoint import load_adapters, restore, save, save_adapters
 from .config import ExportPEFTConfig, PEFTAttributeConfig, PEFTConfig
+from .export import export, merge_adapters, unmerge_adapters
+from .hf_peft import export_hf_peft, import_hf_peft
 from .lora import LoRAAdapter, LoRALinear, LoRAModule, register_lora
+from .lora.svdquant import refine_svdquant
 from .modes import state
 from .parallel import (
     LoRAColwiseParallel,
@@ -60,30 +64,41 @@ __all__ = [
     "fake_quant_mxfp4",
     "fake_quant_nvfp4",
     "quantize",
+    "refine_svdquant",
     "register_quant",
+    # distributed (issue 5)
+    "LoRAColwiseParallel",
+    "LoRARowwiseParallel",
+    "full_state_dict",
+    "load_full_state_dict",
+    "lora_tp_plan",
+    "parallelize_lora",
     # foundation
     "ExportPEFTConfig",
     "LoRAAdapter",
     "LoRALinear",
-    "LoRAColwiseParallel",
     "LoRAModule",
-    "LoRARowwiseParallel",
     "PEFTAttributeConfig",
     "PEFTConfig",
     "delete_adapter",
     "disable_adapters",
     "disabled_adapters",
     "enable_adapters",
+    "export",
+    "export_hf_peft",
     "freeze_lora_weights",
-    "full_state_dict",
+    "import_hf_peft",
     "is_peft_model",
-    "load_full_state_dict",
+    "load_adapters",
     "lora_layers",
-    "lora_tp_plan",
     "matches_pattern",
-    "parallelize_lora",
+    "merge_adapters",
     "register_lora",
+    "restore",
+    "save",
+    "save_adapters",
     "state",
     "unfreeze_lora_weights",
+    "unmerge_adapters",
     "update_model",
 ]
