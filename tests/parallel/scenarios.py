@@ -240,4 +240,16 @@ def sd_dcp(mesh: DeviceMesh, outdir: Path) -> dict:
     return record
 
 
-STATE_DICT = [sd_gathered, sd_load_full, sd_dcp]
+def sd_qpeft_save(mesh: DeviceMesh, outdir: Path) -> dict:
+    """qpeft.save of a trained TP model: gather, load into a plain replica on rank 0, save that."""
+    model = _tp_block(mesh)
+    train(model, _to(block_batch()), block_loss)
+    full = qpeft.full_state_dict(model, rank0_only=True)  # a collective: every rank calls it
+    if dist.get_rank() == 0:
+        replica = block_model()  # same modes as the sharded model, plain tensors
+        replica.load_state_dict(full)
+        qpeft.save(replica, outdir / "qpeft_ckpt")
+    return {}
+
+
+STATE_DICT = [sd_gathered, sd_load_full, sd_dcp, sd_qpeft_save]

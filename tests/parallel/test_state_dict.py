@@ -7,6 +7,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import qpeft
+from tests.models import TinyBlock
 from tests.parallel.cases import block_batch, block_model, trained_block
 from tests.parallel.checks import assert_close, assert_same_tensors, load
 
@@ -44,6 +45,12 @@ def test_dcp_checkpoint_reloads_across_layouts(outdir, saved_by):
         dcp.load(state, checkpoint_id=outdir / f"dcp_{saved_by}", no_dist=True)
     single.load_state_dict(state)
     assert_same_tensors(single.state_dict(), trained_block().state_dict(), f"{saved_by} -> one process")
+
+
+def test_qpeft_save_of_a_gathered_sharded_model_restores_on_one_process(outdir):
+    restored = qpeft.restore(TinyBlock(16), outdir / "qpeft_ckpt")
+    assert_same_tensors(restored.state_dict(), trained_block().state_dict(), "restored")
+    assert qpeft.state(restored) == qpeft.state(trained_block())
 
 
 # -- one process: errors leave the model as it was -----------------------------------------------
