@@ -18,6 +18,14 @@ from .hf_peft import export_hf_peft, import_hf_peft
 from .lora import LoRAAdapter, LoRALinear, LoRAModule, register_lora
 from .lora.svdquant import refine_svdquant
 from .modes import state
+from .parallel import (
+    LoRAColwiseParallel,
+    LoRARowwiseParallel,
+    full_state_dict,
+    load_full_state_dict,
+    lora_tp_plan,
+    parallelize_lora,
+)
 from .patterns import matches_pattern
 from .peft import is_peft_model, lora_layers, update_model
 from .quant import (
@@ -59,6 +67,13 @@ __all__ = [
     "quantize",
     "refine_svdquant",
     "register_quant",
+    # distributed (issue 5)
+    "LoRAColwiseParallel",
+    "LoRARowwiseParallel",
+    "full_state_dict",
+    "load_full_state_dict",
+    "lora_tp_plan",
+    "parallelize_lora",
     # foundation
     "ExportPEFTConfig",
     "LoRAAdapter",
