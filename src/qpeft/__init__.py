@@ -12,7 +12,15 @@ from .adapters import (
     unfreeze_lora_weights,
 )
 from .config import ExportPEFTConfig, PEFTAttributeConfig, PEFTConfig
-from .lora import LoRAAdapter, LoRALinear, LoRAModule, register_lora
+from .lora import (
+    ExpertsLoRAAdapter,
+    LoRAAdapter,
+    LoRAExperts,
+    LoRALinear,
+    LoRAModule,
+    register_lora,
+    register_lora_matcher,
+)
 from .modes import state
 from .patterns import matches_pattern
 from .peft import is_peft_model, lora_layers, update_model
@@ -21,7 +29,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ExportPEFTConfig",
+    "ExpertsLoRAAdapter",
     "LoRAAdapter",
+    "LoRAExperts",
     "LoRALinear",
     "LoRAModule",
     "PEFTAttributeConfig",
@@ -35,6 +45,7 @@ __all__ = [
     "lora_layers",
     "matches_pattern",
     "register_lora",
+    "register_lora_matcher",
     "state",
     "unfreeze_lora_weights",
     "update_model",
