@@ -24,6 +24,7 @@ _REGISTRY: dict[type, type[LoRAModule]] = {nn.Linear: LoRALinear}
 _PLUGINS: dict[str, str] = {
     "transformers": "qpeft.lora.plugins.transformers",
     "transformers.integrations.moe": "qpeft.lora.plugins.moe",
+    "megatron.core": "qpeft.lora.plugins.megatron",
 }
 # (predicate, wrapper) for families of classes that share no base type (e.g. transformers' many
 # experts classes, recognised by the attributes their common decorator sets); tried after types.

@@ -1,0 +1,144 @@
+"""Megatron-Core Column/RowParallelLinear LoRA with tensor-parallel size 2 on CPU (gloo).
+
+Each of the 2 ranks builds the Megatron MLP ``RowParallel(gelu(ColumnParallel(x)))``, adds LoRA with
+``qpeft.update_model``, runs forward and backward, then checks its shards against a single-process
+``nn.Linear`` MLP holding the gathered weights and the same LoRA config and seed.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("megatron.core")
+
+import qpeft  # noqa: E402
+from tests.tolerances import DIST_ATOL  # noqa: E402
+
+HIDDEN, FFN, RANK, WORLD = 8, 16, 4, 2
+LORA = {"adapter_cfg": {"*": {"rank": RANK, "scale": 0.5, "lora_b_init": "torch.nn.init.normal_"}}}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _MegatronMLP(nn.Module):
+    def __init__(self, config):
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        super().__init__()
+        init = nn.init.xavier_normal_
+        self.fc1 = ColumnParallelLinear(HIDDEN, FFN, config=config, init_method=init, bias=True, gather_output=False)
+        self.fc2 = RowParallelLinear(
+            FFN, HIDDEN, config=config, init_method=init, bias=True, input_is_parallel=True, skip_bias_add=False
+        )
+
+    def forward(self, x):
+        h, _ = self.fc1(x)
+        y, _ = self.fc2(torch.nn.functional.gelu(h))
+        return y
+
+
+class _TorchMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(HIDDEN, FFN)
+        self.fc2 = nn.Linear(FFN, HIDDEN)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+def _gather(t, dim):
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(WORLD)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
+def _check_against_reference(rank):
+    from megatron.core import parallel_state
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=WORLD)
+    config = ModelParallelConfig(tensor_model_parallel_size=WORLD, use_cpu_initialization=True)
+    torch.manual_seed(0)
+    tp = _MegatronMLP(config)
+    torch.manual_seed(1)
+    qpeft.update_model(tp, LORA)
+    assert type(tp.fc1).__name__ == "LoRAColumnParallelLinear"
+    ref = _TorchMLP()
+    with torch.no_grad():
+        ref.fc1.weight.copy_(_gather(tp.fc1.weight, 0))
+        ref.fc1.bias.copy_(_gather(tp.fc1.bias, 0))
+        ref.fc2.weight.copy_(_gather(tp.fc2.weight, 1))
+        ref.fc2.bias.copy_(tp.fc2.bias)
+    torch.manual_seed(1)
+    qpeft.update_model(ref, LORA)  # same seed: the TP shards must be slices of these factors
+
+    a1, a2 = tp.fc1.adapters["default"], tp.fc2.adapters["default"]
+    r1, r2 = ref.fc1.adapters["default"], ref.fc2.adapters["default"]
+    assert a1.lora_a.shape == (RANK, HIDDEN) and a1.lora_b.shape == (FFN // WORLD, RANK)
+    assert a2.lora_a.shape == (RANK, FFN // WORLD) and a2.lora_b.shape == (HIDDEN, RANK)
+    torch.testing.assert_close(a1.lora_a, r1.lora_a, atol=0, rtol=0)
+    torch.testing.assert_close(_gather(a1.lora_b, 0), r1.lora_b, atol=0, rtol=0)
+    torch.testing.assert_close(_gather(a2.lora_a, 1), r2.lora_a, atol=0, rtol=0)
+
+    torch.manual_seed(2)
+    x = torch.randn(5, 2, HIDDEN)  # [s, b, h], identical on both ranks
+    x_tp, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = tp(x_tp)
+    expected = ref(x_ref)
+    torch.testing.assert_close(out, expected, atol=DIST_ATOL, rtol=0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x_tp.grad, x_ref.grad, atol=DIST_ATOL, rtol=0)
+    shard = slice(rank * FFN // WORLD, (rank + 1) * FFN // WORLD)
+    pairs = [
+        (a1.lora_a.grad, r1.lora_a.grad),
+        (a1.lora_b.grad, r1.lora_b.grad[shard]),
+        (a2.lora_a.grad, r2.lora_a.grad[:, shard]),
+        (a2.lora_b.grad, r2.lora_b.grad),
+    ]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, atol=DIST_ATOL, rtol=0)
+    assert tp.fc1.weight.grad is None  # base frozen
+
+    sharded = tp.sharded_state_dict() if hasattr(tp, "sharded_state_dict") else _sharded(tp)
+    b1 = sharded["fc1.adapters.default.lora_b"]
+    assert b1.global_shape == (FFN, RANK) and b1.local_shape == (FFN // WORLD, RANK)
+    a2s = sharded["fc2.adapters.default.lora_a"]
+    assert a2s.global_shape == (RANK, FFN) and a2s.local_shape == (RANK, FFN // WORLD)
+    assert sharded["fc1.adapters.default.lora_a"].global_shape == (RANK, HIDDEN)
+    assert "fc1.weight" in sharded and "fc2.weight" in sharded
+
+
+def _sharded(model):
+    from megatron.core.transformer.utils import sharded_state_dict_default
+
+    out = {}
+    for name, child in model.named_children():
+        out.update(sharded_state_dict_default(child, f"{name}."))
+    return out
+
+
+def _worker(rank, port):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        _check_against_reference(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_2_matches_single_process():
+    torch.multiprocessing.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
