@@ -62,7 +62,54 @@ def _gather(t, dim):
     return torch.cat(parts, dim=dim)
 
 
-def _check_against_reference(rank):
+def _cpu_shim_for_dist_checkpointing():
+    """Test-only: the two CUDA calls Megatron 0.16.1's checkpoint save makes, redirected to CPU.
+
+    ``torch.cuda.synchronize`` (before copying tensors out) becomes a no-op and
+    ``torch.cuda.current_device`` (the device of a small failure-flag tensor) returns ``"cpu"``.
+    """
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_device = lambda: "cpu"
+
+
+def _check_dist_checkpoint(tp, config, ckpt_dir):
+    """Megatron's dist_checkpointing saves the adapters' shards; a fresh model loads them."""
+    from megatron.core import dist_checkpointing
+
+    _cpu_shim_for_dist_checkpointing()
+    dist_checkpointing.save(_sharded(tp), ckpt_dir)
+    torch.manual_seed(7)
+    fresh = _MegatronMLP(config)
+    torch.manual_seed(8)
+    qpeft.update_model(fresh, LORA)
+    fresh.load_state_dict(dist_checkpointing.load(_sharded(fresh), ckpt_dir))
+    for (name, got), want in zip(fresh.state_dict().items(), tp.state_dict().values(), strict=True):
+        if isinstance(want, torch.Tensor):
+            assert torch.equal(got, want), name
+
+
+class _Grid(nn.Module):
+    """Test weight quantizer: round to a fixed 1/16 grid (elementwise, so shards agree with the whole)."""
+
+    def forward(self, w):
+        return (w * 16).round() / 16
+
+
+def _check_svdquant(tp, ref, rank):
+    """svdquant on TP shards = the slices of svdquant on the whole (gathered) weights."""
+    for model in (tp, ref):
+        for layer in (model.fc1, model.fc2):
+            layer.base.weight_quantizer = _Grid()
+        qpeft.update_model(model, {"adapter_name": "sq", "adapter_cfg": {"*": {"rank": 3, "lora_init_method": "svdquant"}}})
+    shard = slice(rank * FFN // WORLD, (rank + 1) * FFN // WORLD)
+    a1, a2 = tp.fc1.adapters["sq"], tp.fc2.adapters["sq"]
+    r1, r2 = ref.fc1.adapters["sq"], ref.fc2.adapters["sq"]
+    assert r1.lora_b.abs().sum() > 0
+    for got, want in [(a1.lora_a, r1.lora_a), (a1.lora_b, r1.lora_b[shard]), (a2.lora_a, r2.lora_a[:, shard]), (a2.lora_b, r2.lora_b)]:
+        torch.testing.assert_close(got, want, atol=DIST_ATOL, rtol=0)
+
+
+def _check_against_reference(rank, ckpt_dir):
     from megatron.core import parallel_state
     from megatron.core.model_parallel_config import ModelParallelConfig
 
@@ -111,13 +158,15 @@ def _check_against_reference(rank):
         torch.testing.assert_close(got, want, atol=DIST_ATOL, rtol=0)
     assert tp.fc1.weight.grad is None  # base frozen
 
-    sharded = tp.sharded_state_dict() if hasattr(tp, "sharded_state_dict") else _sharded(tp)
+    sharded = _sharded(tp)
     b1 = sharded["fc1.adapters.default.lora_b"]
     assert b1.global_shape == (FFN, RANK) and b1.local_shape == (FFN // WORLD, RANK)
     a2s = sharded["fc2.adapters.default.lora_a"]
     assert a2s.global_shape == (RANK, FFN) and a2s.local_shape == (RANK, FFN // WORLD)
     assert sharded["fc1.adapters.default.lora_a"].global_shape == (RANK, HIDDEN)
     assert "fc1.weight" in sharded and "fc2.weight" in sharded
+    _check_dist_checkpoint(tp, config, ckpt_dir)
+    _check_svdquant(tp, ref, rank)
 
 
 def _sharded(model):
@@ -129,16 +178,16 @@ def _sharded(model):
     return out
 
 
-def _worker(rank, port):
+def _worker(rank, port, ckpt_dir):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        _check_against_reference(rank)
+        _check_against_reference(rank, ckpt_dir)
     finally:
         dist.destroy_process_group()
 
 
-def test_tensor_parallel_2_matches_single_process():
-    torch.multiprocessing.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+def test_tensor_parallel_2_matches_single_process_and_checkpoints(tmp_path):
+    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
