@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 pytest.importorskip("transformers")
 
 import qpeft  # noqa: E402
 from qpeft.modes import replay  # noqa: E402
+from qpeft.quant.quantizer import TensorQuantizer  # noqa: E402
 from qpeft.wrapping import innermost  # noqa: E402
 from tests.models import MOE_MODELS  # noqa: E402
 from tests.tolerances import (  # noqa: E402
@@ -232,20 +232,16 @@ def test_bf16_model_and_bf16_adapters(arch):
     torch.testing.assert_close(out, _merged_reference(fp32, ids), atol=BF16_ATOL, rtol=BF16_RTOL)
 
 
-class _PerExpertInt4(nn.Module):
-    """Test quantizer over a whole ``[E, ...]`` weight: symmetric int4, one amax per expert."""
-
-    def forward(self, w):
-        amax = w.detach().abs().amax(dim=(1, 2), keepdim=True)
-        step = amax / 7
-        return w + ((w / step).round().clamp(-8, 7) * step - w).detach()
-
-
 def _quantize_experts(model):
+    """int4 weight quantizers over each whole [E, ...] weight, one amax per expert (axis 0)."""
     for layer in _experts(model).values():
         inner = innermost(layer)
         for name in ("gate_up_proj", "down_proj"):
-            inner.add_module(f"{name}_weight_quantizer", _PerExpertInt4())
+            quantizer = TensorQuantizer("int", 4, axis=0)
+            with quantizer.calibrating():
+                quantizer(getattr(inner, name).detach())
+            assert quantizer.amax.shape == (inner.down_proj.shape[0], 1, 1)
+            inner.add_module(f"{name}_weight_quantizer", quantizer)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
