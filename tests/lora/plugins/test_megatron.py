@@ -109,6 +109,17 @@ def _check_svdquant(tp, ref, rank):
         torch.testing.assert_close(got, want, atol=DIST_ATOL, rtol=0)
 
 
+def _check_sequence_parallel_is_rejected():
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    config = ModelParallelConfig(tensor_model_parallel_size=WORLD, sequence_parallel=True, use_cpu_initialization=True)
+    model = nn.ModuleDict({"fc": ColumnParallelLinear(HIDDEN, FFN, config=config, init_method=nn.init.zeros_)})
+    with pytest.raises(ValueError, match="sequence-parallel"):
+        qpeft.update_model(model, LORA)
+    assert type(model["fc"]) is ColumnParallelLinear  # untouched
+
+
 def _check_against_reference(rank, ckpt_dir):
     from megatron.core import parallel_state
     from megatron.core.model_parallel_config import ModelParallelConfig
@@ -167,6 +178,7 @@ def _check_against_reference(rank, ckpt_dir):
     assert "fc1.weight" in sharded and "fc2.weight" in sharded
     _check_dist_checkpoint(tp, config, ckpt_dir)
     _check_svdquant(tp, ref, rank)
+    _check_sequence_parallel_is_rejected()
 
 
 def _sharded(model):
