@@ -1,10 +1,14 @@
 """Megatron-Core Column/RowParallelLinear LoRA with tensor-parallel size 2 on CPU (gloo).
 
-Each of the 2 ranks builds the Megatron MLP ``RowParallel(gelu(ColumnParallel(x)))``, adds LoRA with
-``qpeft.update_model``, runs forward and backward, then checks its shards against a single-process
-``nn.Linear`` MLP holding the gathered weights and the same LoRA config and seed.
+Both ranks (one spawn, to pay Megatron's import once) build the Megatron MLP
+``RowParallel(gelu(ColumnParallel(x)))``, add LoRA with ``qpeft.update_model``, run forward and
+backward and check their shards against a single-process ``nn.Linear`` MLP holding the gathered
+weights, the same LoRA config and seed; then save/load the adapters with ``dist_checkpointing``,
+check svdquant on shards, the rejection of sequence parallelism, and a 2-layer GPTModel (local
+layer spec). CUDA-only calls are redirected by the test-only ``_cpu_shims``.
 """
 
+import contextlib
 import os
 import socket
 
@@ -62,21 +66,40 @@ def _gather(t, dim):
     return torch.cat(parts, dim=dim)
 
 
-def _cpu_shim_for_dist_checkpointing():
-    """Test-only: the two CUDA calls Megatron 0.16.1's checkpoint save makes, redirected to CPU.
+class _NoCudaRngTracker:
+    """Stands in for Megatron's CUDA RNG tracker: forking the model-parallel RNG does nothing."""
 
-    ``torch.cuda.synchronize`` (before copying tensors out) becomes a no-op and
-    ``torch.cuda.current_device`` (the device of a small failure-flag tensor) returns ``"cpu"``.
+    def fork(self, name="model-parallel-rng"):
+        return contextlib.nullcontext()
+
+    def add(self, name, seed):
+        pass
+
+    def is_initialized(self):
+        return True
+
+
+def _cpu_shims():
+    """Test-only redirections of the CUDA-only calls Megatron-Core 0.16.1 makes, to run on CPU.
+
+    - ``torch.cuda.synchronize`` (before dist_checkpointing copies tensors out): a no-op;
+    - ``torch.cuda.current_device`` (device of dist_checkpointing's failure flag): ``"cpu"``;
+    - ``tensor_parallel.get_cuda_rng_tracker`` (attention dropout forks the CUDA RNG): a tracker
+      whose ``fork`` does nothing (the test GPT has no dropout).
     """
+    import megatron.core.tensor_parallel as tensor_parallel
+    import megatron.core.tensor_parallel.random as tp_random
+
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.current_device = lambda: "cpu"
+    tracker = _NoCudaRngTracker()
+    tensor_parallel.get_cuda_rng_tracker = tp_random.get_cuda_rng_tracker = lambda *args, **kwargs: tracker
 
 
 def _check_dist_checkpoint(tp, config, ckpt_dir):
     """Megatron's dist_checkpointing saves the adapters' shards; a fresh model loads them."""
     from megatron.core import dist_checkpointing
 
-    _cpu_shim_for_dist_checkpointing()
     dist_checkpointing.save(_sharded(tp), ckpt_dir)
     torch.manual_seed(7)
     fresh = _MegatronMLP(config)
@@ -120,11 +143,55 @@ def _check_sequence_parallel_is_rejected():
     assert type(model["fc"]) is ColumnParallelLinear  # untouched
 
 
+def _check_gpt(rank):
+    """A 2-layer GPT (local layer spec) at TP=2: B=0 keeps the logits, training lowers the loss,
+    replicated factors stay equal on both ranks, and the model's sharded_state_dict has adapters."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, tensor_model_parallel_size=WORLD,
+        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
+    )
+    torch.manual_seed(0)
+    gpt = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=64, max_sequence_length=16)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 64, (2, 8))
+    inputs = {"input_ids": ids, "position_ids": torch.arange(8).expand(2, 8),
+              "attention_mask": torch.triu(torch.ones(1, 1, 8, 8), diagonal=1).bool()}
+    with torch.no_grad():
+        before = gpt(**inputs)
+    qpeft.update_model(gpt, {"adapter_cfg": {"*": {"rank": 4}, "*output_layer": {"enable": False}}})
+    kinds = {type(m).__name__ for m in qpeft.lora_layers(gpt).values()}
+    assert kinds == {"LoRAColumnParallelLinear", "LoRARowParallelLinear"}
+    with torch.no_grad():
+        assert torch.equal(gpt(**inputs), before)
+    opt = torch.optim.SGD([p for p in gpt.parameters() if p.requires_grad], lr=0.5)
+    losses = []
+    for _ in range(4):
+        loss = gpt(**inputs, labels=ids).float().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for layer in qpeft.lora_layers(gpt).values():
+        replicated = layer.adapters["default"].lora_a if layer.SHARD_AXIS == 0 else layer.adapters["default"].lora_b
+        assert torch.equal(_gather(replicated.detach(), 0).chunk(WORLD)[1 - rank], replicated.detach())
+    sharded = gpt.sharded_state_dict()
+    key = "decoder.layers.0.mlp.linear_fc1.adapters.default.lora_b"
+    # The decoder stacks its layers: a leading layer axis (sharded_offsets) precedes the factor's.
+    assert sharded[key].global_shape == (config.num_layers, config.ffn_hidden_size, 4)
+    assert sharded[key].local_shape == (config.ffn_hidden_size // WORLD, 4)
+
+
 def _check_against_reference(rank, ckpt_dir):
     from megatron.core import parallel_state
     from megatron.core.model_parallel_config import ModelParallelConfig
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=WORLD)
+    _cpu_shims()
     config = ModelParallelConfig(tensor_model_parallel_size=WORLD, use_cpu_initialization=True)
     torch.manual_seed(0)
     tp = _MegatronMLP(config)
@@ -179,6 +246,7 @@ def _check_against_reference(rank, ckpt_dir):
     _check_dist_checkpoint(tp, config, ckpt_dir)
     _check_svdquant(tp, ref, rank)
     _check_sequence_parallel_is_rejected()
+    _check_gpt(rank)
 
 
 def _sharded(model):
@@ -201,5 +269,5 @@ def _worker(rank, port, ckpt_dir):
         dist.destroy_process_group()
 
 
-def test_tensor_parallel_2_matches_single_process_and_checkpoints(tmp_path):
+def test_tensor_parallel_2_on_cpu_gloo(tmp_path):
     torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
