@@ -4,8 +4,8 @@ Both ranks (one spawn, to pay Megatron's import once) build the Megatron MLP
 ``RowParallel(gelu(ColumnParallel(x)))``, add LoRA with ``qpeft.update_model``, run forward and
 backward and check their shards against a single-process ``nn.Linear`` MLP holding the gathered
 weights, the same LoRA config and seed; then save/load the adapters with ``dist_checkpointing``,
-check svdquant on shards, the rejection of sequence parallelism, and a 2-layer GPTModel (local
-layer spec). CUDA-only calls are redirected by the test-only ``_cpu_shims``.
+check svdquant on shards, the rejection of sequence parallelism, a 2-layer GPTModel (local layer
+spec), and per-expert LoRA on a SequentialMLP with expert parallelism 2. CUDA-only calls are redirected by the test-only ``_cpu_shims``.
 """
 
 import contextlib
@@ -186,6 +186,53 @@ def _check_gpt(rank):
     assert sharded[key].local_shape == (config.ffn_hidden_size // WORLD, 4)
 
 
+def _sequential_mlp(expert_tp):
+    """Megatron's SequentialMLP with 2 local experts; expert TP size ``expert_tp``."""
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=WORLD, expert_tensor_parallel_size=expert_tp,
+        expert_model_parallel_size=WORLD // expert_tp,
+    )
+    config = TransformerConfig(
+        num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, tensor_model_parallel_size=WORLD,
+        expert_tensor_parallel_size=expert_tp, expert_model_parallel_size=WORLD // expert_tp,
+        num_moe_experts=2 * WORLD // expert_tp, moe_ffn_hidden_size=FFN, use_cpu_initialization=True,
+        add_bias_linear=False,
+    )
+    torch.manual_seed(0)
+    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    return SequentialMLP(2, config, submodules, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+
+
+def _check_sequential_mlp_experts():
+    """Per-expert LoRA on SequentialMLP (expert parallel 2, expert TP 1); expert TP 2 is rejected."""
+    with pytest.raises(ValueError, match="expert_tensor_parallel_size=1"):
+        qpeft.update_model(_sequential_mlp(expert_tp=WORLD), LORA)
+    experts = _sequential_mlp(expert_tp=1)
+    x, tokens, probs = torch.randn(7, HIDDEN), torch.tensor([3, 4]), torch.rand(7)
+    with torch.no_grad():
+        before = experts(x, tokens, probs)[0]
+    qpeft.update_model(experts, {"adapter_cfg": {"*": {"rank": RANK}, "*local_experts.1.*": {"rank": 2}}})
+    assert experts.local_experts[1].linear_fc2.adapters["default"].rank == 2
+    with torch.no_grad():
+        assert torch.equal(experts(x, tokens, probs)[0], before)  # B = 0
+        for layer in qpeft.lora_layers(experts).values():
+            layer.adapters["default"].lora_b.normal_()
+        out = experts(x, tokens, probs)[0]
+        for layer in qpeft.lora_layers(experts).values():  # fold: W += scale * B @ A
+            layer.base_weight.add_(layer.adapters["default"].delta_weight())
+    with torch.no_grad(), qpeft.disabled_adapters(experts):
+        torch.testing.assert_close(experts(x, tokens, probs)[0], out, atol=DIST_ATOL, rtol=0)
+    assert not torch.allclose(out, before)
+
+
 def _check_against_reference(rank, ckpt_dir):
     from megatron.core import parallel_state
     from megatron.core.model_parallel_config import ModelParallelConfig
@@ -247,6 +294,7 @@ def _check_against_reference(rank, ckpt_dir):
     _check_svdquant(tp, ref, rank)
     _check_sequence_parallel_is_rejected()
     _check_gpt(rank)
+    _check_sequential_mlp_experts()
 
 
 def _sharded(model):

@@ -19,7 +19,11 @@ as the single-process one. ``svdquant`` gathers the weight residual ``W - Q(W)``
 tensor-parallel group, runs the SVD of the full matrix and keeps the shard.
 ``sharded_state_dict`` marks ``lora_b`` (column) / ``lora_a`` (row) as tensor-parallel shards on the
 axis of the base weight and the other factor as replicated, so Megatron's ``dist_checkpointing``
-saves and loads adapters. Sequence parallelism and expert (``is_expert``) layers are rejected.
+saves and loads adapters. Sequence-parallel layers are rejected. Expert layers (``is_expert``,
+e.g. each expert MLP of Megatron's ``SequentialMLP``, addressable as ``*local_experts.3.*``) are
+supported when their expert tensor-parallel size is 1 (with expert parallelism each expert is whole
+on its rank); expert tensor parallelism is rejected, and so are ``GroupedMLP`` / TE grouped experts
+(not registered: they need CUDA).
 """
 
 from __future__ import annotations
@@ -58,9 +62,13 @@ class _LoRAParallel(LoRAModule):
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
-        if getattr(base, "sequence_parallel", False) or getattr(base, "is_expert", False):
+        if getattr(base, "sequence_parallel", False):
+            raise ValueError(f"{type(base).__name__}: LoRA does not support sequence-parallel layers")
+        if getattr(base, "explicit_expert_comm", False) and self.tp_size > 1:
+            # The MoE token dispatcher then reduces partial outputs itself; the adapters' own
+            # communication would double it.
             raise ValueError(
-                f"{type(base).__name__}: LoRA supports neither sequence-parallel nor expert layers"
+                f"{type(base).__name__}: LoRA on expert layers needs expert_tensor_parallel_size=1"
             )
 
     @property
