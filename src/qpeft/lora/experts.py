@@ -91,7 +91,13 @@ class ExpertsLoRAAdapter(nn.Module):
             self.add_module(name, GroupedLoRA(experts, proj, config.rank, dtype, device))
         self.scale = float(config.scale)
         self.enable = bool(config.enable)
+        self.merged = False  # folded into the base weights (qpeft.merge_adapters)
         self._fixed = config.model_dump(exclude={"scale", "enable"})
+
+    @property
+    def active(self) -> bool:
+        """Whether the layer's forward adds this adapter: enabled and not merged into the weights."""
+        return self.enable and not self.merged
 
     @property
     def factors(self) -> dict[str, GroupedLoRA]:
@@ -204,8 +210,18 @@ class LoRAExperts(LoRAModule):
 
     # -- forward pieces -----------------------------------------------------------------------
     def active_adapters(self) -> list[ExpertsLoRAAdapter]:
-        """Enabled adapters, in insertion order."""
-        return [a for a in self.adapters.values() if a.enable]
+        """Active (enabled, not merged) adapters, in insertion order."""
+        return [a for a in self.adapters.values() if a.active]
+
+    @torch.no_grad()
+    def fold_adapter(self, adapter: ExpertsLoRAAdapter, sign: float) -> None:
+        """``W_p <- cast(W_p + sign * delta_p)`` for every projection (merge, unmerge, export)."""
+        inner = self._inner()
+        for name, delta in adapter.delta_weight().items():
+            weight = getattr(inner, name)
+            # detach() shares the version counter, so caches keyed on the weight see the change
+            view = weight.detach()
+            view.copy_((view.float() + sign * delta).to(weight.dtype))
 
     def lora_delta(self, name: str, x: torch.Tensor, routing: Routing, out: torch.Tensor) -> torch.Tensor:
         """``out`` plus every enabled adapter's ``scale * B[e] A[e] x`` for projection ``name``."""

@@ -275,3 +275,34 @@ def test_svdquant_without_quantizer_warns_and_keeps_output():
     with pytest.warns(UserWarning, match="no weight quantizer"):
         qpeft.update_model(model, {"adapter_cfg": {"*experts": {"rank": 2, "lora_init_method": "svdquant"}}})
     assert torch.equal(_logits(model, ids), ref)
+
+
+def test_merge_unmerge_and_export_fold_per_expert():
+    model = MOE_MODELS["gpt_oss"]()
+    qpeft.update_model(model, {"adapter_cfg": {"*experts": {"rank": 4, "lora_b_init": RANDOM_B}}})
+    ids = _ids()
+    ref = _logits(model, ids)
+    qpeft.merge_adapters(model)
+    assert next(iter(_experts(model).values())).adapters["default"].merged
+    torch.testing.assert_close(_logits(model, ids), ref, atol=FP32_ATOL, rtol=FP32_RTOL)
+    qpeft.unmerge_adapters(model)
+    torch.testing.assert_close(_logits(model, ids), ref, atol=FP32_ATOL, rtol=FP32_RTOL)
+    qpeft.export(model)
+    assert not qpeft.is_peft_model(model)
+    assert type(model.model.layers[0].mlp.experts).__name__ == "GptOssExperts"
+    torch.testing.assert_close(_logits(model, ids), ref, atol=FP32_ATOL, rtol=FP32_RTOL)
+
+
+def test_save_restore_and_adapter_files(tmp_path):
+    model = MOE_MODELS["qwen3_moe"]()
+    qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 4, "lora_b_init": RANDOM_B}}})
+    ids = _ids()
+    ref = _logits(model, ids)
+    qpeft.save(model, tmp_path / "ckpt")
+    assert torch.equal(_logits(qpeft.restore(MOE_MODELS["qwen3_moe"](), tmp_path / "ckpt"), ids), ref)
+    qpeft.save_adapters(model, tmp_path / "adapters")
+    fresh = MOE_MODELS["qwen3_moe"]()
+    qpeft.load_adapters(fresh, tmp_path / "adapters")
+    assert torch.equal(_logits(fresh, ids), ref)
+    with pytest.raises(ValueError, match="grouped-experts"):
+        qpeft.export_hf_peft(model, tmp_path / "hf")
