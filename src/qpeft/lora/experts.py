@@ -140,6 +140,7 @@ class LoRAExperts(LoRAModule):
 
     @staticmethod
     def features(base: nn.Module) -> tuple[int, int]:
+        """Not defined for experts (one ``(in, out)`` per projection): raises TypeError."""
         raise TypeError("an experts layer has one (in, out) per projection; see projections()")
 
     # -- weights ------------------------------------------------------------------------------

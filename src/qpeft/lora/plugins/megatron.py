@@ -180,9 +180,11 @@ class LoRAColumnParallelLinear(_LoRAParallel):
     SHARDED_FACTOR = "lora_b"
 
     def _after_a(self, h: torch.Tensor) -> torch.Tensor:
+        # identity forward; backward all-reduces dh, completing dA (A replicated) and dx
         return copy_to_tensor_model_parallel_region(h, group=self.base.tp_group)
 
     def forward(self, input_: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """``(output, bias)`` as the base returns them, the LoRA term added (gathered if the base gathers)."""
         output, bias = self.base(input_, *args, **kwargs)
         lora = self._lora(input_)
         if lora is None:
@@ -200,9 +202,11 @@ class LoRARowParallelLinear(_LoRAParallel):
     SHARDED_FACTOR = "lora_a"
 
     def _after_a(self, h: torch.Tensor) -> torch.Tensor:
+        # all-reduce forward sums the partial A_p x_p; identity backward (dh is replicated)
         return reduce_from_tensor_model_parallel_region(h, group=self.base.tp_group)
 
     def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """``(output, bias)`` as the base returns them, the (all-reduced) LoRA term added."""
         output, bias = self.base(input_)
         if not any(a.enable for a in self.adapters.values()):
             return output, bias
