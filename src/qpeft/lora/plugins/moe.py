@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from transformers.integrations.moe import _batched_linear, _grouped_linear
 
+from ..expert_routing import Routing
 from ..experts import LoRAExperts, Projection
 from ..registry import register_lora_matcher
-from ..routing import Routing
 
 __all__ = ["LoRAHFExperts", "is_hf_experts"]
 
