@@ -45,6 +45,7 @@ from .quant import (
     quantize,
     register_quant,
 )
+from .routing import adapter_routing
 
 __version__ = "0.1.0"
 
@@ -75,6 +76,7 @@ __all__ = [
     "LoRAModule",
     "PEFTAttributeConfig",
     "PEFTConfig",
+    "adapter_routing",
     "delete_adapter",
     "disable_adapters",
     "disabled_adapters",

@@ -25,6 +25,7 @@ _PLUGINS: dict[str, str] = {
     "transformers": "qpeft.lora.plugins.transformers",
     "transformers.integrations.moe": "qpeft.lora.plugins.moe",
     "megatron.core": "qpeft.lora.plugins.megatron",
+    "qpeft.quant.layer": "qpeft.lora.plugins.quant",  # fused LoRA over weight-only QuantLinear
 }
 # (predicate, wrapper) for families of classes that share no base type (e.g. transformers' many
 # experts classes, recognised by the attributes their common decorator sets); tried after types.
