@@ -15,7 +15,15 @@ from .checkpoint import load_adapters, restore, save, save_adapters
 from .config import ExportPEFTConfig, PEFTAttributeConfig, PEFTConfig
 from .export import export, merge_adapters, unmerge_adapters
 from .hf_peft import export_hf_peft, import_hf_peft
-from .lora import LoRAAdapter, LoRALinear, LoRAModule, register_lora
+from .lora import (
+    ExpertsLoRAAdapter,
+    LoRAAdapter,
+    LoRAExperts,
+    LoRALinear,
+    LoRAModule,
+    register_lora,
+    register_lora_matcher,
+)
 from .lora.svdquant import refine_svdquant
 from .modes import state
 from .parallel import (
@@ -76,7 +84,9 @@ __all__ = [
     "parallelize_lora",
     # foundation
     "ExportPEFTConfig",
+    "ExpertsLoRAAdapter",
     "LoRAAdapter",
+    "LoRAExperts",
     "LoRALinear",
     "LoRAModule",
     "PEFTAttributeConfig",
@@ -96,6 +106,7 @@ __all__ = [
     "matches_pattern",
     "merge_adapters",
     "register_lora",
+    "register_lora_matcher",
     "restore",
     "save",
     "save_adapters",
