@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..wrapping import ModuleWrapper, innermost
 from .adapter import LoRAAdapter
@@ -27,6 +28,12 @@ from .linear_bases import linear_operands
 from .routing import routed_forward
 
 __all__ = ["LoRAModule", "LoRALinear", "reference_forward"]
+
+
+def _fusable(adapter: LoRAAdapter, x: torch.Tensor) -> bool:
+    # The fused autograd functions work on plain tensors of one dtype; DTensor (tensor-parallel)
+    # factors take the simple path, whose ops DTensor dispatches itself.
+    return adapter.lora_a.dtype == x.dtype and not isinstance(adapter.lora_a, DTensor)
 
 
 def reference_forward(layer: LoRAModule, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -76,7 +83,7 @@ class LoRAModule(ModuleWrapper):
         fused, rest = [], []
         for adapter in self.adapters.values():
             if adapter.active:
-                (fused if adapter.lora_a.dtype == x.dtype else rest).append(adapter)
+                (fused if _fusable(adapter, x) else rest).append(adapter)
         factors = [(a.lora_a, a.lora_b, a.scale) for a in fused]
         operands = None
         if fused and self._routing is None and not args and not kwargs:
