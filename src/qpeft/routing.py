@@ -63,6 +63,13 @@ def adapter_routing(model: nn.Module, adapter_names: Sequence[str | None]) -> It
     """
     names = _check_names(model, adapter_names)
     layers = lora_layers(model)
+    # layers with their own forward (grouped experts, Megatron) would ignore the routing silently
+    fixed = [n for n, layer in layers.items() if not getattr(layer, "supports_adapter_routing", True)]
+    if fixed:
+        raise ValueError(
+            f"adapter_routing: layer {fixed[0]!r} ({type(layers[fixed[0]]).__name__}) does not support "
+            "per-sample adapters"
+        )
     routes = {n: plan_route(n, layer.adapters, names) for n, layer in layers.items()}
     saved = {n: layer._routing for n, layer in layers.items()}
     try:

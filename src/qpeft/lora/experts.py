@@ -128,6 +128,8 @@ class ExpertsLoRAAdapter(nn.Module):
 class LoRAExperts(LoRAModule):
     """Base class of LoRA layers over grouped experts; subclasses give projections and forward."""
 
+    supports_adapter_routing = False  # qpeft.adapter_routing: not implemented for experts
+
     @staticmethod
     def projections(base: nn.Module) -> dict[str, Projection]:
         """``{parameter name: Projection}`` of the (innermost) experts module."""

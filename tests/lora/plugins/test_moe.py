@@ -306,3 +306,10 @@ def test_save_restore_and_adapter_files(tmp_path):
     assert torch.equal(_logits(fresh, ids), ref)
     with pytest.raises(ValueError, match="grouped-experts"):
         qpeft.export_hf_peft(model, tmp_path / "hf")
+
+
+def test_per_sample_adapter_routing_is_refused_clearly():
+    model = MOE_MODELS["qwen3_moe"]()
+    qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 2}}})
+    with pytest.raises(ValueError, match="does not support per-sample adapters"), qpeft.adapter_routing(model, ["default", None]):
+        pass

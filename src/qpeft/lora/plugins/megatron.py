@@ -57,6 +57,7 @@ __all__ = ["LoRAColumnParallelLinear", "LoRARowParallelLinear"]
 class _LoRAParallel(LoRAModule):
     """Shared parts; a subclass names the sharded axis (0: out, 1: in) and its communication."""
 
+    supports_adapter_routing = False  # qpeft.adapter_routing: not implemented for Megatron layers
     SHARD_AXIS: int  # axis of the base weight [out, in] that is split over the TP group
     SHARDED_FACTOR: str  # the adapter factor split the same way
 
