@@ -113,3 +113,15 @@ def tiny_gpt_oss():
 
 
 MOE_MODELS = {"qwen3_moe": tiny_qwen3_moe, "mixtral": tiny_mixtral, "gpt_oss": tiny_gpt_oss}
+
+
+def token_ids(length: int = 12, batch: int = 2, vocab: int = 64) -> torch.Tensor:
+    """Deterministic token ids for the tiny HF models."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (batch, length), generator=generator)
+
+
+def hf_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a causal LM, last hidden state of an encoder."""
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
