@@ -22,21 +22,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     chosen = args.scenarios or SCENARIOS
     torch.set_num_threads(2)
-    sections = []
     for key in chosen:
         start = time.perf_counter()
         module = importlib.import_module(f"benchmarks.scenarios.{key}")
         load_before = machine()
         section = module.run(args.repeats)
         section.machine = load_before + f"; load at the end {os.getloadavg()[0]:.1f}"
-        sections.append(section)
         print(f"== {section.title} ({time.perf_counter() - start:.0f} s)")
         for row in section.rows:
             met = "" if row.met is None else ("  [met]" if row.met else "  [MISSED]")
             print(f"  {row.comparison}: {row.value}  {row.target}{met}")
         for note in section.notes:
             print(f"  - {note}")
-    print(f"wrote {save(sections, SCENARIOS)}")
+        path = save([section], SCENARIOS)  # after each scenario: a long run keeps what it measured
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
