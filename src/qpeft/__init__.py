@@ -16,10 +16,44 @@ from .lora import LoRAAdapter, LoRALinear, LoRAModule, register_lora
 from .modes import state
 from .patterns import matches_pattern
 from .peft import is_peft_model, lora_layers, update_model
+from .quant import (
+    PRESETS,
+    QuantizeConfig,
+    QuantizerAttributeConfig,
+    QuantLinear,
+    TensorQuantizer,
+    apply_ste,
+    disable_quantizer,
+    enable_quantizer,
+    fake_quant_fp8,
+    fake_quant_int,
+    fake_quant_int_blockwise,
+    fake_quant_mxfp4,
+    fake_quant_nvfp4,
+    quantize,
+    register_quant,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # quantization (issue 3)
+    "PRESETS",
+    "QuantLinear",
+    "QuantizeConfig",
+    "QuantizerAttributeConfig",
+    "TensorQuantizer",
+    "apply_ste",
+    "disable_quantizer",
+    "enable_quantizer",
+    "fake_quant_fp8",
+    "fake_quant_int",
+    "fake_quant_int_blockwise",
+    "fake_quant_mxfp4",
+    "fake_quant_nvfp4",
+    "quantize",
+    "register_quant",
+    # foundation
     "ExportPEFTConfig",
     "LoRAAdapter",
     "LoRALinear",

@@ -131,6 +131,10 @@ def fp8_cases(gen, d, out):
     g = randn(gen, 8, 64).to(d)
     y, grad = fp8_ref(x, amax, grad_out=g)
     out["fp8_tensor"] = {"x": x, "amax": amax, "y": y, "grad_out": g, "grad": grad}
+    # many distinct amax values: 448 / amax and reciprocal(amax) * 448 differ for some
+    x = (randn(gen, 32, 32) * torch.logspace(-3, 3, 32).unsqueeze(1)).to(d)
+    amax = x.float().abs().amax(dim=1, keepdim=True) * 0.9
+    out["fp8_row"] = {"x": x, "amax": amax, "y": fp8_ref(x, amax)[0]}
     x = torch.cat([randn(gen, 60, std=100.0), torch.tensor([448.0, 464.0, 480.0, -500.0])])
     x = x.reshape(4, 16).to(d)
     amax = torch.tensor(2.0**-25)

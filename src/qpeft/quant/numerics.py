@@ -15,7 +15,8 @@ Formats (``x`` in fp32, ``amax`` >= 0):
 * INT block-wise: the same with one ``amax = max|x|`` per block of the last dim; the last
   dim is zero-padded to a multiple of the block and sliced back.
 * FP8 E4M3 (ModelOpt ``fp8_eager``): ``s = reciprocal(amax) * 448`` (ModelOpt writes
-  ``448.0 / amax``, which PyTorch evaluates this way), ``amax <= 2^-24`` gives ``s = 1``;
+  ``448.0 / amax``, which PyTorch evaluates this way); ``amax <= 2^-24`` is replaced
+  by 1 (so ``s = 448``);
   ``y = fp32(e4m3(clamp(x * s, -448, 448))) * reciprocal(s)``.
 * NVFP4 (ModelOpt ``NVFP4QTensor`` quantize + dequantize): ``g = amax / 2688``; per block
   of 16 ``r = blockmax / (6 g)``, ``r = 1`` where ``r == 0``,

@@ -1,0 +1,1 @@
+"""Quantized layers for optional libraries, registered on first use."""
