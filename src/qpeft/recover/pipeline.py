@@ -28,7 +28,7 @@ from . import tasks
 from .blockwise import find_blocks, reconstruct_blocks
 from .data import load_texts
 from .distill import distill
-from .quantizing import quantize_student
+from .quantizing import quantize_student, quantizes_inputs
 
 __all__ = ["RecoverOptions", "RecoverRun", "run_recipe"]
 
@@ -89,7 +89,7 @@ def _seed(seed: int) -> None:
 
 
 def _bar(opts: RecoverOptions, total: int, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, disable=not opts.progress, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, disable=not opts.progress or total == 0, leave=False, dynamic_ncols=True)
 
 
 def _layer_errors(model: nn.Module, names: list[str]) -> dict[str, float]:
@@ -111,7 +111,8 @@ def _layer_errors(model: nn.Module, names: list[str]) -> dict[str, float]:
 
 def _quantized_names(model: nn.Module) -> list[str]:
     """Quantized layers inside the transformer blocks (the module list holding most of them)."""
-    names = [n for n, m in model.named_modules() if isinstance(getattr(m, "weight_quantizer", None), nn.Module)]
+    names = [n for n, m in model.named_modules()
+             if isinstance(getattr(m, "weight_quantizer", None), nn.Module) and m.weight_quantizer.is_enabled]
     lists = [n + "." for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     best = max(lists, key=lambda p: sum(n.startswith(p) for n in names), default=None)
     inside = [n for n in names if best and n.startswith(best)]
@@ -167,13 +168,13 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
     _stage(run, "original", t, evaluate)
 
     t = time.perf_counter()
-    with _bar(opts, len(train), "calibrate") as bar:
+    with _bar(opts, len(train) if quantizes_inputs(opts.format) else 0, "calibrate") as bar:
         def forward_loop(model: nn.Module) -> None:
             with torch.no_grad():
                 for b in train:
                     task.forward(model, b)
                     bar.update(1)
-        quantize_student(student, opts.format, ["*"], forward_loop)
+        quantize_student(student, opts.format, forward_loop)
     names = _quantized_names(student)
     if not names:
         raise ValueError(f"format {opts.format!r} quantized no layer of {opts.model!r}")
