@@ -100,7 +100,8 @@ def test_console_module_reports_errors_without_traceback(tmp_path):
 def test_tiny_causal_lm_run_writes_every_output(tiny_run):
     names = {p.name for p in tiny_run.iterdir()}
     assert {"report.json", "summary.txt", "layer_error.png", "training_loss.png", "metrics.png",
-            "checkpoint"} <= names
+            "checkpoint", "hf_adapter"} <= names
+    assert (tiny_run / "hf_adapter" / "adapter_config.json").is_file()
     report = json.loads((tiny_run / "report.json").read_text())
     assert report["kind"] == "causal"
     assert list(report["stages"]) == ["original", "quantized", "init", "blockwise", "recovered"]
@@ -127,7 +128,23 @@ def test_inspect_shows_modes_adapters_and_sizes(capsys, tiny_run):
     out = capsys.readouterr().out
     assert "peft" in out
     assert "model.layers.0.self_attn.q_proj  [default]  rank 8  scale 1" in out
+    assert "weight nvfp4: 14 layers" in out  # 2 decoder layers x 7 projections; lm_head stays
     assert "MB" in out
+
+
+def test_checkpoint_restores_the_recovered_student(tiny, tiny_run):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir, _ = tiny
+    restored = qpeft.restore(AutoModelForCausalLM.from_pretrained(model_dir), tiny_run / "checkpoint")
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert len(qpeft.lora_layers(restored)) == 14
+    ids = torch.tensor([[2, 5, 6, 7, 8]])
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        assert not torch.equal(restored(input_ids=ids).logits, base(input_ids=ids).logits)
+    assert report["files"]["checkpoint"] == "checkpoint"
 
 
 def test_interrupted_run_leaves_no_output(monkeypatch, capsys, tiny, tmp_path):

@@ -11,8 +11,12 @@ from .adapters import (
     freeze_lora_weights,
     unfreeze_lora_weights,
 )
+from .checkpoint import load_adapters, restore, save, save_adapters
 from .config import ExportPEFTConfig, PEFTAttributeConfig, PEFTConfig
+from .export import export, merge_adapters, unmerge_adapters
+from .hf_peft import export_hf_peft, import_hf_peft
 from .lora import LoRAAdapter, LoRALinear, LoRAModule, register_lora
+from .lora.svdquant import refine_svdquant
 from .modes import state
 from .patterns import matches_pattern
 from .peft import is_peft_model, lora_layers, update_model
@@ -52,6 +56,7 @@ __all__ = [
     "fake_quant_mxfp4",
     "fake_quant_nvfp4",
     "quantize",
+    "refine_svdquant",
     "register_quant",
     # foundation
     "ExportPEFTConfig",
@@ -64,12 +69,21 @@ __all__ = [
     "disable_adapters",
     "disabled_adapters",
     "enable_adapters",
+    "export",
+    "export_hf_peft",
     "freeze_lora_weights",
+    "import_hf_peft",
     "is_peft_model",
+    "load_adapters",
     "lora_layers",
     "matches_pattern",
+    "merge_adapters",
     "register_lora",
+    "restore",
+    "save",
+    "save_adapters",
     "state",
     "unfreeze_lora_weights",
+    "unmerge_adapters",
     "update_model",
 ]

@@ -65,6 +65,11 @@ def _apply_selection(model: nn.Module, mode: str, selection: dict[str, list[str]
     record(model, mode, {"selection": selection})
 
 
+def disable_selection(model: nn.Module, selection: dict[str, list[str]]) -> None:
+    """Disable exactly the adapters ``{layer name: [adapter names]}`` and record it."""
+    _apply_selection(model, "disable_adapters", selection)
+
+
 def _toggle(model: nn.Module, mode: str, layers: Any, adapters: Any) -> nn.Module:
     _apply_selection(model, mode, _select(model, layers, adapters))
     return model

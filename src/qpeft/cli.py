@@ -157,9 +157,8 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     print(summary_table(result))
     print(f"wall time {result['wall_seconds']:.1f} s, CPU time {result['cpu_seconds']:.1f} s")
     print(f"outputs in {args.output}/: summary.txt, report.json, layer_error.png, training_loss.png, "
-          f"metrics.png, checkpoint/ (inspect it: qpeft inspect {args.output}/checkpoint)")
-    if not files["hf_adapter"].startswith("hf_adapter"):
-        print(f"HF PEFT adapters {files['hf_adapter']}")
+          f"metrics.png, checkpoint/ (qpeft.restore; inspect it: qpeft inspect {args.output}/checkpoint), "
+          "hf_adapter/ (HF PEFT LoRA files)")
     return 0
 
 

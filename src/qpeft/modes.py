@@ -4,21 +4,44 @@ The log lives on the model object (so ``copy.deepcopy`` carries it) and is plain
 record concrete, resolved settings (per-layer attributes, not callable patterns). ``replay`` re-runs
 the log on a freshly built model through the registered replay function of each mode, which is how
 ``restore`` rebuilds a model's structure before loading its tensors.
+
+Inside :func:`restoring` a replay only has to rebuild structure and flags: every tensor value is
+loaded right after, so replay functions (and the adapter initialisers) skip computing tensor values
+(svdquant's SVDs, merge arithmetic) that would be overwritten anyway.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
 
-__all__ = ["record", "state", "register_mode", "replay"]
+__all__ = ["record", "state", "register_mode", "replay", "restoring", "is_restoring"]
 
 _LOG_ATTR = "_qpeft_modes"
 _REPLAY: dict[str, Callable[[nn.Module, dict[str, Any]], Any]] = {}
+_restoring = threading.local()
+
+
+@contextmanager
+def restoring() -> Iterator[None]:
+    """Context in which tensor values are about to be loaded: replays rebuild structure only."""
+    depth = getattr(_restoring, "depth", 0)
+    _restoring.depth = depth + 1
+    try:
+        yield
+    finally:
+        _restoring.depth = depth
+
+
+def is_restoring() -> bool:
+    """Whether the current thread is inside :func:`restoring` (tensor values will be overwritten)."""
+    return getattr(_restoring, "depth", 0) > 0
 
 
 def register_mode(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -51,13 +74,19 @@ def state(model: nn.Module) -> list[dict[str, Any]]:
     return copy.deepcopy(model.__dict__.get(_LOG_ATTR, []))
 
 
+def known_modes() -> list[str]:
+    """Names of every mode that has a replay function."""
+    return sorted(_REPLAY)
+
+
 def replay(model: nn.Module, log: list[dict[str, Any]]) -> nn.Module:
     """Re-apply every entry of ``log`` to ``model`` in order (each re-records itself).
 
     Raises:
         ValueError: for an entry of an unknown mode (checked before anything is applied).
     """
-    unknown = [e.get("mode") for e in log if e.get("mode") not in _REPLAY]
+    unknown = [e.get("mode") if isinstance(e, dict) else e for e in log
+               if not isinstance(e, dict) or e.get("mode") not in _REPLAY]
     if unknown:
         raise ValueError(f"cannot replay unknown mode {unknown[0]!r}; known: {sorted(_REPLAY)}")
     for entry in log:

@@ -60,6 +60,9 @@ class _Plan:
 
 
 def _check_update(adapter: LoRAAdapter, merged: dict[str, Any], name: str, layer: str) -> None:
+    if adapter.merged and "scale" in merged and float(merged["scale"]) != adapter.scale:
+        # unmerge subtracts scale * B @ A: the scale must stay what was folded in
+        raise ValueError(f"adapter {name!r} on layer {layer!r} is merged; unmerge it before changing its scale")
     fixed = adapter.config
     for key in [k for k in _FIXED if k in merged]:
         if getattr(PEFTAttributeConfig(**{key: merged[key]}), key) != getattr(fixed, key):
@@ -163,4 +166,10 @@ def update_model(model: nn.Module, config: PEFTConfig | dict[str, Any]) -> nn.Mo
 
 @register_mode("peft")
 def _replay_peft(model: nn.Module, config: dict[str, Any]) -> None:
+    # Recorded patterns are concrete layer names: each must exist, or this is another model.
+    layers = candidate_layers(model)
+    for name in config.get("adapter_cfg", {}):
+        if name not in layers:
+            raise ValueError(f"layer {name!r} of the recorded adapter {config.get('adapter_name')!r} "
+                             "is not a LoRA-capable layer of this model")
     update_model(model, config)

@@ -19,7 +19,9 @@ class LoRAAdapter(nn.Module):
     """Factors ``lora_a: [rank, in]`` and ``lora_b: [out, rank]`` plus ``scale`` and ``enable``.
 
     ``scale`` and ``enable`` are plain attributes (they change); the attributes fixed at creation
-    (rank, initializers, init method, dtype) live in :attr:`config`.
+    (rank, initializers, init method, dtype) live in :attr:`config`. ``merged`` is True while the
+    adapter's update is folded into the base weight (:func:`qpeft.merge_adapters`); the layer then
+    skips it so the update is not counted twice.
     """
 
     def __init__(
@@ -35,12 +37,18 @@ class LoRAAdapter(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(out_features, config.rank, dtype=dtype, device=device))
         self.scale = float(config.scale)
         self.enable = bool(config.enable)
+        self.merged = False
         self._fixed = config.model_dump(exclude={"scale", "enable"})
 
     @property
     def rank(self) -> int:
         """The adapter's rank ``r``."""
         return self.lora_a.shape[0]
+
+    @property
+    def active(self) -> bool:
+        """Whether the layer's forward adds this adapter: enabled and not merged into the weight."""
+        return self.enable and not self.merged
 
     @property
     def config(self) -> PEFTAttributeConfig:
@@ -56,4 +64,5 @@ class LoRAAdapter(nn.Module):
         return (self.lora_b.float() @ self.lora_a.float()) * self.scale
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, scale={self.scale}, enable={self.enable}, dtype={self.lora_a.dtype}"
+        merged = ", merged=True" if self.merged else ""
+        return f"rank={self.rank}, scale={self.scale}, enable={self.enable}{merged}, dtype={self.lora_a.dtype}"

@@ -1,6 +1,6 @@
 """LoRA layers: a wrapper by composition around a base layer plus a ``ModuleDict`` of adapters.
 
-``forward(x) = base(x) + sum over enabled adapters (insertion order) of scale * B(A(x))``; each
+``forward(x) = base(x) + sum over active (enabled, not merged) adapters (insertion order) of scale * B(A(x))``; each
 adapter runs in its own dtype and its result is cast to the base output's dtype. The base stays the
 same object (``layer.base``), its ``state_dict`` keys unchanged (see :mod:`qpeft.wrapping`).
 """
@@ -51,7 +51,7 @@ class LoRAModule(ModuleWrapper):
         y = self.base(x, *args, **kwargs)
         cast: dict[torch.dtype, torch.Tensor] = {}
         for adapter in self.adapters.values():
-            if adapter.enable:
+            if adapter.active:
                 dtype = adapter.lora_a.dtype
                 if dtype not in cast:
                     cast[dtype] = x if x.dtype == dtype else x.to(dtype)

@@ -92,21 +92,49 @@ def describe(path: str | Path) -> str:
     hf_config = json.loads(hf_files[0].read_text()) if hf_files else None
     adapters = _adapter_lines(shapes, log, hf_config)
     quantizers = [k for k in shapes if "quantizer" in k]
-    formats = sorted({str(e["config"].get("format", e["config"].get("preset", e["config"])))[:80]
-                      for e in log if "quant" in e["mode"]})
+    formats = _formats(log)
     out = [f"checkpoint {root}", f"mode log ({len(log)} entries):"]
     out += [f"  {i}. {e['mode']}  {_brief(e.get('config', {}))}" for i, e in enumerate(log, 1)]
     out += [f"adapters ({len(adapters)} layer adapters):", *adapters]
-    out += [f"quantization: formats {formats or 'none recorded'}; {len(quantizers)} quantizer tensors"]
+    out += [f"quantization ({len(quantizers)} quantizer tensors):"]
+    out += [f"  {what}: {count} layers" for what, count in sorted(formats.items())] or ["  none recorded"]
     out += ["files:"] + [f"  {f.relative_to(root) if root.is_dir() else f.name}  {_mb(f.stat().st_size)}"
                          for f in tensors + jsons]
     out.append(f"total {_mb(sum(f.stat().st_size for f in files))}")
     return "\n".join(out)
 
 
+def _format_name(attrs: dict[str, Any]) -> str:
+    """A short name for one quantizer's attributes (as the ``quantize`` mode records them)."""
+    bits, blocks = attrs.get("num_bits"), attrs.get("block_sizes") or {}
+    scale = tuple(blocks.get("scale_bits") or ())
+    if isinstance(bits, list):
+        name = {(2, 1, 4, 3): "nvfp4", (2, 1, 8, 0): "mxfp4"}.get((*bits, *scale), "fp8" if bits == [4, 3] else f"e{bits[0]}m{bits[1]}")
+    else:
+        name = f"int{bits}"
+    block = blocks.get("-1", blocks.get(-1))
+    return f"{name} block {block}" if block and name.startswith("int") else name
+
+
+def _formats(log: list[dict[str, Any]]) -> dict[str, int]:
+    """``{"weight nvfp4": layers, ...}`` over every enabled quantizer in the log's quantize entries."""
+    found: dict[str, int] = {}
+    for entry in log:
+        if entry["mode"] != "quantize":
+            continue
+        for quantizers in entry["config"].get("layers", {}).values():
+            for kind, info in quantizers.items():
+                attrs = info.get("attributes", {}) if isinstance(info, dict) else {}
+                if attrs.get("enable"):
+                    key = f"{kind.split('_')[0]} {_format_name(attrs)}"
+                    found[key] = found.get(key, 0) + 1
+    return found
+
+
 def _brief(config: dict[str, Any]) -> str:
-    shown = {k: (f"{len(v)} layers" if k == "adapter_cfg" and isinstance(v, dict) else v)
-             for k, v in sorted(config.items(), key=lambda kv: kv[0] != "adapter_cfg")}
+    shown = {k: (f"{len(v)} layers" if k in ("adapter_cfg", "layers") else f"{len(v)} entries")
+             if isinstance(v, dict | list) and len(json.dumps(v)) > 60 else v
+             for k, v in sorted(config.items(), key=lambda kv: kv[0] not in ("adapter_cfg", "layers"))}
     text = json.dumps(shown)
     return text if len(text) <= 120 else text[:117] + "..."
 

@@ -1,0 +1,247 @@
+"""Save and restore: a directory holding a JSON manifest and safetensors, never a pickle.
+
+A full checkpoint (``save``) is a directory with
+
+- ``qpeft.json``: ``{"format": "qpeft-checkpoint", "format_version": 1, "modes": <the mode log>,
+  "aliases": {tied key: key it shares}, "adapters": {layer: {adapter: {"scale", "enable",
+  "merged"}}}, "trainable": [names of parameters with requires_grad]}``;
+- ``model.safetensors``: every tensor of ``model.state_dict()`` (base weights, adapter factors
+  ``<layer>.adapters.<name>.lora_a: [r, in]`` / ``lora_b: [out, r]``, quantizer buffers), tied
+  tensors stored once.
+
+``restore`` replays the mode log on a freshly built model with tensor computations skipped
+(:func:`qpeft.modes.restoring`), re-applies the saved adapter flags and ``requires_grad`` (which
+also captures direct edits such as ``adapter.scale = 2``), checks every key, shape and dtype, then
+copies the tensors. It runs through :func:`qpeft.transaction.apply_atomically`, so a failure leaves
+the passed model untouched. An adapter file (``save_adapters``) holds only the adapters.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import disable_selection
+from .checkpoint_load import check_tensors, load_checked
+from .config import PEFTAttributeConfig
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    adapter_flags,
+    apply_flags,
+    check_full_manifest,
+    read_manifest,
+)
+from .modes import replay, restoring, state
+from .peft import candidate_layers, lora_layers, update_model
+from .safeio import (
+    atomic_directory,
+    read_header,
+    read_json,
+    read_tensors,
+    tensor_table,
+    write_json,
+    write_tensors,
+)
+from .transaction import apply_atomically
+
+__all__ = ["save", "restore", "save_adapters", "load_adapters", "FORMAT_VERSION"]
+
+MODEL_FILE = "model.safetensors"
+ADAPTER_FILE = "adapters.safetensors"
+_KINDS = {"qpeft-checkpoint": MODEL_FILE, "qpeft-adapters": ADAPTER_FILE}
+
+
+def _is_ours(path: Path) -> bool:
+    try:
+        return read_json(path / MANIFEST).get("format") in _KINDS
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _write(path: str | os.PathLike, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    with atomic_directory(path, _is_ours) as tmp:
+        write_tensors(tmp / _KINDS[manifest["format"]], tensors)
+        write_json(tmp / MANIFEST, manifest)
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save ``model`` (mode log, flags and every tensor) into the directory ``path``, atomically.
+
+    Args:
+        model: any model, converted or not.
+        path: a directory; an existing qpeft checkpoint (or empty directory) there is replaced.
+
+    Raises:
+        FileExistsError: ``path`` is a file or a non-empty directory that is not a qpeft checkpoint.
+        TypeError: a state-dict entry is not a tensor or has a dtype safetensors cannot store.
+        Nothing is written then.
+    """
+    tensors, aliases = tensor_table(model.state_dict())
+    manifest = {
+        "format": "qpeft-checkpoint",
+        "format_version": FORMAT_VERSION,
+        "modes": state(model),
+        "aliases": aliases,
+        "adapters": adapter_flags(model),
+        "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+    }
+    _write(path, manifest, tensors)
+
+
+def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rebuild a saved model on a freshly built base ``model`` and load its tensors bit-exactly.
+
+    Args:
+        model: the same architecture as the saved model, freshly built (no qpeft modes applied).
+        path: a directory written by :func:`save`.
+
+    Returns:
+        ``model``, changed in place: adapters, enable flags, scales, merged state, ``requires_grad``
+        flags, quantizer state and every tensor as saved.
+
+    Raises:
+        FileNotFoundError: the directory or one of its files is missing.
+        ValueError: corrupt or non-JSON manifest, non-safetensors tensor file, newer format version,
+            unknown mode, or a model that does not match (names the first mismatching layer or key).
+            ``model`` is then left untouched.
+    """
+    path = Path(path)
+    if state(model) or lora_layers(model):
+        raise ValueError("restore expects a freshly built base model; this one already has qpeft modes applied")
+    manifest = read_manifest(path, "qpeft-checkpoint")
+    check_full_manifest(manifest, path / MANIFEST)
+    modes = manifest["modes"]
+    header = read_header(path / MODEL_FILE)
+    tensors = read_tensors(path / MODEL_FILE)
+    aliases = manifest.get("aliases", {})
+
+    def rebuild(target: nn.Module, dry_run: bool) -> None:
+        with restoring():
+            for i, entry in enumerate(modes):
+                try:
+                    replay(target, [entry])
+                except (ValueError, TypeError, KeyError, AttributeError) as err:
+                    raise ValueError(f"{path / MANIFEST}: replaying modes[{i}] ({entry['mode']!r}) failed: {err}") from err
+        apply_flags(target, manifest)
+        check_tensors(target, header, aliases, path / MODEL_FILE, lazy_extras=True)
+        load_checked(target, tensors, aliases, path / MODEL_FILE, dry_run=dry_run)
+
+    apply_atomically(model, rebuild)
+    return model
+
+
+def save_adapters(model: nn.Module, path: str | os.PathLike, adapter_names: list[str] | None = None) -> None:
+    """Save only adapters (factors and per-layer attributes) into the directory ``path``, atomically.
+
+    Args:
+        model: a converted model.
+        path: a directory; an existing qpeft checkpoint (or empty directory) there is replaced.
+        adapter_names: the adapters to save; None saves every adapter.
+
+    Raises:
+        ValueError: the model has no LoRA layers, or an adapter name is unknown (names it).
+        FileExistsError: as :func:`save`.
+    """
+    layers = lora_layers(model)
+    present = {n for layer in layers.values() for n in layer.adapters}
+    if not present:
+        raise ValueError("model has no adapters to save; call qpeft.update_model first")
+    names = sorted(present) if adapter_names is None else list(adapter_names)
+    for name in names:
+        if name not in present:
+            raise ValueError(f"no adapter named {name!r}; the model has {sorted(present)}")
+    entries: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name in names:
+        holders = {ln: layer.adapters[name] for ln, layer in layers.items() if name in layer.adapters}
+        entries[name] = {
+            "layers": {ln: a.config.model_dump() for ln, a in holders.items()},
+            "trainable": any(p.requires_grad for a in holders.values() for p in a.parameters()),
+        }
+        for ln, adapter in holders.items():
+            tensors[f"{ln}.adapters.{name}.lora_a"] = adapter.lora_a.detach().cpu().contiguous()
+            tensors[f"{ln}.adapters.{name}.lora_b"] = adapter.lora_b.detach().cpu().contiguous()
+    manifest = {"format": "qpeft-adapters", "format_version": FORMAT_VERSION, "adapters": entries}
+    _write(path, manifest, tensors)
+
+
+def _adapter_config(name: str, entry: Any, where: Path) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The ``update_model`` config that recreates adapter ``name``, and the layers where it is off."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("layers"), dict) and entry["layers"]):
+        raise ValueError(f"{where}: adapter {name!r} has no 'layers' map")
+    layers: dict[str, Any] = {}
+    for layer_name, attrs in entry["layers"].items():
+        try:
+            # created enabled (update_model skips disabled layers), then disabled as recorded
+            layers[layer_name] = PEFTAttributeConfig.model_validate({**attrs, "enable": True}).model_dump()
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{where}: adapter {name!r} on layer {layer_name!r}: {err}") from None
+    disabled = {ln: [name] for ln, attrs in entry["layers"].items() if not attrs.get("enable", True)}
+    cfg = {"adapter_name": name, "adapter_cfg": layers, "freeze_lora_weights": not entry.get("trainable", True)}
+    return cfg, disabled
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Add the adapters saved by :func:`save_adapters` to ``model`` (same base architecture).
+
+    Factors are cast to each new adapter's dtype (``lora_dtype``, or the base weight's). The base
+    is frozen as by :func:`qpeft.update_model`; each adapter is trainable as when saved.
+
+    Returns:
+        ``model``, changed in place (one ``peft`` mode recorded per adapter).
+
+    Raises:
+        FileNotFoundError: missing directory or file. ValueError: corrupt files, an adapter name
+            the model already has, a layer the model lacks, or a shape mismatch (names adapter,
+            layer or key). ``model`` is then left untouched.
+    """
+    path = Path(path)
+    manifest = read_manifest(path, "qpeft-adapters")
+    where = path / MANIFEST
+    entries = manifest.get("adapters")
+    if not isinstance(entries, dict) or not entries:
+        raise ValueError(f"{where}: no adapters listed")
+    configs, disabled = [], {}
+    for name, entry in entries.items():
+        cfg, off = _adapter_config(name, entry, where)
+        configs.append(cfg)
+        for ln, names in off.items():
+            disabled.setdefault(ln, []).extend(names)
+    existing = {n for layer in lora_layers(model).values() for n in layer.adapters}
+    targets = candidate_layers(model)
+    for cfg in configs:
+        if cfg["adapter_name"] in existing:
+            raise ValueError(f"model already has an adapter named {cfg['adapter_name']!r}; delete it first")
+        missing = [ln for ln in cfg["adapter_cfg"] if ln not in targets]
+        if missing:
+            raise ValueError(f"{where}: adapter {cfg['adapter_name']!r} targets layer {missing[0]!r}, which the model lacks")
+    header = read_header(path / ADAPTER_FILE)
+    tensors = read_tensors(path / ADAPTER_FILE)
+
+    def attach(target: nn.Module, dry_run: bool) -> nn.Module:
+        with restoring():
+            for cfg in configs:
+                update_model(target, cfg)
+        if disabled:
+            disable_selection(target, disabled)
+        keys = _new_adapter_keys(target, configs)
+        check_tensors(target, header, {}, path / ADAPTER_FILE, only=keys, cast=True)
+        load_checked(target, tensors, {}, path / ADAPTER_FILE, strict=False, cast=True, dry_run=dry_run)
+        return target
+
+    return apply_atomically(model, attach)
+
+
+def _new_adapter_keys(model: nn.Module, configs: list[dict[str, Any]]) -> set[str]:
+    names = {cfg["adapter_name"] for cfg in configs}
+    return {
+        f"{ln}.adapters.{name}.{factor}"
+        for ln, layer in lora_layers(model).items()
+        for name in layer.adapters if name in names
+        for factor in ("lora_a", "lora_b")
+    }

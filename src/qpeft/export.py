@@ -1,0 +1,223 @@
+"""Merge, unmerge and export: fold LoRA updates into base weights.
+
+For a layer with master weight ``W`` (``[out, in]`` after ``to_out_in``) and an adapter with
+``A: [r, in]``, ``B: [out, r]``: ``merge`` sets ``W <- cast(W_fp32 + scale * B @ A)`` using
+:meth:`LoRAAdapter.delta_weight` (fp32) and marks the adapter ``merged`` so the layer's forward
+skips it; ``unmerge`` subtracts the same delta (in reverse merge order) and clears the mark.
+
+``export`` folds every active adapter (enabled, not yet merged), drops the rest, and puts each
+layer's ``base`` (the original module object) back in its place. On a quantized base (``layer.base``
+has a ``weight_quantizer``) the fold goes into the master weight and the quantizer stays: outputs
+then become ``Q(W + dW) x`` instead of ``Q(W) x + dW x``, and export warns with the largest output
+change it measures on a fixed random probe input of each such layer.
+
+Inside :func:`qpeft.modes.restoring` (a replay during ``restore``) the weights are not touched,
+because the saved, already merged weights are loaded right after.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ExportPEFTConfig
+from .lora.adapter import LoRAAdapter
+from .lora.layer import LoRAModule
+from .modes import is_restoring, record, register_mode
+from .peft import lora_layers
+from .wrapping import innermost
+
+__all__ = ["merge_adapters", "unmerge_adapters", "export"]
+
+PROBE_ROWS = 8
+PROBE_SEED = 0
+
+
+@torch.no_grad()
+def _fold(layer: LoRAModule, adapter: LoRAAdapter, sign: float) -> None:
+    weight = layer.base_weight
+    # [out, in] view of the master weight, written in place; detach() (unlike .data) shares the
+    # version counter, so caches keyed on it (a frozen weight's fake-quantized value) see the change
+    view = layer.to_out_in(weight.detach())
+    view.copy_((view.float() + sign * adapter.delta_weight()).to(weight.dtype))
+
+
+def _layers_or_raise(model: nn.Module) -> dict[str, LoRAModule]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers; call qpeft.update_model first")
+    return layers
+
+
+def _check_selection(layers: dict[str, LoRAModule], selection: dict[str, list[str]], mode: str) -> None:
+    for layer_name, names in selection.items():
+        for name in names:
+            if layer_name not in layers or name not in layers[layer_name].adapters:
+                raise ValueError(f"{mode}: layer {layer_name!r} has no adapter {name!r}")
+
+
+def _merge(model: nn.Module, selection: dict[str, list[str]]) -> None:
+    layers = _layers_or_raise(model)
+    _check_selection(layers, selection, "merge_adapters")
+    for layer_name, names in selection.items():
+        for name in names:
+            if layers[layer_name].adapters[name].merged:
+                raise ValueError(f"adapter {name!r} on layer {layer_name!r} is already merged; unmerge first")
+    for layer_name, names in selection.items():
+        for name in names:
+            adapter = layers[layer_name].adapters[name]
+            if not is_restoring():
+                _fold(layers[layer_name], adapter, 1.0)
+            adapter.merged = True
+    record(model, "merge_adapters", {"selection": selection})
+
+
+def _unmerge(model: nn.Module, selection: dict[str, list[str]]) -> None:
+    layers = _layers_or_raise(model)
+    _check_selection(layers, selection, "unmerge_adapters")
+    for layer_name, names in selection.items():
+        for name in reversed(names):
+            adapter = layers[layer_name].adapters[name]
+            if not adapter.merged:
+                raise ValueError(f"adapter {name!r} on layer {layer_name!r} is not merged")
+            if not is_restoring():
+                _fold(layers[layer_name], adapter, -1.0)
+            adapter.merged = False
+    record(model, "unmerge_adapters", {"selection": selection})
+
+
+def merge_adapters(model: nn.Module, adapter_names: list[str] | str | None = None) -> nn.Module:
+    """Fold enabled adapters into their base weights in place, keeping the LoRA layers.
+
+    The folded adapters are marked ``merged`` and skipped by the forward, so outputs stay the same
+    (up to rounding of the merged weight) while inference runs at the base layer's cost. On a
+    quantized base the quantizer then rounds ``W + dW``, so outputs change as described for
+    :func:`export` (merge does not measure or warn).
+
+    Args:
+        model: a converted model.
+        adapter_names: adapter name(s) to merge; None merges every enabled adapter. Disabled
+            adapters are never merged.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: no LoRA layers, an unknown adapter name, nothing enabled to merge, or an
+            adapter already merged (names adapter and layer); nothing is changed then.
+    """
+    layers = _layers_or_raise(model)
+    wanted = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+    present = {n for layer in layers.values() for n in layer.adapters}
+    for name in wanted or []:
+        if name not in present:
+            raise ValueError(f"no adapter named {name!r}; the model has {sorted(present)}")
+    selection = {
+        layer_name: names
+        for layer_name, layer in layers.items()
+        if (names := [n for n, a in layer.adapters.items() if a.enable and (wanted is None or n in wanted)])
+    }
+    if not selection:
+        raise ValueError("no enabled adapter to merge")
+    _merge(model, selection)
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_adapters`: subtract every merged adapter's update and un-mark it.
+
+    Exact up to the rounding of the base weight's dtype (fp32: about 1e-7 relative). Edit ``scale``
+    only while unmerged: the update subtracted is computed from the current ``scale``.
+
+    Raises:
+        ValueError: no LoRA layers, or no adapter is merged.
+    """
+    layers = _layers_or_raise(model)
+    selection = {
+        layer_name: names
+        for layer_name, layer in layers.items()
+        if (names := [n for n, a in layer.adapters.items() if a.merged])
+    }
+    if not selection:
+        raise ValueError("no merged adapter to unmerge")
+    _unmerge(model, selection)
+    return model
+
+
+def _probe(layer: LoRAModule) -> torch.Tensor:
+    in_features, _ = layer.features(innermost(layer))
+    weight = layer.base_weight
+    gen = torch.Generator().manual_seed(PROBE_SEED)
+    return torch.randn(PROBE_ROWS, in_features, generator=gen).to(weight.device, weight.dtype)
+
+
+def _export(model: nn.Module, folds: dict[str, list[str]]) -> None:
+    layers = _layers_or_raise(model)
+    _check_selection(layers, folds, "export")
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        for layer_name, layer in layers.items():
+            names = folds.get(layer_name, [])
+            if names and not is_restoring() and getattr(layer.base, "weight_quantizer", None) is not None:
+                x = _probe(layer)
+                quantized[layer_name] = (x, layer(x))
+            for name in names if not is_restoring() else []:
+                _fold(layer, layer.adapters[name], 1.0)
+            model.set_submodule(layer_name, layer.base)
+        changes = {n: (layers[n].base(x) - y).abs().max().item() for n, (x, y) in quantized.items()}
+    record(model, "export", {"folded": folds})
+    if changes:
+        worst = max(changes, key=changes.get)
+        warnings.warn(
+            f"export folded adapters into the master weights of {len(changes)} quantized layer(s); the "
+            f"quantizer now rounds W + scale*B@A, so outputs change: max |output change| on a probe "
+            f"input is {changes[worst]:.4g} (layer {worst!r})",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def export(model: nn.Module, config: ExportPEFTConfig | dict[str, Any] | None = None) -> nn.Module:
+    """Fold every active adapter into its base weight and unwrap every LoRA layer.
+
+    Each LoRA layer is replaced by its ``base`` (the original module object, or the quantized
+    layer on a quantized model) holding ``W + scale * B @ A`` (fp32 sum, cast back); disabled
+    adapters are dropped; adapters merged earlier are already in ``W``.
+
+    Args:
+        model: a converted model; changed in place.
+        config: an :class:`ExportPEFTConfig` (it has no fields) or a dict of its fields.
+
+    Returns:
+        ``model``, which is then no longer a PEFT model.
+
+    Warns:
+        UserWarning: on a quantized base, with the largest output change measured on a probe input.
+
+    Raises:
+        ValueError: invalid config, or no LoRA layers.
+    """
+    if not isinstance(config, ExportPEFTConfig):
+        ExportPEFTConfig.model_validate(config or {})
+    layers = _layers_or_raise(model)
+    folds = {n: [a for a, ad in layer.adapters.items() if ad.active] for n, layer in layers.items()}
+    _export(model, folds)
+    return model
+
+
+@register_mode("merge_adapters")
+def _replay_merge(model: nn.Module, config: dict[str, Any]) -> None:
+    _merge(model, config["selection"])
+
+
+@register_mode("unmerge_adapters")
+def _replay_unmerge(model: nn.Module, config: dict[str, Any]) -> None:
+    _unmerge(model, config["selection"])
+
+
+@register_mode("export")
+def _replay_export(model: nn.Module, config: dict[str, Any]) -> None:
+    _export(model, config["folded"])

@@ -1,0 +1,238 @@
+"""Hugging Face PEFT LoRA files, both ways (what vLLM and TensorRT-LLM load).
+
+A HF PEFT LoRA adapter is a directory with
+
+- ``adapter_config.json``: ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``target_modules``,
+  ``rank_pattern`` / ``alpha_pattern`` (``{regex: value}``, matched against a module name as
+  ``(.*\\.)?(regex)$``, first match wins), ``use_rslora``, ...;
+- ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight: [r, in]`` and
+  ``base_model.model.<module>.lora_B.weight: [out, r]``.
+
+HF PEFT adds ``scaling * B(A(x))`` with ``scaling = lora_alpha / r`` (rsLoRA: ``lora_alpha /
+sqrt(r)``), so a qpeft adapter of rank ``r`` and scale ``s`` is written with ``alpha = s * r``; the
+most common rank and alpha become ``r`` / ``lora_alpha`` and the other layers go into the patterns
+(as their full module names). ``target_modules`` lists short names (``q_proj``) when they select
+exactly the adapted layers, full names otherwise. The factors keep their layout for transformers' ``Conv1D`` too (only
+merging transposes), so ``fan_in_fan_out`` is set for HF PEFT's sake alone. DoRA and the other
+variants change the forward, so importing them is an error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint_load import check_tensors, load_checked
+from .lora.layer import LoRAModule
+from .modes import restoring
+from .peft import candidate_layers, lora_layers, update_model
+from .safeio import (
+    atomic_directory,
+    read_header,
+    read_json,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
+from .transaction import apply_atomically
+
+__all__ = ["export_hf_peft", "import_hf_peft"]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_FACTORS = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b"}
+
+# HF PEFT config fields that turn plain LoRA into a variant qpeft does not implement.
+_VARIANTS = {
+    "use_dora": "DoRA",
+    "lora_bias": "LoRA bias",
+    "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "activated LoRA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow",
+    "kasa_config": "KaSA",
+    "use_bdlora": "BD-LoRA",
+    "layer_replication": "layer replication",
+    "target_parameters": "parameter targeting",
+    "trainable_token_indices": "trainable tokens",
+    "modules_to_save": "modules_to_save",
+}
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _stores_in_out(layer: LoRAModule) -> bool:
+    """Whether the base weight is stored ``[in, out]`` (transformers' ``Conv1D``)."""
+    return type(layer).to_out_in is not LoRAModule.to_out_in
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """Short names (``q_proj``) when they pick out exactly ``names``, as most tools expect; else full names.
+
+    HF PEFT targets every module whose name ends with ``.<target>``, so a short name is used only
+    if every module of the model with that last component is in ``names``.
+    """
+    chosen = set(names)
+    short = {n.rsplit(".", 1)[-1] for n in names}
+    clash = any(n.rsplit(".", 1)[-1] in short and n not in chosen for n, _ in model.named_modules() if n)
+    return sorted(chosen) if clash else sorted(short)
+
+
+def _hf_config(model: nn.Module, layers: dict[str, LoRAModule], adapter_name: str) -> dict[str, Any]:
+    adapters = {n: layers[n].adapters[adapter_name] for n in layers}
+    ranks = {n: a.rank for n, a in adapters.items()}
+    alphas = {n: _number(a.scale * a.rank) for n, a in adapters.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": _target_modules(model, list(adapters)),
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": any(_stores_in_out(layer) for layer in layers.values()),
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def export_hf_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Write adapter ``adapter_name`` as a HF PEFT LoRA adapter directory, atomically.
+
+    Only layers where the adapter is enabled are written (a disabled layer is by-passed in qpeft,
+    and HF PEFT has no per-layer switch). Load it with ``peft.PeftModel.from_pretrained(base, path)``.
+
+    Raises:
+        ValueError: the model has no enabled adapter ``adapter_name``.
+        FileExistsError: ``path`` is a file or a non-empty directory that is no HF adapter.
+    """
+    layers = {n: layer for n, layer in lora_layers(model).items()
+              if adapter_name in layer.adapters and layer.adapters[adapter_name].enable}
+    if not layers:
+        known = sorted({a for layer in lora_layers(model).values() for a in layer.adapters})
+        raise ValueError(f"no enabled adapter named {adapter_name!r} to export; the model has {known}")
+    config = _hf_config(model, layers, adapter_name)
+    tensors = {
+        f"{PREFIX}{name}.{hf}": getattr(layer.adapters[adapter_name], ours).detach().cpu().contiguous()
+        for name, layer in layers.items()
+        for hf, ours in _FACTORS.items()
+    }
+    with atomic_directory(path, lambda p: (p / CONFIG_FILE).is_file()) as tmp:
+        write_tensors(tmp / WEIGHTS_FILE, tensors)
+        write_json(tmp / CONFIG_FILE, config)
+
+
+def _check_plain_lora(config: Any, where: Path) -> None:
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} is not a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{where}: peft_type {config.get('peft_type')!r} is not supported; only 'LORA'")
+    for key, variant in _VARIANTS.items():
+        if config.get(key):
+            raise ValueError(f"{where}: {variant} ({key}={config[key]!r}) is not supported; only plain LoRA and rsLoRA")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{where}: bias={config['bias']!r} is not supported; only 'none'")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), int | float) or isinstance(config.get(key), bool):
+            raise ValueError(f"{where}: {key} must be a number, got {config.get(key)!r}")
+
+
+def _pattern_value(patterns: Any, module: str, default: Any) -> Any:
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):  # HF PEFT's own rule
+            return value
+    return default
+
+
+def _split_keys(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, torch.Tensor]]:
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        suffix = next((s for s in _FACTORS if key.endswith("." + s)), None)
+        if not key.startswith(PREFIX) or suffix is None:
+            raise ValueError(
+                f"{where}: tensor {key!r} is not a plain LoRA factor "
+                f"({PREFIX}<module>.lora_A.weight / lora_B.weight); DoRA, embedding or other variants are not supported"
+            )
+        if tensor.dim() != 2:
+            raise ValueError(f"{where}: tensor {key!r} has shape {list(tensor.shape)}; only linear LoRA factors are supported")
+        modules.setdefault(key[len(PREFIX):-len(suffix) - 1], {})[_FACTORS[suffix]] = tensor
+    for module, factors in modules.items():
+        if set(factors) != {"lora_a", "lora_b"}:
+            raise ValueError(f"{where}: module {module!r} lacks {'lora_B' if 'lora_a' in factors else 'lora_A'}")
+    return modules
+
+
+def _adapter_cfg(config: dict[str, Any], modules: dict[str, dict[str, torch.Tensor]], where: Path) -> dict[str, Any]:
+    cfg: dict[str, Any] = {}
+    for module, factors in modules.items():
+        rank = _pattern_value(config.get("rank_pattern"), module, config["r"])
+        alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+        if factors["lora_a"].shape[0] != rank or factors["lora_b"].shape[1] != rank:
+            raise ValueError(f"{where}: module {module!r} has rank {factors['lora_a'].shape[0]} in its factors, the config says {rank}")
+        scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        if not scale > 0:
+            raise ValueError(f"{where}: module {module!r} has lora_alpha {alpha!r}; qpeft needs a positive scale")
+        cfg[module] = {"rank": int(rank), "scale": float(scale)}
+    return cfg
+
+
+def import_hf_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
+    """Load a HF PEFT LoRA adapter directory into ``model`` as adapter ``adapter_name``.
+
+    Plain LoRA and rsLoRA, with ``rank_pattern`` / ``alpha_pattern``, are supported; factors are
+    cast to the base weight's dtype. The base is frozen as by :func:`qpeft.update_model`.
+
+    Returns:
+        ``model``, changed in place (a ``peft`` mode is recorded).
+
+    Raises:
+        FileNotFoundError: a file is missing. ValueError: a non-JSON config or non-safetensors
+            weights, a variant (DoRA...), an unknown key, a module the model lacks, mismatching
+            shapes, or an adapter name the model already has (names the key or module). ``model``
+            is then left untouched.
+    """
+    path = Path(path)
+    if not (path / WEIGHTS_FILE).exists() and (path / "adapter_model.bin").exists():
+        raise ValueError(f"{path} holds adapter_model.bin, a pickle; only {WEIGHTS_FILE} is read (never unpickled)")
+    config = read_json(path / CONFIG_FILE)
+    _check_plain_lora(config, path / CONFIG_FILE)
+    read_header(path / WEIGHTS_FILE)
+    modules = _split_keys(read_tensors(path / WEIGHTS_FILE), path / WEIGHTS_FILE)
+    if not modules:
+        raise ValueError(f"{path / WEIGHTS_FILE} holds no LoRA factors")
+    adapter_cfg = _adapter_cfg(config, modules, path / CONFIG_FILE)
+    targets = candidate_layers(model)
+    for module in modules:
+        if module not in targets:
+            raise ValueError(f"{path / WEIGHTS_FILE}: module {module!r} is not a LoRA-capable layer of the model")
+    if any(adapter_name in layer.adapters for layer in lora_layers(model).values()):
+        raise ValueError(f"model already has an adapter named {adapter_name!r}; delete it first")
+    tensors = {f"{m}.adapters.{adapter_name}.{f}": t for m, fs in modules.items() for f, t in fs.items()}
+    header = {k: (t.dtype, list(t.shape)) for k, t in tensors.items()}
+
+    def attach(target: nn.Module, dry_run: bool) -> nn.Module:
+        with restoring():
+            update_model(target, {"adapter_name": adapter_name, "adapter_cfg": adapter_cfg})
+        check_tensors(target, header, {}, path / WEIGHTS_FILE, only=set(tensors), cast=True)
+        load_checked(target, tensors, {}, path / WEIGHTS_FILE, strict=False, cast=True, dry_run=dry_run)
+        return target
+
+    return apply_atomically(model, attach)

@@ -1,0 +1,73 @@
+"""Models and checks shared by the persistence tests (checkpoint, safe I/O)."""
+
+import copy
+
+import torch
+
+import qpeft
+from qpeft import update_model
+
+from .models import TinyBlock
+
+X = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+
+
+def randomize_adapters(model, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in qpeft.lora_layers(model).values():
+            for adapter in layer.adapters.values():
+                for p in adapter.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen))
+
+
+def quantize_tiny(model, preset="int8"):
+    return qpeft.quantize(model, preset, forward_loop=lambda m: m(X))
+
+
+def rich_model(merge=True):
+    """Quantized, two adapters (callable pattern), edits, disabled layers, frozen and merged parts."""
+    torch.manual_seed(0)
+    model = quantize_tiny(TinyBlock())
+    update_model(model, {"adapter_cfg": {"*": {"rank": 4}, "*lm_head*": {"enable": False},
+                                         "*q_proj*": {"lora_init_method": "svdquant"}}})
+    update_model(model, {"adapter_name": "task2",
+                         "adapter_cfg": {lambda n: n.startswith("mlp"): {"rank": 2, "scale": 3.0, "lora_dtype": "bf16"}}})
+    update_model(model, {"adapter_name": "gone", "adapter_cfg": {"*v_proj*": {"rank": 1}}})
+    randomize_adapters(model)
+    update_model(model, {"adapter_cfg": {"*mlp.up*": {"scale": 0.25}}})  # edit through the API
+    model.attn["v_proj"].adapters["default"].scale = 1.5  # and a direct edit
+    qpeft.disable_adapters(model, layers_to_disable="*down*", adapters_to_disable="task2")
+    qpeft.freeze_lora_weights(model, layer_patterns="attn*")
+    qpeft.disable_quantizer(model, "*mlp.down.input_quantizer")
+    qpeft.delete_adapter(model, "gone")
+    if merge:
+        qpeft.merge_adapters(model, "default")
+    return model
+
+
+def adapter_facts(model):
+    return {
+        (ln, n): (a.scale, a.enable, a.merged, a.lora_a.dtype, a.lora_a.requires_grad, a.lora_b.requires_grad)
+        for ln, layer in qpeft.lora_layers(model).items() for n, a in layer.adapters.items()
+    }
+
+
+def assert_same(a, b, x=X):
+    assert repr(a) == repr(b)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+    assert adapter_facts(a) == adapter_facts(b)
+    assert [(n, p.requires_grad) for n, p in a.named_parameters()] == [(n, p.requires_grad) for n, p in b.named_parameters()]
+    assert qpeft.state(a) == qpeft.state(b)
+    if x is not None:
+        with torch.no_grad():
+            assert torch.equal(a(x), b(x))
+
+
+def untouched(model):
+    """A checker that ``model`` is exactly as it is now (structure, tensors, flags, mode log)."""
+    ref = copy.deepcopy(model)
+    return lambda: assert_same(model, ref, x=None)
