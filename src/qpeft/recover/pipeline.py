@@ -46,15 +46,15 @@ class RecoverOptions:
     init: str = "svdquant"
     lora_dtype: str | None = None
     seed: int = 0
-    train_texts: int = 512
+    train_texts: int = 1024
     eval_texts: int = 256
     valid_texts: int = 128
     batch_size: int = 32
     max_length: int = 128
     block_epochs: int = 4
-    block_lr: float = 1e-3
-    epochs: int = 3
-    lr: float = 3e-4
+    block_lr: float = 2e-3
+    epochs: int = 6
+    lr: float = 1e-3
     patience: int = 3
     progress: bool = True
 
@@ -73,6 +73,7 @@ class RecoverRun:
     block_losses: list[float] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
     valid_losses: list[tuple[int, float]] = field(default_factory=list)
+    early_stopping: dict[str, Any] = field(default_factory=dict)  # best step, stopped early
     sizes: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     student: nn.Module | None = None
@@ -202,6 +203,7 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
         dreport = distill(student, teacher, task, train, valid, opts.epochs, opts.lr, opts.seed,
                           patience=opts.patience, eval_every=max(1, len(train) // 2), progress=bar.update)
     run.train_losses, run.valid_losses = dreport.losses, dreport.valid
+    run.early_stopping = {"best_step": dreport.best_step, "stopped_early": dreport.stopped_early}
     run.layer_error["recovered"] = _layer_errors(student, names)
     _stage(run, "recovered", t, evaluate)
 
