@@ -60,14 +60,15 @@ def write_plots(run: dict[str, Any], folder: Path) -> list[Path]:
     paths = [folder / "layer_error.png", folder / "training_loss.png", folder / "metrics.png"]
     for path, draw in zip(paths, (_layer_error, _losses, _metrics), strict=True):
         fig = plt.figure(figsize=(9, 4.5))
-        draw(fig.add_subplot(), run)
+        draw(fig, run)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
     return paths
 
 
-def _layer_error(ax, run: dict[str, Any]) -> None:
+def _layer_error(fig, run: dict[str, Any]) -> None:
+    ax = fig.add_subplot()
     for when, errors in run["layer_error"].items():
         ax.plot(range(len(errors)), list(errors.values()), marker=".", label=_LABELS.get(when, when))
     ax.set(xlabel="quantized layer (model order)", ylabel="||W - Q(W) - sBA|| / ||W||",
@@ -75,7 +76,8 @@ def _layer_error(ax, run: dict[str, Any]) -> None:
     ax.legend()
 
 
-def _losses(ax, run: dict[str, Any]) -> None:
+def _losses(fig, run: dict[str, Any]) -> None:
+    ax = fig.add_subplot()
     block, e2e = run["block_losses"], run["train_losses"]
     if block:
         ax.plot(range(len(block)), block, lw=0.8, label="block-wise (relative MSE)")
@@ -88,10 +90,12 @@ def _losses(ax, run: dict[str, Any]) -> None:
     ax.legend()
 
 
-def _metrics(ax, run: dict[str, Any]) -> None:
+def _metrics(fig, run: dict[str, Any]) -> None:
     stages = [s for s in STAGES if s in run["stages"]]
-    for name in run["headline"]:
-        ax.plot(range(len(stages)), [run["stages"][s][name] for s in stages], "o-", label=name)
-    ax.set_xticks(range(len(stages)), [_LABELS[s] for s in stages], rotation=15)
-    ax.set(title="eval metric per stage")
-    ax.legend()
+    names = list(run["headline"])
+    for k, name in enumerate(names, 1):  # one panel per metric: their scales differ
+        ax = fig.add_subplot(1, len(names), k)
+        ax.plot(range(len(stages)), [run["stages"][s][name] for s in stages], "o-")
+        ax.set_xticks(range(len(stages)), [_LABELS[s] for s in stages], rotation=35, ha="right", fontsize=8)
+        ax.set(title=name)
+    fig.suptitle("eval metric per stage")
