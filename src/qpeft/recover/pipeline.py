@@ -46,15 +46,15 @@ class RecoverOptions:
     init: str = "svdquant"
     lora_dtype: str | None = None
     seed: int = 0
-    train_texts: int = 1024
+    train_texts: int = 2048
     eval_texts: int = 256
     valid_texts: int = 128
     batch_size: int = 32
     max_length: int = 128
-    block_epochs: int = 4
-    block_lr: float = 2e-3
-    epochs: int = 6
-    lr: float = 1e-3
+    block_epochs: int = 3
+    block_lr: float = 3e-3
+    epochs: int = 3
+    lr: float = 3e-4
     patience: int = 3
     progress: bool = True
 
