@@ -89,14 +89,16 @@ def quality(formats: list[str], ranks: list[int], refine_iters: int) -> dict:
             qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": rank, "lora_init_method": "svdquant"}}})
             errors = _quant_errors(model, original)
             ratios = [errors[n] / optima[n][rank] for n in errors]
-            qpeft.refine_svdquant(model, iters=refine_iters)
-            refined = _quant_errors(model, original)
+            refined = errors
+            if refine_iters > 0:
+                qpeft.refine_svdquant(model, iters=refine_iters)
+                refined = _quant_errors(model, original)
             row[f"r{rank}"] = {
                 "svdquant": statistics.mean(errors.values()),
                 "optimum": statistics.mean(optima[n][rank] for n in errors),
                 "ratio_mean": statistics.mean(ratios),
                 "ratio_max": max(ratios),
-                "refined": statistics.mean(refined.values()),
+                "refined": statistics.mean(refined.values()) if refine_iters > 0 else None,
             }
             _progress(f"{fmt} r{rank}: {row[f'r{rank}']}")
         results[fmt] = row
@@ -139,7 +141,7 @@ def init_time(ranks: list[int], repeats: int) -> dict:
             with mock.patch.object(lora_init, "truncated_svd", _exact_svd):
                 qpeft.update_model(copy.deepcopy(quantized), cfg)
 
-        out[f"r{rank}"] = _interleaved({"randomized": randomized, "exact": exact}, repeats, warmup=1)
+        out[f"r{rank}"] = _interleaved({"randomized": randomized, "exact": exact}, repeats, warmup=0)
     return out
 
 
@@ -185,15 +187,16 @@ def step_time(repeats: int, batch: int, seq: int, rank: int) -> dict:
 
 def _print(results: dict) -> None:
     if "quality" in results:
-        head = " | ".join(f"r{r}: svdquant (opt; x opt mean, worst) | r{r}: refined" for r in RANKS)
+        ranks = [int(k[1:]) for k in next(iter(results["quality"].values())) if k.startswith("r")]
+        head = " | ".join(f"r{r}: svdquant (opt; x opt mean, worst) | r{r}: refined" for r in ranks)
         print(f"\n| format | W - Q(W) | {head} |")
-        print("|---|---|" + "---|---|" * len(RANKS))
+        print("|---|---|" + "---|---|" * len(ranks))
         for fmt, row in results["quality"].items():
             cells = [f"{row['quant']:.4f}"]
-            for r in RANKS:
+            for r in ranks:
                 c = row[f"r{r}"]
                 cells.append(f"{c['svdquant']:.4f} ({c['optimum']:.4f}; {c['ratio_mean']:.4f}, {c['ratio_max']:.4f})")
-                cells.append(f"{c['refined']:.4f}")
+                cells.append("-" if c["refined"] is None else f"{c['refined']:.4f}")
             print(f"| {fmt} | " + " | ".join(cells) + " |")
     if "init_time" in results:
         print("\nsvdquant init of the whole model (nvfp4 weights), median s:")
@@ -217,15 +220,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="one format, 2 repeats (smoke run)")
     parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--refine-iters", type=int, default=5)
+    parser.add_argument("--refine-iters", type=int, default=5, help="0 skips refine_svdquant")
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=None)
+    parser.add_argument("--ranks", nargs="+", type=int, default=None)
+    parser.add_argument("--init-repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     torch.manual_seed(0)
     formats, repeats = (FORMATS[3:4], 2) if args.quick else (FORMATS, max(10, args.repeats))
+    formats, ranks = args.formats or formats, args.ranks or RANKS
     run = {
-        "quality": lambda: quality(formats, RANKS, refine_iters=args.refine_iters),
-        "init_time": lambda: init_time(RANKS, repeats),
+        "quality": lambda: quality(formats, ranks, refine_iters=args.refine_iters),
+        "init_time": lambda: init_time(ranks, 2 if args.quick else args.init_repeats),
         "step_time": lambda: step_time(repeats, batch=8, seq=64, rank=16),
     }
     results = {"threads": torch.get_num_threads()}

@@ -64,3 +64,64 @@ def tiny_bert():
 
 
 HF_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+# Tiny transformers 5.x MoE models (experts stored as 3-D tensors). Sizes are multiples of 8 so
+# the default grouped_mm experts implementation can run them on CPU (16-byte strides).
+def tiny_qwen3_moe():
+    """Fused ``gate_up_proj [E, 2I, H]`` ([gate; up]), ``down_proj [E, H, I]``, no bias."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=64,
+    )
+    return Qwen3MoeForCausalLM(cfg).eval()
+
+
+def tiny_mixtral():
+    """Same layout as Qwen3-MoE, top-3 routing over 6 experts."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=3,
+        max_position_embeddings=64,
+    )
+    return MixtralForCausalLM(cfg).eval()
+
+
+def tiny_gpt_oss():
+    """Transposed ``gate_up_proj [E, H, 2I]`` (interleaved gate/up) with biases, ``down_proj [E, I, H]``."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GptOssConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        head_dim=8, max_position_embeddings=64,
+    )
+    model = GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():  # transformers leaves the expert biases at zero; make them count
+        for name, param in model.named_parameters():
+            if name.endswith("_bias") and ".experts." in name:
+                param.normal_(0, 0.02)
+    return model
+
+
+MOE_MODELS = {"qwen3_moe": tiny_qwen3_moe, "mixtral": tiny_mixtral, "gpt_oss": tiny_gpt_oss}
+
+
+def token_ids(length: int = 12, batch: int = 2, vocab: int = 64) -> torch.Tensor:
+    """Deterministic token ids for the tiny HF models."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (batch, length), generator=generator)
+
+
+def hf_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a causal LM, last hidden state of an encoder."""
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state

@@ -15,9 +15,25 @@ from .checkpoint import load_adapters, restore, save, save_adapters
 from .config import ExportPEFTConfig, PEFTAttributeConfig, PEFTConfig
 from .export import export, merge_adapters, unmerge_adapters
 from .hf_peft import export_hf_peft, import_hf_peft
-from .lora import LoRAAdapter, LoRALinear, LoRAModule, register_lora
+from .lora import (
+    ExpertsLoRAAdapter,
+    LoRAAdapter,
+    LoRAExperts,
+    LoRALinear,
+    LoRAModule,
+    register_lora,
+    register_lora_matcher,
+)
 from .lora.svdquant import refine_svdquant
 from .modes import state
+from .parallel import (
+    LoRAColwiseParallel,
+    LoRARowwiseParallel,
+    full_state_dict,
+    load_full_state_dict,
+    lora_tp_plan,
+    parallelize_lora,
+)
 from .patterns import matches_pattern
 from .peft import is_peft_model, lora_layers, update_model
 from .quant import (
@@ -37,6 +53,7 @@ from .quant import (
     quantize,
     register_quant,
 )
+from .routing import adapter_routing
 
 __version__ = "0.1.0"
 
@@ -58,13 +75,23 @@ __all__ = [
     "quantize",
     "refine_svdquant",
     "register_quant",
+    # distributed (issue 5)
+    "LoRAColwiseParallel",
+    "LoRARowwiseParallel",
+    "full_state_dict",
+    "load_full_state_dict",
+    "lora_tp_plan",
+    "parallelize_lora",
     # foundation
     "ExportPEFTConfig",
+    "ExpertsLoRAAdapter",
     "LoRAAdapter",
+    "LoRAExperts",
     "LoRALinear",
     "LoRAModule",
     "PEFTAttributeConfig",
     "PEFTConfig",
+    "adapter_routing",
     "delete_adapter",
     "disable_adapters",
     "disabled_adapters",
@@ -79,6 +106,7 @@ __all__ = [
     "matches_pattern",
     "merge_adapters",
     "register_lora",
+    "register_lora_matcher",
     "restore",
     "save",
     "save_adapters",

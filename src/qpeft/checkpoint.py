@@ -164,8 +164,9 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, adapter_names: list
             "trainable": any(p.requires_grad for a in holders.values() for p in a.parameters()),
         }
         for ln, adapter in holders.items():
-            tensors[f"{ln}.adapters.{name}.lora_a"] = adapter.lora_a.detach().cpu().contiguous()
-            tensors[f"{ln}.adapters.{name}.lora_b"] = adapter.lora_b.detach().cpu().contiguous()
+            # lora_a / lora_b, or <projection>.lora_a / .lora_b for grouped experts
+            for key, tensor in adapter.state_dict().items():
+                tensors[f"{ln}.adapters.{name}.{key}"] = tensor.detach().cpu().contiguous()
     manifest = {"format": "qpeft-adapters", "format_version": FORMAT_VERSION, "adapters": entries}
     _write(path, manifest, tensors)
 
@@ -243,5 +244,5 @@ def _new_adapter_keys(model: nn.Module, configs: list[dict[str, Any]]) -> set[st
         f"{ln}.adapters.{name}.{factor}"
         for ln, layer in lora_layers(model).items()
         for name in layer.adapters if name in names
-        for factor in ("lora_a", "lora_b")
+        for factor in layer.adapters[name].state_dict()
     }

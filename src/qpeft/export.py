@@ -38,6 +38,10 @@ PROBE_SEED = 0
 
 @torch.no_grad()
 def _fold(layer: LoRAModule, adapter: LoRAAdapter, sign: float) -> None:
+    own_fold = getattr(layer, "fold_adapter", None)
+    if own_fold is not None:  # layers with several weights (grouped experts) fold themselves
+        own_fold(adapter, sign)
+        return
     weight = layer.base_weight
     # [out, in] view of the master weight, written in place; detach() (unlike .data) shares the
     # version counter, so caches keyed on it (a frozen weight's fake-quantized value) see the change

@@ -129,6 +129,9 @@ def export_hf_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str 
     if not layers:
         known = sorted({a for layer in lora_layers(model).values() for a in layer.adapters})
         raise ValueError(f"no enabled adapter named {adapter_name!r} to export; the model has {known}")
+    grouped = [n for n, layer in layers.items() if not hasattr(layer.adapters[adapter_name], "lora_a")]
+    if grouped:  # one [E, r, in] pair per projection has no lora_A/lora_B module equivalent here
+        raise ValueError(f"adapter {adapter_name!r} on grouped-experts layer {grouped[0]!r} has no HF PEFT layout")
     config = _hf_config(model, layers, adapter_name)
     tensors = {
         f"{PREFIX}{name}.{hf}": getattr(layer.adapters[adapter_name], ours).detach().cpu().contiguous()

@@ -71,10 +71,11 @@ def _check_update(adapter: LoRAAdapter, merged: dict[str, Any], name: str, layer
                 f"{getattr(fixed, key)!r} to {merged[key]!r} (only scale and enable can change)"
             )
     wanted = PEFTAttributeConfig(lora_dtype=merged.get("lora_dtype")).torch_dtype()
-    if wanted is not None and wanted != adapter.lora_a.dtype:
+    current = next(adapter.parameters()).dtype
+    if wanted is not None and wanted != current:
         raise ValueError(
             f"adapter {name!r} on layer {layer!r}: cannot change lora_dtype from "
-            f"{adapter.lora_a.dtype} to {wanted}"
+            f"{current} to {wanted}"
         )
 
 

@@ -40,6 +40,12 @@ class ModuleWrapper(nn.Module):
         """First-level names of the wrapper's own (non-base) parameters, buffers and modules."""
         return {k for k in [*self._parameters, *self._buffers, *self._modules] if k != "base"}
 
+    def _fqn_modifiers(self) -> dict[str, str]:
+        # torch.distributed.checkpoint.state_dict's contract for modules whose state-dict hooks
+        # rename keys: state-dict name -> the submodule it really lives in. Without it,
+        # set_model_state_dict (FSDP2, tensor parallel, DCP) cannot load into a wrapped layer.
+        return {name: "base" for name in _visible_names(self.base) - self.own_keys()}
+
 
 def _drop_base_level(module: ModuleWrapper, state_dict: dict, prefix: str, _meta: Any) -> None:
     inner = prefix + _BASE
@@ -53,6 +59,13 @@ def _add_base_level(module: ModuleWrapper, state_dict: dict, prefix: str, *_args
         rest = key[len(prefix):]
         if rest.split(".", 1)[0] not in own:
             state_dict[prefix + _BASE + rest] = state_dict.pop(key)
+
+
+def _visible_names(module: nn.Module) -> set[str]:
+    """First-level state-dict names of ``module`` as its ``state_dict`` shows them."""
+    if isinstance(module, ModuleWrapper):
+        return module.own_keys() | _visible_names(module.base)
+    return {*module._parameters, *module._buffers, *module._modules}
 
 
 def innermost(module: nn.Module) -> nn.Module:

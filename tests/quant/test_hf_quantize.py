@@ -5,29 +5,21 @@ import torch
 
 import qpeft
 from qpeft.quant import model_quantizers
-from tests.models import HF_MODELS
+from tests.models import HF_MODELS, hf_output, token_ids
 
 pytest.importorskip("transformers")
 
 
-def _ids():
-    torch.manual_seed(1)
-    return torch.randint(0, 64, (2, 9))
-
-
-def _out(model, ids):
-    out = model(input_ids=ids)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 @pytest.mark.parametrize("preset", sorted(qpeft.PRESETS))
 @pytest.mark.parametrize("name", sorted(HF_MODELS))
 def test_each_preset_runs_and_leaves_the_head_alone(name, preset):
-    model, ids = HF_MODELS[name](), _ids()
+    model, ids = HF_MODELS[name](), token_ids(9)
     with torch.no_grad():
-        ref = _out(model, ids)
+        ref = hf_output(model, ids)
         qpeft.quantize(model, preset, forward_loop=lambda m: m(input_ids=ids))
-        out = _out(model, ids)
+        out = hf_output(model, ids)
     assert out.shape == ref.shape and torch.isfinite(out).all() and not torch.equal(out, ref)
     quantizers = model_quantizers(model)
     enabled = [n for n, q in quantizers.items() if q.is_enabled]
@@ -38,14 +30,14 @@ def test_each_preset_runs_and_leaves_the_head_alone(name, preset):
 
 @pytest.mark.parametrize("name", sorted(HF_MODELS))
 def test_lora_on_a_quantized_hf_model_trains_and_restores(name):
-    model, ids = HF_MODELS[name](), _ids()
+    model, ids = HF_MODELS[name](), token_ids(9)
     qpeft.quantize(model, "int8", forward_loop=lambda m: m(input_ids=ids))
     qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 4}, "*lm_head*": {"enable": False}}})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    target = torch.randn_like(_out(model, ids))
+    target = torch.randn_like(hf_output(model, ids))
     losses = []
     for _ in range(5):  # eval mode, so no dropout noise
-        loss = torch.nn.functional.mse_loss(_out(model, ids), target)
+        loss = torch.nn.functional.mse_loss(hf_output(model, ids), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -55,4 +47,4 @@ def test_lora_on_a_quantized_hf_model_trains_and_restores(name):
     qpeft.modes.replay(fresh, qpeft.state(model))
     fresh.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
-        assert torch.equal(_out(fresh, ids), _out(model, ids))
+        assert torch.equal(hf_output(fresh, ids), hf_output(model, ids))

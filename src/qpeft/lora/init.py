@@ -46,6 +46,10 @@ def init_adapter(adapter: LoRAAdapter, layer: LoRAModule, layer_name: str) -> No
     """
     if is_restoring():
         return
+    own_init = getattr(layer, "init_new_adapter", None)
+    if own_init is not None:  # layers with their own factor layout (e.g. grouped experts)
+        own_init(adapter, layer_name)
+        return
     config = adapter.config
     if config.lora_init_method == "svdquant":
         _init_svdquant(adapter, layer, layer_name)
@@ -73,16 +77,17 @@ def quantization_residual(layer: LoRAModule) -> torch.Tensor | None:
 def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-``rank`` truncated SVD ``(U [m, k], S [k], Vh [k, n])`` with ``k = min(rank, m, n)``.
 
-    Randomized (``OVERSAMPLE`` extra columns, ``POWER_ITERS`` power iterations) when the sketch is
-    small against the matrix; exact otherwise.
+    ``matrix`` may carry leading batch dimensions (``[..., m, n]``, e.g. one matrix per expert);
+    the factors then do too. Randomized (``OVERSAMPLE`` extra columns, ``POWER_ITERS`` power
+    iterations) when the sketch is small against the matrix; exact otherwise.
     """
-    m, n = matrix.shape
+    m, n = matrix.shape[-2:]
     k = min(rank, m, n)
     if (k + OVERSAMPLE) * SKETCH_FACTOR <= min(m, n):
         u, s, v = torch.svd_lowrank(matrix, q=k + OVERSAMPLE, niter=POWER_ITERS)
-        return u[:, :k], s[:k], v[:, :k].T
+        return u[..., :k], s[..., :k], v[..., :k].transpose(-2, -1)
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return u[:, :k], s[:k], vh[:k]
+    return u[..., :k], s[..., :k], vh[..., :k, :]
 
 
 def _init_svdquant(adapter: LoRAAdapter, layer: LoRAModule, layer_name: str) -> None:

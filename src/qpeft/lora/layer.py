@@ -3,6 +3,14 @@
 ``forward(x) = base(x) + sum over active (enabled, not merged) adapters (insertion order) of scale * B(A(x))``; each
 adapter runs in its own dtype and its result is cast to the base output's dtype. The base stays the
 same object (``layer.base``), its ``state_dict`` keys unchanged (see :mod:`qpeft.wrapping`).
+
+Adapters whose dtype equals the input's and the base output's take the fused path
+(:func:`qpeft.lora.fused.lora_addmm`: one autograd node, no casts, ``addmm``; with the base matmul
+inside it, :func:`qpeft.lora.fused.linear_lora`, when the base is a registered linear base, see
+:mod:`qpeft.lora.linear_bases`); the others, and
+every adapter when :func:`reference_forward` is called, take the simple per-adapter path that the
+tests use as the reference. Inside :func:`qpeft.adapter_routing` each sample of the batch gets the
+adapter its name selects (:mod:`qpeft.lora.routing`).
 """
 
 from __future__ import annotations
@@ -11,11 +19,33 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..wrapping import ModuleWrapper, innermost
 from .adapter import LoRAAdapter
+from .fused import linear_lora, lora_addmm
+from .linear_bases import linear_operands
+from .routing import routed_forward
 
-__all__ = ["LoRAModule", "LoRALinear"]
+__all__ = ["LoRAModule", "LoRALinear", "reference_forward"]
+
+
+def _fusable(adapter: LoRAAdapter, x: torch.Tensor) -> bool:
+    # The fused autograd functions work on plain tensors of one dtype; DTensor (tensor-parallel)
+    # factors take the simple path, whose ops DTensor dispatches itself.
+    return adapter.lora_a.dtype == x.dtype and not isinstance(adapter.lora_a, DTensor)
+
+
+def reference_forward(layer: LoRAModule, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The simple path: ``y + adapter(x in its dtype)`` cast back, one active adapter at a time."""
+    cast: dict[torch.dtype, torch.Tensor] = {}
+    for adapter in layer.adapters.values():
+        if adapter.active:
+            dtype = adapter.lora_a.dtype
+            if dtype not in cast:
+                cast[dtype] = x if x.dtype == dtype else x.to(dtype)
+            y = y + adapter(cast[dtype]).to(y.dtype)
+    return y
 
 
 class LoRAModule(ModuleWrapper):
@@ -24,6 +54,7 @@ class LoRAModule(ModuleWrapper):
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
         self.adapters = nn.ModuleDict()
+        self._routing = None  # set only inside qpeft.adapter_routing (per-sample adapters)
 
     # -- what a subclass provides -------------------------------------------------------------
     @staticmethod
@@ -48,14 +79,27 @@ class LoRAModule(ModuleWrapper):
         return innermost(self).weight
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        y = self.base(x, *args, **kwargs)
-        cast: dict[torch.dtype, torch.Tensor] = {}
+        base = self.base
+        fused, rest = [], []
         for adapter in self.adapters.values():
             if adapter.active:
-                dtype = adapter.lora_a.dtype
-                if dtype not in cast:
-                    cast[dtype] = x if x.dtype == dtype else x.to(dtype)
-                y = y + adapter(cast[dtype]).to(y.dtype)
+                (fused if _fusable(adapter, x) else rest).append(adapter)
+        factors = [(a.lora_a, a.lora_b, a.scale) for a in fused]
+        operands = None
+        if fused and self._routing is None and not args and not kwargs:
+            operands = linear_operands(base, x)
+        if operands is not None:
+            y = linear_lora(x, *operands, factors)
+        else:
+            y = base(x, *args, **kwargs)
+            if self._routing is not None:
+                return routed_forward(self, self._routing, x, y)
+            if fused and y.dtype == x.dtype:
+                y = lora_addmm(x, y, factors)
+            else:
+                rest = fused + rest
+        for adapter in rest:
+            y = y + adapter(x.to(adapter.lora_a.dtype)).to(y.dtype)
         return y
 
     def new_adapter(self, config: Any, dtype: torch.dtype | None) -> LoRAAdapter:

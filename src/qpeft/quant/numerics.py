@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 E4M3_MAX = 448.0
 E2M1_MAX = 6.0
@@ -125,6 +126,9 @@ def e2m1_magnitude(a: torch.Tensor, ties_to_even: bool = True) -> torch.Tensor:
 
     Ties go to the even code when ``ties_to_even``, else toward zero.
     """
+    if isinstance(a, DTensor):  # elementwise: round each shard (tensor parallelism)
+        local = e2m1_magnitude(a.to_local(), ties_to_even)
+        return DTensor.from_local(local, a.device_mesh, a.placements, shape=a.shape, stride=a.stride())
     bounds = torch.tensor(_E2M1_BOUNDS, dtype=torch.float32, device=a.device)
     idx = torch.bucketize(a, bounds)  # number of bounds strictly below a
     if ties_to_even:

@@ -1,0 +1,250 @@
+"""LoRA on grouped experts: modules that keep every expert's weight in one 3-D tensor.
+
+An experts module holds, per projection ``p`` (e.g. ``gate_up_proj``, ``down_proj``), a weight
+``W_p: [E, out, in]`` (or the transposed layout ``[E, in, out]``). One adapter gives every expert
+of every projection its own low-rank pair::
+
+    A_p: [E, r, in],  B_p: [E, out, r],  y[s] = W_p[e] x[s] + scale * B_p[e] (A_p[e] x[s])
+
+for the row ``s`` routed to expert ``e``. Both products run over all routed rows at once (one
+grouped GEMM or one batched matmul, see :mod:`qpeft.lora.expert_routing`), never a loop over experts.
+
+:class:`LoRAExperts` is the generic layer: it sizes, initialises and evaluates the adapters; a
+plugin subclass (see :mod:`qpeft.lora.plugins.moe`) says which projections a module has and
+writes the expert forward around :meth:`LoRAExperts.project`. A base weight is fake-quantized by
+``<p>_weight_quantizer`` when the wrapped module chain has one (one module over the whole
+``[E, ...]`` tensor, so per-expert scales are the quantizer's own axis/blocks); ``svdquant`` seeds
+every expert's pair from the rank-r SVD of its own residual ``W_p[e] - Q(W_p)[e]`` (batched SVD).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import PEFTAttributeConfig, resolve_initializer
+from ..wrapping import innermost
+from .expert_routing import Routing, expert_matmul
+from .init import truncated_svd
+from .layer import LoRAModule
+
+__all__ = ["Projection", "GroupedLoRA", "ExpertsLoRAAdapter", "LoRAExperts"]
+
+_ALIGN_BYTES = 16  # grouped GEMM strides: pad the rank so the [S, r] intermediate stays aligned
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One 3-D projection weight: ``in``/``out`` features and whether it is stored ``[E, in, out]``."""
+
+    in_features: int
+    out_features: int
+    transposed: bool
+
+
+class GroupedLoRA(nn.Module):
+    """The factors of one projection for all experts: ``lora_a [E, r, in]``, ``lora_b [E, out, r]``."""
+
+    def __init__(self, experts: int, proj: Projection, rank: int, dtype: torch.dtype, device: Any) -> None:
+        super().__init__()
+        self.transposed = proj.transposed
+        self.lora_a = nn.Parameter(torch.zeros(experts, rank, proj.in_features, dtype=dtype, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(experts, proj.out_features, rank, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """``B[e] (A[e] x[s])`` for every row: ``x [S, in] -> [S, out]`` (unscaled, adapter dtype)."""
+        a, b = self.lora_a, self.lora_b
+        pad = -a.shape[1] % max(1, _ALIGN_BYTES // a.element_size())
+        if routing.kind == "grouped" and pad:
+            # Zero rank padding keeps the grouped GEMM's strides aligned; it adds exact zeros.
+            a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
+        return expert_matmul(expert_matmul(x, a.transpose(-2, -1), routing), b.transpose(-2, -1), routing)
+
+    def delta_weight(self, scale: float) -> torch.Tensor:
+        """``scale * B[e] @ A[e]`` for every expert, fp32, in the base weight's own layout."""
+        delta = torch.bmm(self.lora_b.float(), self.lora_a.float()) * scale
+        return delta.transpose(-2, -1) if self.transposed else delta
+
+
+class ExpertsLoRAAdapter(nn.Module):
+    """One named adapter of an experts layer: a :class:`GroupedLoRA` per projection, one scale.
+
+    Its children are named after the projections, so the state_dict keys of adapter ``default``
+    are ``<experts>.adapters.default.<projection>.lora_a`` / ``.lora_b``.
+
+    ``scale`` and ``enable`` are plain attributes (they change); :attr:`config` gives the
+    attributes the adapter was built with, as :class:`~qpeft.LoRAAdapter` does.
+    """
+
+    def __init__(
+        self, experts: int, projections: dict[str, Projection], config: PEFTAttributeConfig,
+        dtype: torch.dtype, device: Any,
+    ) -> None:
+        super().__init__()
+        for name, proj in projections.items():  # children named as the base weights they adapt
+            self.add_module(name, GroupedLoRA(experts, proj, config.rank, dtype, device))
+        self.scale = float(config.scale)
+        self.enable = bool(config.enable)
+        self.merged = False  # folded into the base weights (qpeft.merge_adapters)
+        self._fixed = config.model_dump(exclude={"scale", "enable"})
+
+    @property
+    def active(self) -> bool:
+        """Whether the layer's forward adds this adapter: enabled and not merged into the weights."""
+        return self.enable and not self.merged
+
+    @property
+    def factors(self) -> dict[str, GroupedLoRA]:
+        """``{projection name: GroupedLoRA}``."""
+        return dict(self.named_children())
+
+    @property
+    def rank(self) -> int:
+        """The adapter's rank ``r``."""
+        return next(self.children()).lora_a.shape[1]
+
+    @property
+    def config(self) -> PEFTAttributeConfig:
+        """The adapter's current attributes as a :class:`PEFTAttributeConfig`."""
+        return PEFTAttributeConfig(**self._fixed, scale=self.scale, enable=self.enable)
+
+    def delta_weight(self) -> dict[str, torch.Tensor]:
+        """``{projection: scale * B @ A}``, fp32, each ``[E, ...]`` in its base weight's layout.
+
+        Export folds an experts adapter with ``W_p += delta_weight()[p]`` for every projection.
+        """
+        return {name: f.delta_weight(self.scale) for name, f in self.factors.items()}
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale}, enable={self.enable}"
+
+
+class LoRAExperts(LoRAModule):
+    """Base class of LoRA layers over grouped experts; subclasses give projections and forward."""
+
+    supports_adapter_routing = False  # qpeft.adapter_routing: not implemented for experts
+
+    @staticmethod
+    def projections(base: nn.Module) -> dict[str, Projection]:
+        """``{parameter name: Projection}`` of the (innermost) experts module."""
+        raise NotImplementedError
+
+    @staticmethod
+    def num_experts(base: nn.Module) -> int:
+        """Number of experts ``E`` of the (innermost) experts module."""
+        raise NotImplementedError
+
+    @staticmethod
+    def features(base: nn.Module) -> tuple[int, int]:
+        """Not defined for experts (one ``(in, out)`` per projection): raises TypeError."""
+        raise TypeError("an experts layer has one (in, out) per projection; see projections()")
+
+    # -- weights ------------------------------------------------------------------------------
+    def base_weights(self) -> dict[str, nn.Parameter]:
+        """The original 3-D weights, by projection name."""
+        inner = self._inner()
+        return {name: getattr(inner, name) for name in self.projections(inner)}
+
+    def weight_quantizer(self, name: str) -> nn.Module | None:
+        """``<name>_weight_quantizer`` of the wrapped chain (a quantized experts wrapper), or None."""
+        return getattr(self.base, f"{name}_weight_quantizer", None)
+
+    def effective_weight(self, name: str) -> torch.Tensor:
+        """Projection ``name``'s weight as the forward uses it: fake-quantized when it has a quantizer."""
+        weight = getattr(self._inner(), name)
+        quantizer = self.weight_quantizer(name)
+        return weight if quantizer is None else quantizer(weight)
+
+    def _inner(self) -> nn.Module:
+        return innermost(self)
+
+    # -- adapters -----------------------------------------------------------------------------
+    def new_adapter(self, config: PEFTAttributeConfig, dtype: torch.dtype | None) -> ExpertsLoRAAdapter:
+        """A zero-filled adapter with one factor pair per projection, on the weights' device."""
+        inner = self._inner()
+        weight = next(iter(self.base_weights().values()))
+        return ExpertsLoRAAdapter(
+            self.num_experts(inner), self.projections(inner), config, dtype or weight.dtype, weight.device
+        )
+
+    @torch.no_grad()
+    def init_new_adapter(self, adapter: ExpertsLoRAAdapter, layer_name: str) -> None:
+        """Fill a new adapter per expert: ``kaiming_zeros`` (initializers per expert) or ``svdquant``.
+
+        Raises:
+            ValueError: for ``svdquant`` on non-finite weights (names the layer and projection).
+        """
+        config = adapter.config
+        for name, factors in adapter.factors.items():
+            if config.lora_init_method == "svdquant":
+                self._init_svdquant(name, factors, adapter.scale, layer_name)
+            else:
+                _init_per_expert(factors.lora_a, config.lora_a_init, _default_a)
+                _init_per_expert(factors.lora_b, config.lora_b_init, torch.nn.init.zeros_)
+
+    def _init_svdquant(self, name: str, factors: GroupedLoRA, scale: float, layer_name: str) -> None:
+        quantizer = self.weight_quantizer(name)
+        factors.lora_a.zero_()
+        factors.lora_b.zero_()
+        if quantizer is None:
+            warnings.warn(
+                f"svdquant init: layer {layer_name!r} projection {name!r} has no weight quantizer "
+                "(quantize the experts first); falling back to zero-initialised A and B",
+                stacklevel=5,
+            )
+            return
+        weight = getattr(self._inner(), name).detach()
+        residual = weight.float() - quantizer(weight).float()
+        if factors.transposed:
+            residual = residual.transpose(-2, -1)  # -> [E, out, in]
+        if not torch.isfinite(residual).all():
+            raise ValueError(f"svdquant init: layer {layer_name!r} projection {name!r} has non-finite weights")
+        u, s, vh = truncated_svd(residual, factors.lora_a.shape[1])
+        root = (s / scale).sqrt()
+        k = s.shape[-1]
+        factors.lora_a[:, :k].copy_(root.unsqueeze(-1) * vh)
+        factors.lora_b[:, :, :k].copy_(u * root.unsqueeze(-2))
+
+    # -- forward pieces -----------------------------------------------------------------------
+    def active_adapters(self) -> list[ExpertsLoRAAdapter]:
+        """Active (enabled, not merged) adapters, in insertion order."""
+        return [a for a in self.adapters.values() if a.active]
+
+    @torch.no_grad()
+    def fold_adapter(self, adapter: ExpertsLoRAAdapter, sign: float) -> None:
+        """``W_p <- cast(W_p + sign * delta_p)`` for every projection (merge, unmerge, export)."""
+        inner = self._inner()
+        for name, delta in adapter.delta_weight().items():
+            weight = getattr(inner, name)
+            # detach() shares the version counter, so caches keyed on the weight see the change
+            view = weight.detach()
+            view.copy_((view.float() + sign * delta).to(weight.dtype))
+
+    def lora_delta(self, name: str, x: torch.Tensor, routing: Routing, out: torch.Tensor) -> torch.Tensor:
+        """``out`` plus every enabled adapter's ``scale * B[e] A[e] x`` for projection ``name``."""
+        cast: dict[torch.dtype, torch.Tensor] = {}
+        for adapter in self.active_adapters():
+            factors = adapter.factors[name]
+            dtype = factors.lora_a.dtype
+            if dtype not in cast:
+                cast[dtype] = x if x.dtype == dtype else x.to(dtype)
+            out = out + (factors(cast[dtype], routing) * adapter.scale).to(out.dtype)
+        return out
+
+
+def _default_a(tensor: torch.Tensor) -> None:
+    torch.nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
+def _init_per_expert(param: torch.Tensor, name: str | None, default: Any) -> None:
+    # Each expert's [r, in] / [out, r] slice is initialised as a LoRALinear factor would be (the
+    # fan of a 3-D tensor would count the expert axis); a one-off loop at creation time only.
+    fn = default if name is None else resolve_initializer(name)
+    for expert in range(param.shape[0]):
+        fn(param[expert])

@@ -1,0 +1,100 @@
+"""Per-sample adapter routing inside one LoRA layer: sample ``i`` of the batch gets adapter ``n_i``.
+
+With the ``K`` routed adapters of one dtype stacked (ranks zero-padded to ``r = max r_k``, plus one
+all-zero adapter at index ``K`` for samples routed to no adapter):
+
+    A: [K+1, r, in]   B: [K+1, out, r]   s: [K+1]   idx: [b]   (idx_i = K when sample i has none)
+    x: [b, L, in]  ->  t = bmm(x, A[idx]^T) * s[idx]   [b, L, r]
+                       y = baddbmm(y, t, B[idx]^T)      [b, L, out]
+
+Two batched matmuls per dtype group whatever the mix of adapters: no loop over sub-batches. Zero
+padding and the zero adapter add exact zeros, so a sample routed to no adapter keeps the base output
+bit for bit. Gradients flow to the factors through the gather.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LayerRoute", "plan_route", "routed_forward"]
+
+
+@dataclass(frozen=True)
+class _Group:
+    names: tuple[str, ...]  # adapters of one dtype, in stacking order
+    index: torch.Tensor  # [b] long; len(names) means "no adapter of this group"
+
+
+@dataclass(frozen=True)
+class LayerRoute:
+    """The routing of one layer: its name, batch size and one gather index per adapter dtype."""
+
+    layer: str
+    batch: int
+    groups: tuple[_Group, ...]
+
+
+def plan_route(layer_name: str, adapters: nn.ModuleDict, names: Sequence[str | None]) -> LayerRoute:
+    """Group the layer's adapters named in ``names`` by dtype and build each group's index.
+
+    Samples whose name is None, or names an adapter this layer lacks, get no adapter here.
+    """
+    present = [n for n in dict.fromkeys(names) if n is not None and n in adapters]
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name in present:
+        by_dtype.setdefault(adapters[name].lora_a.dtype, []).append(name)
+    device = next(iter(adapters.values())).lora_a.device if len(adapters) else None
+    groups = []
+    for group in by_dtype.values():
+        slot = {n: i for i, n in enumerate(group)}
+        index = torch.tensor([slot.get(n, len(group)) for n in names], dtype=torch.long, device=device)
+        groups.append(_Group(tuple(group), index))
+    return LayerRoute(layer_name, len(names), tuple(groups))
+
+
+def _stack(factors: list[torch.Tensor], rank_dim: int, rank: int) -> torch.Tensor:
+    """Stack factors zero-padded to ``rank`` along ``rank_dim``, plus one all-zero factor."""
+    padded = []
+    for f in factors:
+        extra = rank - f.shape[rank_dim]
+        pad = (0, extra, 0, 0) if rank_dim == 1 else (0, 0, 0, extra)
+        padded.append(F.pad(f, pad) if extra else f)
+    padded.append(torch.zeros_like(padded[0]))
+    return torch.stack(padded)
+
+
+def _group_update(x: torch.Tensor, y: torch.Tensor, adapters: list[nn.Module], index: torch.Tensor):
+    dtype = adapters[0].lora_a.dtype
+    rank = max(a.rank for a in adapters)
+    a = _stack([m.lora_a for m in adapters], 0, rank)[index]  # [b, r, in]
+    b = _stack([m.lora_b for m in adapters], 1, rank)[index]  # [b, out, r]
+    scale = torch.tensor([m.scale for m in adapters] + [0.0], dtype=dtype, device=x.device)[index]
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)
+    t = torch.bmm(x3, a.transpose(1, 2)) * scale[:, None, None]
+    y3 = y.reshape(y.shape[0], -1, y.shape[-1])
+    if y.dtype == dtype:
+        return torch.baddbmm(y3, t, b.transpose(1, 2)).view(y.shape)
+    return (y3 + torch.bmm(t, b.transpose(1, 2)).to(y.dtype)).view(y.shape)
+
+
+def routed_forward(layer: nn.Module, route: LayerRoute, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` plus, for every sample, its routed adapter's ``scale * B(A(x))``.
+
+    Raises:
+        ValueError: if the batch (first) dimension of ``x`` differs from the number of names.
+    """
+    if x.dim() < 2 or x.shape[0] != route.batch:
+        got = x.shape[0] if x.dim() >= 2 else "no batch dimension"
+        raise ValueError(
+            f"adapter_routing: {route.batch} adapter names were given but LoRA layer "
+            f"{route.layer!r} got an input of shape {tuple(x.shape)} (batch {got})"
+        )
+    for group in route.groups:
+        adapters = [layer.adapters[n] for n in group.names]
+        y = _group_update(x, y, adapters, group.index.to(x.device))
+    return y
