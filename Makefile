@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	OMP_NUM_THREADS=2 $(PY) -m qpeft recover --output runs/recover
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,0 +1,146 @@
+"""Block-by-block reconstruction: fit each transformer block's adapters to the teacher's block output.
+
+Blocks are the entries of the ``nn.ModuleList`` holding the most LoRA layers (``encoder.layer``,
+``model.layers``...). One teacher pass records every block's output ``T_i: [b, s, h]`` and the
+inputs of block 0. Then, block by block, the student's block ``i`` is fed the output of its own
+already-reconstructed blocks ``X_i`` (so it learns to correct the error that reaches it) and its
+adapters minimise the relative error ``sum mask ||f_i(X_i) - T_i||^2 / sum mask ||T_i||^2`` with
+AdamW under a one-cycle (warm-up then cosine) schedule. ``X_{i+1} = f_i(X_i)`` once it is trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..lora.layer import LoRAModule
+from .metrics import masked_relative_mse
+
+__all__ = ["find_blocks", "reconstruct_blocks", "BlockReport"]
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class BlockReport:
+    """Relative output error ``||f(X) - T|| / ||T||`` of each block before and after its fit."""
+
+    before: list[float] = field(default_factory=list)
+    after: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # every training step, all blocks in order
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The name and ``nn.ModuleList`` of the model's transformer blocks (the list with most LoRA layers).
+
+    Raises:
+        ValueError: when no module list holds a LoRA layer.
+    """
+    best, count = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            n = sum(isinstance(m, LoRAModule) for m in module.modules())
+            if n > count:
+                best, count = (name, module), n
+    if best is None:
+        raise ValueError("found no list of transformer blocks holding LoRA layers")
+    return best
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def _teacher_trace(teacher: nn.Module, blocks: nn.ModuleList, forward: Callable, batches: list[Batch]):
+    """Inputs ``(hidden, (other args, kwargs))`` of block 0 and every block's output, per batch."""
+    inputs: list[tuple[torch.Tensor, tuple]] = []
+    outputs: list[list[torch.Tensor]] = [[] for _ in blocks]
+
+    def grab_input(_m, args, kwargs):
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        inputs.append((args[0], (args[1:], rest)) if args else (kwargs["hidden_states"], ((), rest)))
+
+    hooks = [blocks[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
+    for i, block in enumerate(blocks):
+        hooks.append(block.register_forward_hook(lambda _m, _a, out, i=i: outputs[i].append(_first(out))))
+    try:
+        for batch in batches:
+            forward(teacher, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs, outputs
+
+
+def _block_error(block: nn.Module, xs, kwargs, targets, masks) -> float:
+    with torch.no_grad():
+        num = den = 0.0
+        for x, kw, t, m in zip(xs, kwargs, targets, masks, strict=True):
+            err = masked_relative_mse(_first(block(x, *kw[0], **kw[1])), t, m)
+            w = float((t.pow(2) * m.unsqueeze(-1)).sum())
+            num, den = num + float(err) * w, den + w
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def _fit_block(block, xs, kwargs, targets, masks, epochs, lr, generator, losses, tick) -> None:
+    params = [p for p in block.parameters() if p.requires_grad]
+    if not params or epochs == 0:
+        return
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(xs), pct_start=0.1)
+    for _ in range(epochs):
+        for j in torch.randperm(len(xs), generator=generator).tolist():
+            loss = masked_relative_mse(_first(block(xs[j], *kwargs[j][0], **kwargs[j][1])), targets[j], masks[j])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            tick()
+
+
+def reconstruct_blocks(
+    student: nn.Module,
+    teacher: nn.Module,
+    forward: Callable[[nn.Module, Batch], torch.Tensor],
+    batches: list[Batch],
+    epochs: int,
+    lr: float,
+    seed: int,
+    progress: Callable[[int], Any] | None = None,
+) -> BlockReport:
+    """Fit the adapters of every student block, in order, to the teacher's block outputs.
+
+    Args:
+        student, teacher: models of the same architecture (student with trainable adapters).
+        forward: ``forward(model, batch)`` running the whole model on a batch.
+        batches: training batches (``input_ids``, ``attention_mask``).
+        epochs: passes over ``batches`` per block (0: measure only).
+        lr: peak learning rate of the one-cycle schedule.
+        seed: seeds the batch order.
+        progress: called with 1 after each step (e.g. a tqdm ``update``).
+
+    Raises:
+        ValueError: when the student has no block list (see :func:`find_blocks`).
+    """
+    name, blocks = find_blocks(student)
+    teacher_blocks = teacher.get_submodule(name)
+    inputs, targets = _teacher_trace(teacher, teacher_blocks, forward, batches)
+    xs = [x for x, _ in inputs]
+    kwargs = [kw for _, kw in inputs]
+    masks = [b["attention_mask"] for b in batches]
+    generator = torch.Generator().manual_seed(seed)
+    report = BlockReport()
+    tick = progress or (lambda _n: None)
+    for i, block in enumerate(blocks):
+        report.before.append(_block_error(block, xs, kwargs, targets[i], masks))
+        _fit_block(block, xs, kwargs, targets[i], masks, epochs, lr, generator, report.losses, lambda: tick(1))
+        report.after.append(_block_error(block, xs, kwargs, targets[i], masks))
+        with torch.no_grad():
+            xs = [_first(block(x, *kw[0], **kw[1])) for x, kw in zip(xs, kwargs, strict=True)]
+    return report

@@ -1,0 +1,143 @@
+"""``qpeft inspect PATH``: describe a checkpoint folder (a ``qpeft recover`` output, a checkpoint,
+or Hugging Face PEFT adapter files) without building a model.
+
+Reads only JSON and safetensors headers (shapes and dtypes; no tensor data, nothing unpickled):
+the mode log, every adapter (layer, name, rank, scale, dtype), quantization formats and
+quantizer counts, and file sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+__all__ = ["describe"]
+
+_QPEFT_KEY = re.compile(r"^(?P<layer>.+)\.adapters\.(?P<name>[^.]+)\.lora_a$")
+_HF_KEY = re.compile(r"^base_model\.model\.(?P<layer>.+)\.lora_A(?:\.(?P<name>[^.]+))?\.weight$")
+
+
+def _headers(files: list[Path]) -> dict[str, tuple[list[int], str]]:
+    shapes = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    piece = handle.get_slice(key)
+                    shapes[key] = (list(piece.get_shape()), str(piece.get_dtype()))
+        except Exception as err:  # safetensors raises its own error types for bad headers
+            raise ValueError(f"{f.name}: not a readable safetensors file ({err})") from None
+    return shapes
+
+
+def _mode_log(files: list[Path]) -> list[dict[str, Any]]:
+    for f in files:
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        log = data.get("modes", data.get("mode_log")) if isinstance(data, dict) else data
+        if isinstance(log, list) and all(isinstance(e, dict) and "mode" in e for e in log):
+            return log
+    return []
+
+
+def _scales(log: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    scales: dict[tuple[str, str], float] = {}
+    for entry in log:
+        cfg = entry.get("config", {})
+        if entry["mode"] == "peft":
+            for layer, attrs in cfg.get("adapter_cfg", {}).items():
+                if isinstance(attrs, dict) and "scale" in attrs:
+                    scales[(layer, cfg.get("adapter_name", "default"))] = attrs["scale"]
+    return scales
+
+
+def _adapter_lines(shapes, log, hf_config) -> list[str]:
+    scales = _scales(log)
+    lines = []
+    for key, (shape, dtype) in sorted(shapes.items()):
+        match = _QPEFT_KEY.match(key) or _HF_KEY.match(key)
+        if not match:
+            continue
+        layer, name = match["layer"], match["name"] or "default"
+        scale = scales.get((layer, name))
+        if scale is None and hf_config:
+            scale = hf_config.get("lora_alpha", shape[0]) / max(hf_config.get("r", shape[0]), 1)
+        scale_text = "?" if scale is None else f"{scale:g}"
+        lines.append(f"  {layer}  [{name}]  rank {shape[0]}  scale {scale_text}  {dtype}")
+    return lines
+
+
+def describe(path: str | Path) -> str:
+    """A text description of the checkpoint at ``path`` (see the module docstring).
+
+    Raises:
+        ValueError: ``path`` is missing, holds no JSON or safetensors file, or a file is unreadable.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise ValueError(f"{str(root)!r} does not exist")
+    files = sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file())
+    tensors = [f for f in files if f.suffix == ".safetensors"]
+    jsons = [f for f in files if f.suffix == ".json"]
+    if not tensors and not jsons:
+        raise ValueError(f"{str(root)!r} holds no JSON or safetensors file")
+    shapes, log = _headers(tensors), _mode_log(jsons)
+    hf_files = [f for f in jsons if f.name == "adapter_config.json"]
+    hf_config = json.loads(hf_files[0].read_text()) if hf_files else None
+    adapters = _adapter_lines(shapes, log, hf_config)
+    quantizers = [k for k in shapes if "quantizer" in k]
+    formats = _formats(log)
+    out = [f"checkpoint {root}", f"mode log ({len(log)} entries):"]
+    out += [f"  {i}. {e['mode']}  {_brief(e.get('config', {}))}" for i, e in enumerate(log, 1)]
+    out += [f"adapters ({len(adapters)} layer adapters):", *adapters]
+    out += [f"quantization ({len(quantizers)} quantizer tensors):"]
+    out += [f"  {what}: {count} layers" for what, count in sorted(formats.items())] or ["  none recorded"]
+    out += ["files:"] + [f"  {f.relative_to(root) if root.is_dir() else f.name}  {_mb(f.stat().st_size)}"
+                         for f in tensors + jsons]
+    out.append(f"total {_mb(sum(f.stat().st_size for f in files))}")
+    return "\n".join(out)
+
+
+def _format_name(attrs: dict[str, Any]) -> str:
+    """A short name for one quantizer's attributes (as the ``quantize`` mode records them)."""
+    bits, blocks = attrs.get("num_bits"), attrs.get("block_sizes") or {}
+    scale = tuple(blocks.get("scale_bits") or ())
+    if isinstance(bits, list):
+        name = {(2, 1, 4, 3): "nvfp4", (2, 1, 8, 0): "mxfp4"}.get((*bits, *scale), "fp8" if bits == [4, 3] else f"e{bits[0]}m{bits[1]}")
+    else:
+        name = f"int{bits}"
+    block = blocks.get("-1", blocks.get(-1))
+    return f"{name} block {block}" if block and name.startswith("int") else name
+
+
+def _formats(log: list[dict[str, Any]]) -> dict[str, int]:
+    """``{"weight nvfp4": layers, ...}`` over every enabled quantizer in the log's quantize entries."""
+    found: dict[str, int] = {}
+    for entry in log:
+        if entry["mode"] != "quantize":
+            continue
+        for quantizers in entry["config"].get("layers", {}).values():
+            for kind, info in quantizers.items():
+                attrs = info.get("attributes", {}) if isinstance(info, dict) else {}
+                if attrs.get("enable"):
+                    key = f"{kind.split('_')[0]} {_format_name(attrs)}"
+                    found[key] = found.get(key, 0) + 1
+    return found
+
+
+def _brief(config: dict[str, Any]) -> str:
+    shown = {k: (f"{len(v)} layers" if k in ("adapter_cfg", "layers") else f"{len(v)} entries")
+             if isinstance(v, dict | list) and len(json.dumps(v)) > 60 else v
+             for k, v in sorted(config.items(), key=lambda kv: kv[0] not in ("adapter_cfg", "layers"))}
+    text = json.dumps(shown)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.2f} MB"

@@ -1,0 +1,220 @@
+"""The ``qpeft recover`` recipe, stage by stage.
+
+1. load the teacher and a student copy; tokenise train / validation / eval texts;
+2. quantize the student (input formats calibrate on the training batches);
+3. attach a rank-``r`` LoRA sidecar to every quantized layer (``svdquant`` by default);
+4. block-by-block reconstruction of each transformer block's output (:mod:`.blockwise`);
+5. end-to-end distillation with a warm-up + cosine schedule and held-out early stopping (:mod:`.distill`);
+and the eval metrics after every stage, the per-layer weight error ``||W - Q(W) - sBA|| / ||W||``
+before and after init and after recovery, the time of each stage.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..lora.layer import LoRAModule
+from ..peft import lora_layers, update_model
+from ..wrapping import innermost
+from . import tasks
+from .blockwise import find_blocks, reconstruct_blocks
+from .data import load_texts
+from .distill import distill
+from .quantizing import quantize_student, quantizes_inputs
+
+__all__ = ["RecoverOptions", "RecoverRun", "run_recipe"]
+
+ADAPTER = "default"
+
+
+@dataclass
+class RecoverOptions:
+    """Every knob of ``qpeft recover`` (the CLI's flags; see ``qpeft recover --help``)."""
+
+    model: str
+    data: str | None = None
+    format: str = "nvfp4_weight_only"
+    rank: int = 32
+    init: str = "svdquant"
+    lora_dtype: str | None = None
+    seed: int = 0
+    train_texts: int = 2048
+    eval_texts: int = 256
+    valid_texts: int = 128
+    batch_size: int = 32
+    max_length: int = 128
+    block_epochs: int = 3
+    block_lr: float = 3e-3
+    epochs: int = 3
+    lr: float = 3e-4
+    patience: int = 3
+    progress: bool = True
+
+
+@dataclass
+class RecoverRun:
+    """Everything a run measured; ``student`` is the recovered model."""
+
+    options: dict[str, Any]
+    kind: str
+    headline: tuple[str, ...]
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> metrics
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall time
+    layer_error: dict[str, dict[str, float]] = field(default_factory=dict)  # when -> layer -> error
+    block_error: dict[str, list[float]] = field(default_factory=dict)
+    block_losses: list[float] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)
+    valid_losses: list[tuple[int, float]] = field(default_factory=list)
+    early_stopping: dict[str, Any] = field(default_factory=dict)  # best step, stopped early
+    sizes: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    student: nn.Module | None = None
+    tokenizer: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The run as plain JSON (without the model and tokenizer)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("student", "tokenizer")}
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _bar(opts: RecoverOptions, total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, disable=not opts.progress or total == 0, leave=False, dynamic_ncols=True)
+
+
+def _layer_errors(model: nn.Module, names: list[str]) -> dict[str, float]:
+    """``||W - Q(W) - sum scale*B@A|| / ||W||`` per quantized layer (no adapter: ``||W - Q(W)|| / ||W||``)."""
+    errors = {}
+    with torch.no_grad():
+        for name in names:
+            layer = model.get_submodule(name)
+            weight = innermost(layer).weight.float()
+            residual = weight - layer.weight_quantizer(innermost(layer).weight).float()
+            if isinstance(layer, LoRAModule):
+                residual = layer.to_out_in(residual)
+                for adapter in layer.adapters.values():
+                    if adapter.enable:
+                        residual = residual - adapter.delta_weight()
+            errors[name] = float(residual.norm() / weight.norm().clamp(min=1e-30))
+    return errors
+
+
+def _quantized_names(model: nn.Module) -> list[str]:
+    """Quantized layers inside the transformer blocks (the module list holding most of them)."""
+    names = [n for n, m in model.named_modules()
+             if isinstance(getattr(m, "weight_quantizer", None), nn.Module) and m.weight_quantizer.is_enabled]
+    lists = [n + "." for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    best = max(lists, key=lambda p: sum(n.startswith(p) for n in names), default=None)
+    inside = [n for n in names if best and n.startswith(best)]
+    return inside or names
+
+
+def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
+    """Raise ValueError naming the first layer whose smaller side is below ``rank``."""
+    for name in names:
+        weight = model.get_submodule(name).weight
+        if rank > min(weight.shape):
+            raise ValueError(f"--rank {rank} is above the size of layer {name!r} (weight {tuple(weight.shape)})")
+
+
+def _attach(opts: RecoverOptions, model: nn.Module, names: list[str]) -> None:
+    """One ``update_model`` call per transformer block (so the init bar moves), same adapter."""
+    attrs = {"rank": opts.rank, "lora_init_method": opts.init, "lora_dtype": opts.lora_dtype}
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        block = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)
+        groups.setdefault(".".join(parts[: block + 1]), []).append(name)
+    with _bar(opts, len(names), "init") as bar:
+        for group in groups.values():
+            chosen = set(group)
+            update_model(model, {"adapter_name": ADAPTER,
+                                 "adapter_cfg": {lambda n, chosen=chosen: n in chosen: attrs}})
+            bar.update(len(group))
+
+
+def _stage(run: RecoverRun, name: str, started: float, evaluate: Callable[[], dict[str, float]]) -> None:
+    run.seconds[name] = round(time.perf_counter() - started, 2)
+    run.stages[name] = evaluate()
+
+
+def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> RecoverRun:
+    """Run the whole recipe (see the module docstring) and return what it measured.
+
+    Raises:
+        ValueError: bad input (model directory, data, format, rank), with a message naming it.
+    """
+    _seed(opts.seed)
+    t = time.perf_counter()
+    splits = load_texts(opts.data)
+    teacher, student, tokenizer, task = tasks.load_models(opts.model)
+    batch = lambda texts: tasks.make_batches(tokenizer, texts, opts.batch_size, opts.max_length)  # noqa: E731
+    train, valid, evals = batch(splits.train[: opts.train_texts]), batch(splits.valid[: opts.valid_texts]), \
+        batch(splits.eval[: opts.eval_texts])
+    run = RecoverRun(options=asdict(opts), kind=task.kind, headline=task.headline, tokenizer=tokenizer)
+    run.counts = {"train": min(len(splits.train), opts.train_texts), "valid": min(len(splits.valid), opts.valid_texts),
+                  "eval": min(len(splits.eval), opts.eval_texts)}
+    evaluate = lambda: task.evaluate(student, teacher, evals)  # noqa: E731
+    _stage(run, "original", t, evaluate)
+
+    t = time.perf_counter()
+    with _bar(opts, len(train) if quantizes_inputs(opts.format) else 0, "calibrate") as bar:
+        def forward_loop(model: nn.Module) -> None:
+            with torch.no_grad():
+                for b in train:
+                    task.forward(model, b)
+                    bar.update(1)
+        quantize_student(student, opts.format, forward_loop)
+    names = _quantized_names(student)
+    if not names:
+        raise ValueError(f"format {opts.format!r} quantized no layer of {opts.model!r}")
+    check_rank(student, names, opts.rank)
+    run.layer_error["quantized"] = _layer_errors(student, names)
+    _stage(run, "quantized", t, evaluate)
+
+    t = time.perf_counter()
+    _attach(opts, student, names)
+    run.layer_error["init"] = _layer_errors(student, names)
+    _stage(run, "init", t, evaluate)
+    say(f"quantized {len(names)} layers to {opts.format}; LoRA rank {opts.rank} ({opts.init}) attached")
+
+    t = time.perf_counter()
+    blocks = len(find_blocks(student)[1])
+    with _bar(opts, opts.block_epochs * len(train) * blocks, "blockwise") as bar:
+        report = reconstruct_blocks(student, teacher, task.forward, train, opts.block_epochs,
+                                    opts.block_lr, opts.seed, bar.update)
+    run.block_error = {"before": report.before, "after": report.after}
+    run.block_losses = report.losses
+    _stage(run, "blockwise", t, evaluate)
+
+    t = time.perf_counter()
+    with _bar(opts, opts.epochs * len(train), "end-to-end") as bar:
+        dreport = distill(student, teacher, task, train, valid, opts.epochs, opts.lr, opts.seed,
+                          patience=opts.patience, eval_every=max(1, len(train) // 2), progress=bar.update)
+    run.train_losses, run.valid_losses = dreport.losses, dreport.valid
+    run.early_stopping = {"best_step": dreport.best_step, "stopped_early": dreport.stopped_early}
+    run.layer_error["recovered"] = _layer_errors(student, names)
+    _stage(run, "recovered", t, evaluate)
+
+    run.sizes = _sizes(student)
+    run.student = student
+    return run
+
+
+def _sizes(model: nn.Module) -> dict[str, float]:
+    adapter = {id(p) for layer in lora_layers(model).values() for p in layer.adapters.parameters()}
+    params = list(model.parameters())
+    adapter_bytes = sum(p.numel() * p.element_size() for p in params if id(p) in adapter)
+    model_bytes = sum(p.numel() * p.element_size() for p in params if id(p) not in adapter)
+    return {"adapter_mb": adapter_bytes / 2**20, "model_mb": model_bytes / 2**20}
