@@ -51,7 +51,7 @@ class RecoverOptions:
     valid_texts: int = 128
     batch_size: int = 32
     max_length: int = 128
-    block_epochs: int = 3
+    block_epochs: int = 5
     block_lr: float = 3e-3
     epochs: int = 3
     lr: float = 3e-4
