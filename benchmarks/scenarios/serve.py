@@ -30,7 +30,7 @@ def run(repeats: int) -> Section:
     routing = [names[i % ADAPTERS] for i in range(BATCH)]
     ours = qpeft_model(base, RANK, names).eval()
     plain = copy.deepcopy(base)
-    candidates = {"base": torch.no_grad()(lambda: plain(input_ids=ids))}
+    candidates = {"base": torch.no_grad()(lambda: plain(input_ids=ids).logits)}
 
     @torch.no_grad()
     def routed():
