@@ -26,7 +26,7 @@ class _OddLoRA(qpeft.LoRALinear):
 
 
 def test_matcher_registers_a_family_without_a_common_type(monkeypatch):
-    monkeypatch.setattr(registry, "_MATCHERS", list(registry._MATCHERS))
+    monkeypatch.setattr(registry.REGISTRY, "matchers", list(registry.REGISTRY.matchers))
     assert registry.lora_class_for(_Odd()) is None
     qpeft.register_lora_matcher(lambda m: getattr(m, "special", False), _OddLoRA)
     assert registry.lora_class_for(_Odd()) is _OddLoRA

@@ -192,7 +192,7 @@ def test_toggle_errors():
 
 
 def test_disabled_parent_classes_get_disabled_quantizers():
-    from qpeft.quant.registry import _REGISTRY
+    from qpeft.quant.registry import REGISTRY
 
     class Embedding(torch.nn.Linear):  # a registered type whose class name ModelOpt excludes
         pass
@@ -200,7 +200,7 @@ def test_disabled_parent_classes_get_disabled_quantizers():
     model = torch.nn.Sequential(Embedding(4, 4), torch.nn.Linear(4, 4))
     qpeft.quantize(model, "int8_weight_only")
     assert not model[0].weight_quantizer.is_enabled and model[1].weight_quantizer.is_enabled
-    assert Embedding not in _REGISTRY
+    assert Embedding not in REGISTRY.types
 
 
 def test_the_model_itself_cannot_be_the_layer():

@@ -1,26 +1,21 @@
-"""One registry from base layer types to their quantized wrapper, looked up along the MRO.
+"""The registry of quantized layers: base layer type -> its quantized wrapper.
 
-Like :mod:`qpeft.lora.registry`: plugins for optional libraries (transformers' ``Conv1D``) are
-imported the first time a lookup happens after the library itself has been imported.
+The transformers plugin (``Conv1D``) registers itself when transformers is imported; see
+:class:`qpeft.registry.WrapperRegistry`.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 from torch import nn
 
-from ..wrapping import innermost
+from ..registry import WrapperRegistry
 from .layer import QuantLinear, QuantModule
 
-__all__ = ["register_quant", "quant_class_for"]
+__all__ = ["register_quant", "quant_class_for", "REGISTRY"]
 
-_REGISTRY: dict[type, type[QuantModule]] = {nn.Linear: QuantLinear}
-
-# library module -> qpeft plugin module that registers its layers.
-_PLUGINS: dict[str, str] = {"transformers": "qpeft.quant.plugins.transformers"}
-_loaded: set[str] = set()
+REGISTRY = WrapperRegistry(
+    QuantModule, {nn.Linear: QuantLinear}, {"transformers": "qpeft.quant.plugins.transformers"}
+)
 
 
 def register_quant(base_type: type, wrapper: type[QuantModule]) -> None:
@@ -29,22 +24,9 @@ def register_quant(base_type: type, wrapper: type[QuantModule]) -> None:
     Raises:
         TypeError: if ``wrapper`` is not a :class:`QuantModule` subclass.
     """
-    if not (isinstance(wrapper, type) and issubclass(wrapper, QuantModule)):
-        raise TypeError(f"{wrapper!r} is not a QuantModule subclass")
-    _REGISTRY[base_type] = wrapper
-
-
-def _load_plugins() -> None:
-    for library, plugin in _PLUGINS.items():
-        if library in sys.modules and plugin not in _loaded:
-            _loaded.add(plugin)
-            importlib.import_module(plugin)
+    REGISTRY.register(base_type, wrapper)
 
 
 def quant_class_for(module: nn.Module) -> type[QuantModule] | None:
     """The quantized wrapper class for ``module`` (looking through qpeft wrappers), or None."""
-    _load_plugins()
-    for cls in type(innermost(module)).__mro__:
-        if cls in _REGISTRY:
-            return _REGISTRY[cls]
-    return None
+    return REGISTRY.lookup(module)
