@@ -20,7 +20,6 @@ every expert's pair from the rank-r SVD of its own residual ``W_p[e] - Q(W_p)[e]
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +30,7 @@ from torch import nn
 from ..config import PEFTAttributeConfig, resolve_initializer
 from ..wrapping import innermost
 from .expert_routing import Routing, expert_matmul
-from .init import truncated_svd
+from .init import truncated_svd, warn_svdquant_fallback
 from .layer import LoRAModule
 
 __all__ = ["Projection", "GroupedLoRA", "ExpertsLoRAAdapter", "LoRAExperts"]
@@ -193,10 +192,8 @@ class LoRAExperts(LoRAModule):
         factors.lora_a.zero_()
         factors.lora_b.zero_()
         if quantizer is None:
-            warnings.warn(
-                f"svdquant init: layer {layer_name!r} projection {name!r} has no weight quantizer "
-                "(quantize the experts first); falling back to zero-initialised A and B",
-                stacklevel=5,
+            warn_svdquant_fallback(
+                layer_name, f"projection {name!r} has no weight quantizer (quantize the experts first)", 6
             )
             return
         weight = getattr(self._inner(), name).detach()

@@ -90,14 +90,19 @@ def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return u[..., :k], s[..., :k], vh[..., :k, :]
 
 
+def warn_svdquant_fallback(layer_name: str, reason: str, stacklevel: int = 5) -> None:
+    """The one warning every LoRA layer gives when svdquant has no quantizer to work from."""
+    warnings.warn(
+        f"svdquant init: layer {layer_name!r} {reason}; falling back to zero-initialised A and B",
+        stacklevel=stacklevel,
+    )
+
+
 def _init_svdquant(adapter: LoRAAdapter, layer: LoRAModule, layer_name: str) -> None:
     residual = quantization_residual(layer)
     if residual is None:
-        warnings.warn(
-            f"svdquant init: layer {layer_name!r} has no enabled weight quantizer (run qpeft.quantize "
-            "before update_model); "
-            "falling back to zero-initialised A and B",
-            stacklevel=4,
+        warn_svdquant_fallback(
+            layer_name, "has no enabled weight quantizer (run qpeft.quantize before update_model)"
         )
         adapter.lora_a.zero_()
         adapter.lora_b.zero_()

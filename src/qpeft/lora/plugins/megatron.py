@@ -28,7 +28,6 @@ on its rank); expert tensor parallelism is rejected, and so are ``GroupedMLP`` /
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -47,7 +46,7 @@ from megatron.core.transformer.utils import (
 from torch import nn
 
 from ..adapter import LoRAAdapter
-from ..init import init_adapter, truncated_svd
+from ..init import init_adapter, truncated_svd, warn_svdquant_fallback
 from ..layer import LoRAModule
 from ..registry import register_lora
 
@@ -120,11 +119,7 @@ class _LoRAParallel(LoRAModule):
         full.lora_a.zero_()
         full.lora_b.zero_()
         if quantizer is None:
-            warnings.warn(
-                f"svdquant init: layer {layer_name!r} has no weight quantizer; "
-                "falling back to zero-initialised A and B",
-                stacklevel=5,
-            )
+            warn_svdquant_fallback(layer_name, "has no weight quantizer", 6)
             return
         weight = self.base_weight.detach()
         residual = self._gather(weight.float() - quantizer(weight).float())
