@@ -125,3 +125,17 @@ def hf_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Logits of a causal LM, last hidden state of an encoder."""
     out = model(input_ids=ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def fit_random_target(model: nn.Module, ids: torch.Tensor, steps: int, lr: float = 5e-3) -> list[float]:
+    """AdamW steps on the trainable parameters towards a fixed random target; the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    target = torch.randn_like(hf_output(model, ids))
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(hf_output(model, ids), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -7,7 +7,7 @@ import torch
 
 import qpeft
 
-from .models import HF_MODELS, hf_output, token_ids
+from .models import HF_MODELS, fit_random_target, hf_output, token_ids
 
 pytest.importorskip("transformers")
 
@@ -38,16 +38,7 @@ def test_a_few_steps_on_the_adapters_lower_the_loss(name):
     torch.manual_seed(0)  # eval mode: dropout off, so the loss comparison is deterministic
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all(p.requires_grad for n, p in model.named_parameters() if ".adapters." in n)
-    opt = torch.optim.AdamW(params, lr=5e-3)
-    ids = token_ids(12)
-    target = torch.randn_like(hf_output(model, ids))
-    losses = []
-    for _ in range(8):
-        loss = torch.nn.functional.mse_loss(hf_output(model, ids), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_random_target(model, token_ids(12), steps=8)
     assert losses[-1] < losses[0]
 
 

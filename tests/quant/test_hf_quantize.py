@@ -5,7 +5,7 @@ import torch
 
 import qpeft
 from qpeft.quant import model_quantizers
-from tests.models import HF_MODELS, hf_output, token_ids
+from tests.models import HF_MODELS, fit_random_target, hf_output, token_ids
 
 pytest.importorskip("transformers")
 
@@ -33,15 +33,7 @@ def test_lora_on_a_quantized_hf_model_trains_and_restores(name):
     model, ids = HF_MODELS[name](), token_ids(9)
     qpeft.quantize(model, "int8", forward_loop=lambda m: m(input_ids=ids))
     qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 4}, "*lm_head*": {"enable": False}}})
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    target = torch.randn_like(hf_output(model, ids))
-    losses = []
-    for _ in range(5):  # eval mode, so no dropout noise
-        loss = torch.nn.functional.mse_loss(hf_output(model, ids), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_random_target(model, ids, steps=5)  # eval mode, so no dropout noise
     assert losses[-1] < losses[0]
     fresh = HF_MODELS[name]().eval()
     qpeft.modes.replay(fresh, qpeft.state(model))
