@@ -105,6 +105,7 @@ def _scenario(mode):
         "disable_quantizer": lambda: qpeft.disable_quantizer(model, "*up.input_quantizer"),
         "enable_quantizer": lambda: (qpeft.disable_quantizer(model, None), qpeft.enable_quantizer(model, "*attn*")),
         "refine_svdquant": lambda: qpeft.refine_svdquant(model, "b", iters=1),
+        "input_sharing": lambda: qpeft.set_input_sharing(model, True),
     }
     assert mode in steps, f"mode {mode!r} has no save/restore scenario: add one here"
     steps[mode]()

@@ -4,9 +4,17 @@ import pytest
 import torch
 
 import qpeft
+import qpeft.lora.routing
 
 from .models import TinyBlock, tiny_llama
 from .tolerances import BF16_ATOL, BF16_RTOL, FASTPATH_ATOL, FASTPATH_RTOL
+
+
+@pytest.fixture(autouse=True, params=["dense", "gathered"])
+def path(request, monkeypatch):
+    """Run every test on both routed paths: the dense masked one (few tokens) and the gathered one."""
+    monkeypatch.setattr(qpeft.lora.routing, "DENSE_MARGIN", 10**9 if request.param == "dense" else -1)
+    return request.param
 
 
 def _model():
@@ -73,8 +81,9 @@ def test_routed_gradients_equal_per_sample_gradients():
             _alone(model, x[i:i + 1], name).square().sum().backward()
     alone = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert routed.keys() == alone.keys() and routed
-    for k in routed:
-        torch.testing.assert_close(routed[k], alone[k], atol=FASTPATH_ATOL, rtol=FASTPATH_RTOL, msg=k)
+    for k in routed:  # rounding is relative to the largest partial sums, so scale atol with them
+        scale = max(1.0, alone[k].abs().max().item())
+        torch.testing.assert_close(routed[k], alone[k], atol=FASTPATH_ATOL * scale, rtol=FASTPATH_RTOL, msg=k)
 
 
 def test_errors_name_the_problem_and_change_nothing():

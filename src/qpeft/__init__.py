@@ -24,6 +24,7 @@ from .lora import (
     register_lora,
     register_lora_matcher,
 )
+from .lora.siblings import set_input_sharing
 from .lora.svdquant import refine_svdquant
 from .modes import state
 from .parallel import (
@@ -110,6 +111,7 @@ __all__ = [
     "restore",
     "save",
     "save_adapters",
+    "set_input_sharing",
     "state",
     "unfreeze_lora_weights",
     "unmerge_adapters",

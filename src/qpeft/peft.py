@@ -18,6 +18,7 @@ from .lora.adapter import LoRAAdapter
 from .lora.init import init_adapter
 from .lora.layer import LoRAModule
 from .lora.registry import lora_class_for
+from .lora.siblings import link_siblings
 from .modes import record, register_mode
 from .patterns import merge_matching
 from .wrapping import ModuleWrapper
@@ -133,6 +134,7 @@ def _apply(model: nn.Module, cfg: PEFTConfig, plan: _Plan) -> None:
     for layer_name, attrs in plan.update.items():
         adapter = layers[layer_name].adapters[cfg.adapter_name]
         adapter.scale, adapter.enable = float(attrs.scale), bool(attrs.enable)
+    link_siblings(model)
     _set_base_trainable(model, not cfg.freeze_base_model)
     for layer_name in [*plan.add, *plan.update]:
         layers[layer_name].adapters[cfg.adapter_name].requires_grad_(not cfg.freeze_lora_weights)

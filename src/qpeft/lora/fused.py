@@ -1,25 +1,26 @@
-"""Fused LoRA update: ``y + sum_i s_i * B_i (A_i x)`` as one autograd function with ``addmm``.
+"""Fused LoRA update: ``y + sum_i s_i * B_i (A_i x)`` as one autograd node with ``addmm``.
 
-Shapes (tokens flattened): ``x: [N, in]``, ``y: [N, out]``, ``A_i: [r_i, in]``, ``B_i: [out, r_i]``.
-Several adapters of one layer are concatenated, ``A = [A_1; ...; A_k] : [R, in]`` and
-``B = [B_1 | ... | B_k] : [out, R]`` with ``R = sum r_i``, and a scale vector
-``s = [s_1 (r_1 times), ..., s_k (r_k times)] : [R]``:
+Shapes (tokens flattened): ``x: [N, in]``, ``y: [N, out]``, ``A: [R, in]``, ``B: [out, R]``.
+One adapter passes its own factors and its scale ``s`` as ``alpha``; several adapters of one layer
+are concatenated by autograd before the node, ``A = [A_1; ...; A_k]`` and
+``B = [s_1 B_1 | ... | s_k B_k]`` (scales folded into the small ``B``, ``alpha = 1``):
 
-    forward   t = (x A^T) * s             [N, R]   (the only tensor saved besides x, A, B)
-              out = addmm(y, t, B^T)       [N, out] (scale and add fused: one pass over the output)
-    backward  g_t = (g B) * s              [N, R]
-              dB  = g^T t                  [out, R]
-              dA  = g_t^T x                [R, in]
-              dx  = g_t A                  [N, in]  (added by autograd to the base's dx)
-              dy  = g                      (passed through unchanged)
+    forward   t   = x A^T                      [N, R]   (the only tensor saved besides x, A, B)
+              out = y + alpha * t B^T          [N, out] (one addmm: no separate scale or add pass)
+    backward  g_b = g B                        [N, R]
+              dB  = alpha * g^T t              [out, R]
+              dA  = alpha * g_b^T x            [R, in]
+              dx  = alpha * g_b A              [N, in]  (accumulated into the base's dx)
+              dy  = g                          (passed through unchanged)
 
-Compared with ``y + B(A(x)) * s`` this saves the separate scale and add passes over ``[N, out]``
-and saves only ``t`` (``R`` columns) for backward instead of the intermediate activations of two
-``F.linear`` calls. All tensors must share one dtype (the caller checks).
+Every ``alpha`` rides on a GEMM's own scaling (``addmm``'s ``alpha``): no pass over any tensor is
+spent on scales. All tensors share one dtype
+(the caller checks).
 
 :func:`linear_lora` also owns the base matmul of a plain ``nn.Linear`` (``y = x W^T + bias``), so the
 LoRA update is added in place into the fresh base output and, in backward,
-``dx = addmm(g W, g_t, A)`` needs no separate ``[N, in]`` add.
+``dx = addmm(g W, g_b, A)`` needs no separate ``[N, in]`` add. Without autograd (inference, or no
+input requiring grad) both run the same arithmetic directly, with no autograd node at all.
 """
 
 from __future__ import annotations
@@ -29,69 +30,72 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lora_addmm", "linear_lora"]
+__all__ = ["lora_addmm", "linear_lora", "linear_lora_from_t", "concat_factors"]
+
+Factors = Sequence[tuple[torch.Tensor, torch.Tensor, float]]
 
 
-def _concat(factors):
-    """``(A [R, in], B [out, R], per-adapter ranks)`` from ``(A_1, B_1, A_2, B_2, ...)``."""
-    a_list, b_list = factors[0::2], factors[1::2]
-    a = a_list[0] if len(a_list) == 1 else torch.cat(a_list, 0)
-    b = b_list[0] if len(b_list) == 1 else torch.cat(b_list, 1)
-    return a, b, [f.shape[0] for f in a_list]
+def concat_factors(factors: Factors) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A [R, in], B [out, R], alpha)`` for ``factors = [(A_i, B_i, s_i), ...]``.
+
+    One adapter keeps its factors and passes its scale as ``alpha``; several are concatenated with
+    each ``B_i`` scaled by ``s_i`` (small tensors; autograd routes the gradients back).
+    """
+    if len(factors) == 1:
+        a, b, s = factors[0]
+        return a, b, float(s)
+    return torch.cat([f[0] for f in factors], 0), *_concat_b(factors)
 
 
-def _low_rank(x2, a, scales, ranks):
-    """``t = (x A^T) * s : [N, R]``."""
-    t = x2 @ a.t()
-    scale = _scale_vector(scales, ranks, t)
-    return t.mul_(scale) if scale is not None else t
+def _concat_b(factors: Factors) -> tuple[torch.Tensor, float]:
+    if len(factors) == 1:
+        return factors[0][1], float(factors[0][2])
+    return torch.cat([f[1] if f[2] == 1.0 else f[1] * float(f[2]) for f in factors], 1), 1.0
 
 
-def _factor_grads(ctx, g, g_t, x2, t, first: int):
-    """Gradients of ``(A_1, B_1, ...)`` whose needs start at input position ``first``."""
-    need = ctx.needs_input_grad[first:]
-    wants_a, wants_b = any(need[0::2]), any(need[1::2])
-    n = len(ctx.ranks)
-    da = torch.split(g_t.t() @ x2, ctx.ranks, 0) if wants_a else [None] * n
-    db = torch.split(g.t() @ t, ctx.ranks, 1) if wants_b else [None] * n
-    out = []
-    for i in range(n):
-        out += [da[i] if need[2 * i] else None, db[i] if need[2 * i + 1] else None]
-    return out
+def _needs_graph(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _scaled_grad_t(ctx, g, b):
-    """``g_t = (g B) * s : [N, R]``."""
-    g_t = g @ b
-    scale = _scale_vector(ctx.scales, ctx.ranks, g_t)
-    return g_t.mul_(scale) if scale is not None else g_t
+def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha * m1 @ m2`` with the scale inside the GEMM (no separate pass)."""
+    if alpha == 1.0:
+        return torch.mm(m1, m2)
+    return torch.addmm(m1.new_zeros(()), m1, m2, beta=0, alpha=alpha)
+
+
+def _factor_grads(need_a: bool, need_b: bool, g, g_b, x2, t, alpha: float):
+    """``dA = alpha * g_b^T x`` and ``dB = alpha * g^T t``."""
+    da = _scaled_mm(g_b.t(), x2, alpha) if need_a else None
+    db = _scaled_mm(g.t(), t, alpha) if need_b else None
+    return da, db
 
 
 class _LoRAAddmm(torch.autograd.Function):
-    """``y + t B^T`` for a base output ``y`` computed outside (any base layer)."""
+    """``y + alpha * (x A^T) B^T`` for a base output ``y`` computed outside (any base layer)."""
 
     @staticmethod
-    def forward(ctx, x, y, scales, *factors):  # noqa: ANN001, ANN205 - autograd signature
-        a, b, ranks = _concat(factors)
+    def forward(ctx, x, y, a, b, alpha):  # noqa: ANN001, ANN205 - autograd signature
         x2 = x.reshape(-1, x.shape[-1])
-        t = _low_rank(x2, a, scales, ranks)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), t, b.t())
+        t = torch.mm(x2, a.t())
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), t, b.t(), alpha=alpha)
         ctx.save_for_backward(x2, t, a, b)
-        ctx.scales, ctx.ranks, ctx.x_shape = scales, ranks, x.shape
+        ctx.alpha, ctx.x_shape = alpha, x.shape
         return out.view(y.shape)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205 - autograd signature
         x2, t, a, b = ctx.saved_tensors
+        need_x, need_y, need_a, need_b, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
-        g_t = _scaled_grad_t(ctx, g, b)
-        dx = (g_t @ a).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        dy = grad if ctx.needs_input_grad[1] else None
-        return (dx, dy, None, *_factor_grads(ctx, g, g_t, x2, t, 3))
+        g_b = torch.mm(g, b) if need_x or need_a else None
+        dx = _scaled_mm(g_b, a, ctx.alpha).view(ctx.x_shape) if need_x else None
+        da, db = _factor_grads(need_a, need_b, g, g_b, x2, t, ctx.alpha)
+        return dx, (grad if need_y else None), da, db, None
 
 
 class _LinearLoRA(torch.autograd.Function):
-    """``x W^T + bias + t B^T`` for a plain ``nn.Linear`` base, base and LoRA in one node.
+    """``x W^T + bias + alpha * (x A^T) B^T`` for a plain ``nn.Linear`` base, in one node.
 
     Owning the base matmul lets backward accumulate the LoRA part of ``dx`` into ``g W`` in place
     (``addmm_``) instead of a separate add of two ``[N, in]`` gradients, and the forward add the
@@ -99,45 +103,37 @@ class _LinearLoRA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scales, *factors):  # noqa: ANN001, ANN205
-        a, b, ranks = _concat(factors)
-        y = F.linear(x, weight, bias)  # exactly what nn.Linear computes
-        if not y.is_contiguous():  # the in-place update below needs a flat view
-            y = y.contiguous()
-        x2 = x.reshape(-1, x.shape[-1])
-        t = _low_rank(x2, a, scales, ranks)
-        y.view(-1, y.shape[-1]).addmm_(t, b.t())
-        ctx.save_for_backward(x2, t, a, b, weight)
-        ctx.scales, ctx.ranks, ctx.x_shape = scales, ranks, x.shape
-        return y
+    def forward(ctx, x, weight, bias, a, b, alpha):  # noqa: ANN001, ANN205
+        return _linear_lora_values(x, weight, bias, a, b, alpha, ctx)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         x2, t, a, b, weight = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
-        g_t = _scaled_grad_t(ctx, g, b)
-        dx = (g @ weight).addmm_(g_t, a).view(ctx.x_shape) if need[0] else None
-        dw = g.t() @ x2 if need[1] else None
-        dbias = g.sum(0) if need[2] else None
-        return (dx, dw, dbias, None, *_factor_grads(ctx, g, g_t, x2, t, 4))
+        g_b = torch.mm(g, b) if need_x or need_a else None
+        dx = torch.mm(g, weight).addmm_(g_b, a, alpha=ctx.alpha).view(ctx.x_shape) if need_x else None
+        dw = torch.mm(g.t(), x2) if need_w else None
+        dbias = g.sum(0) if need_bias else None
+        da, db = _factor_grads(need_a, need_b, g, g_b, x2, t, ctx.alpha)
+        return dx, dw, dbias, da, db, None
 
 
-def _scale_vector(scales: Sequence[float], ranks: Sequence[int], like: torch.Tensor):
-    """``None`` when every scale is 1; a scalar for one scale; else the per-column ``[R]`` vector."""
-    if all(s == 1.0 for s in scales):
-        return None
-    if len(scales) == 1:
-        return scales[0]
-    return torch.cat([torch.full((r,), float(s), dtype=like.dtype, device=like.device)
-                      for s, r in zip(scales, ranks, strict=True)])
+def _linear_lora_values(x, weight, bias, a, b, alpha: float, ctx=None) -> torch.Tensor:
+    """The forward arithmetic of :class:`_LinearLoRA`; saves for backward when given ``ctx``."""
+    y = F.linear(x, weight, bias)  # exactly what nn.Linear computes
+    if not y.is_contiguous():  # the in-place update below needs a flat view
+        y = y.contiguous()
+    x2 = x.reshape(-1, x.shape[-1])
+    t = torch.mm(x2, a.t())
+    y.view(-1, y.shape[-1]).addmm_(t, b.t(), alpha=alpha)
+    if ctx is not None:
+        ctx.save_for_backward(x2, t, a, b, weight)
+        ctx.alpha, ctx.x_shape = alpha, x.shape
+    return y
 
 
-def lora_addmm(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
-) -> torch.Tensor:
+def lora_addmm(x: torch.Tensor, y: torch.Tensor, factors: Factors) -> torch.Tensor:
     """``y + sum s * (x @ A^T) @ B^T`` over ``factors = [(A, B, s), ...]`` in one fused step.
 
     Args:
@@ -148,15 +144,15 @@ def lora_addmm(
     Returns:
         A new tensor shaped like ``y``; gradients flow to ``x``, ``y``, every ``A`` and ``B``.
     """
-    flat = [f for a, b, _ in factors for f in (a, b)]
-    return _LoRAAddmm.apply(x, y, tuple(float(s) for *_, s in factors), *flat)
+    a, b, alpha = concat_factors(factors)
+    if _needs_graph(x, y, a, b):
+        return _LoRAAddmm.apply(x, y, a, b, alpha)
+    t = torch.mm(x.reshape(-1, x.shape[-1]), a.t())
+    return torch.addmm(y.reshape(-1, y.shape[-1]), t, b.t(), alpha=alpha).view(y.shape)
 
 
 def linear_lora(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, factors: Factors
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias) + sum s * (x @ A^T) @ B^T`` as one autograd node.
 
@@ -169,5 +165,29 @@ def linear_lora(
         ``[..., out]``; gradients flow to ``x``, ``weight``/``bias`` when they require grad, and
         every ``A`` and ``B``.
     """
-    flat = [f for a, b, _ in factors for f in (a, b)]
-    return _LinearLoRA.apply(x, weight, bias, tuple(float(s) for *_, s in factors), *flat)
+    a, b, alpha = concat_factors(factors)
+    if _needs_graph(x, weight, bias, a, b):
+        return _LinearLoRA.apply(x, weight, bias, a, b, alpha)
+    return _linear_lora_values(x, weight, bias, a, b, alpha)
+
+
+def linear_lora_from_t(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t: torch.Tensor, factors: Factors
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + t @ B^T`` (scales applied) with ``t = x @ A^T`` given.
+
+    For a ``t`` computed elsewhere (a column block of a product shared by layers reading the same
+    ``x``, see :mod:`qpeft.lora.siblings`). Plain autograd ops: the update is added in place into
+    the fresh base output; gradients reach ``t`` (and through it ``A`` and ``x``) and every ``B``.
+
+    Args:
+        x: the layer input ``[..., in]``.
+        weight, bias: the ``nn.Linear`` base's weight ``[out, in]`` and bias (or None).
+        t: ``x @ cat(A_i)^T`` flattened to ``[N, R]`` (may be a strided column block).
+        factors: the ``(A_i, B_i, s_i)`` of ``t``'s columns, in order.
+    """
+    b, alpha = _concat_b(factors)
+    x2 = x.reshape(-1, x.shape[-1])
+    y2 = F.linear(x2, weight, bias)
+    y2.addmm_(t, b.t(), alpha=alpha)
+    return y2.view(*x.shape[:-1], y2.shape[-1])

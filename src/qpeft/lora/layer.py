@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from ..wrapping import ModuleWrapper, innermost
 from .adapter import LoRAAdapter
-from .fused import linear_lora, lora_addmm
+from .fused import linear_lora, linear_lora_from_t, lora_addmm
 from .linear_bases import linear_operands
 from .routing import routed_forward
 
@@ -55,6 +55,7 @@ class LoRAModule(ModuleWrapper):
         super().__init__(base)
         self.adapters = nn.ModuleDict()
         self._routing = None  # set only inside qpeft.adapter_routing (per-sample adapters)
+        self._siblings = None  # a SiblingGroup sharing ``x @ A^T`` (see qpeft.lora.siblings)
 
     # -- what a subclass provides -------------------------------------------------------------
     @staticmethod
@@ -78,24 +79,44 @@ class LoRAModule(ModuleWrapper):
         """The original (master) weight of the innermost base layer."""
         return innermost(self).weight
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        base = self.base
+    def _split_active(self, x: torch.Tensor) -> tuple[list[LoRAAdapter], list[LoRAAdapter]]:
+        """Active adapters as ``(fused path, simple path)`` for input ``x``."""
         fused, rest = [], []
         for adapter in self.adapters.values():
             if adapter.active:
                 (fused if _fusable(adapter, x) else rest).append(adapter)
-        factors = [(a.lora_a, a.lora_b, a.scale) for a in fused]
+        return fused, rest
+
+    def shareable_in_features(self) -> int | None:
+        """``in_features`` when this layer type can share ``x @ A^T`` with siblings, else None."""
+        return None
+
+    def shareable_a(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The ``A`` factors of the fused base+LoRA path this layer would take for ``x``, or None."""
+        if self._routing is not None:
+            return None
+        fused, _ = self._split_active(x)
+        if not fused or linear_operands(self.base, x) is None:
+            return None
+        return tuple(a.lora_a for a in fused)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.base
+        fused, rest = self._split_active(x)
         operands = None
         if fused and self._routing is None and not args and not kwargs:
             operands = linear_operands(base, x)
         if operands is not None:
-            y = linear_lora(x, *operands, factors)
+            factors = [(a.lora_a, a.lora_b, a.scale) for a in fused]
+            group = self._siblings
+            t = group.low_rank(self, x, tuple(a.lora_a for a in fused)) if group is not None else None
+            y = linear_lora(x, *operands, factors) if t is None else linear_lora_from_t(x, *operands, t, factors)
         else:
             y = base(x, *args, **kwargs)
             if self._routing is not None:
                 return routed_forward(self, self._routing, x, y)
             if fused and y.dtype == x.dtype:
-                y = lora_addmm(x, y, factors)
+                y = lora_addmm(x, y, [(a.lora_a, a.lora_b, a.scale) for a in fused])
             else:
                 rest = fused + rest
         for adapter in rest:
@@ -115,6 +136,9 @@ class LoRALinear(LoRAModule):
     @staticmethod
     def features(base: nn.Module) -> tuple[int, int]:
         return base.in_features, base.out_features
+
+    def shareable_in_features(self) -> int | None:
+        return self.features(innermost(self))[0]
 
 
 class LoRAConv1D(LoRAModule):

@@ -10,6 +10,18 @@ all-zero adapter at index ``K`` for samples routed to no adapter):
 Two batched matmuls per dtype group whatever the mix of adapters: no loop over sub-batches. Zero
 padding and the zero adapter add exact zeros, so a sample routed to no adapter keeps the base output
 bit for bit. Gradients flow to the factors through the gather.
+
+With few tokens per sample (decoding: ``L = 1``) gathering ``[b, r, in]`` and ``[b, out, r]`` copies
+of the factors costs more than the products. There every token multiplies all ``K`` adapters at
+once and a mask keeps its own (no gather, two plain matmuls over the concatenated ranks
+``R = sum r_k``)::
+
+    A: [R, in]   B: [out, R]   m: [b, R] (s_k on the columns of sample i's adapter k, else 0)
+    t = (x A^T) * m[sample]    [b, L, R]
+    y = y + t B^T              [b, L, out]
+
+It does ``K`` times the adapter arithmetic, so it is taken only while ``L * (R - r) <= 16 r``
+(:data:`DENSE_MARGIN`), i.e. while that arithmetic is cheaper than the gathers.
 """
 
 from __future__ import annotations
@@ -21,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerRoute", "plan_route", "routed_forward"]
+__all__ = ["LayerRoute", "plan_route", "routed_forward", "DENSE_MARGIN"]
+
+DENSE_MARGIN = 16  # dense path while tokens_per_sample * (R - r) <= DENSE_MARGIN * r
 
 
 @dataclass(frozen=True)
@@ -68,9 +82,8 @@ def _stack(factors: list[torch.Tensor], rank_dim: int, rank: int) -> torch.Tenso
     return torch.stack(padded)
 
 
-def _group_update(x: torch.Tensor, y: torch.Tensor, adapters: list[nn.Module], index: torch.Tensor):
+def _gathered_update(x, y, adapters: list[nn.Module], index: torch.Tensor, rank: int):
     dtype = adapters[0].lora_a.dtype
-    rank = max(a.rank for a in adapters)
     a = _stack([m.lora_a for m in adapters], 0, rank)[index]  # [b, r, in]
     b = _stack([m.lora_b for m in adapters], 1, rank)[index]  # [b, out, r]
     scale = torch.tensor([m.scale for m in adapters] + [0.0], dtype=dtype, device=x.device)[index]
@@ -80,6 +93,28 @@ def _group_update(x: torch.Tensor, y: torch.Tensor, adapters: list[nn.Module], i
     if y.dtype == dtype:
         return torch.baddbmm(y3, t, b.transpose(1, 2)).view(y.shape)
     return (y3 + torch.bmm(t, b.transpose(1, 2)).to(y.dtype)).view(y.shape)
+
+
+def _dense_update(x, y, adapters: list[nn.Module], index: torch.Tensor):
+    dtype = adapters[0].lora_a.dtype
+    a = torch.cat([m.lora_a for m in adapters], 0)  # [R, in]
+    b = torch.cat([m.lora_b for m in adapters], 1)  # [out, R]
+    columns = torch.cat([torch.full((m.rank,), k, device=x.device) for k, m in enumerate(adapters)])
+    scales = torch.tensor([m.scale for m in adapters], dtype=dtype, device=x.device)
+    mask = torch.where(index[:, None] == columns[None, :], scales[columns][None, :], 0.0)  # [b, R]
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)
+    t = (x3 @ a.t()).mul_(mask[:, None, :]) if not a.requires_grad else (x3 @ a.t()) * mask[:, None, :]
+    update = (t @ b.t()).to(y.dtype)
+    return (y.reshape(update.shape) + update).view(y.shape)
+
+
+def _group_update(x: torch.Tensor, y: torch.Tensor, adapters: list[nn.Module], index: torch.Tensor):
+    rank = max(a.rank for a in adapters)
+    total = sum(a.rank for a in adapters)
+    tokens = x.numel() // (x.shape[0] * x.shape[-1])  # per sample
+    if tokens * (total - rank) <= DENSE_MARGIN * rank:
+        return _dense_update(x, y, adapters, index)
+    return _gathered_update(x, y, adapters, index, rank)
 
 
 def routed_forward(layer: nn.Module, route: LayerRoute, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
