@@ -123,7 +123,11 @@ def _build(target: Target, attrs: dict[str, QuantizerAttributeConfig | None], na
     quantizers: dict[str, TensorQuantizer] = {}
     for kind, cls in target.wrapper.quantizer_classes(target.raw).items():
         cfg = attrs.get(kind) or QuantizerAttributeConfig(enable=False)
-        quantizers[kind] = cls.from_config(cfg, name=f"{name}.{kind}")
+        label = f"{name}.{kind}"
+        try:
+            quantizers[kind] = cls.from_config(cfg, name=label)
+        except ValueError as err:  # e.g. an axis this layer's weight does not have
+            raise ValueError(f"quantizer {label!r}: {err}") from None
     return target.wrapper(target.raw, **quantizers)
 
 

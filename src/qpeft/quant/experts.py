@@ -48,6 +48,10 @@ class ExpertsTensorQuantizer(TensorQuantizer):
         if self.axis is not None and self.axis not in (-2, -1, 0, 1):
             raise ValueError(f"axis: an expert's weight is 2-D, so axis must be 0 or 1, got {self.axis}")
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize every expert's matrix; contiguous (block padding is sliced off) for the kernels."""
+        return super().forward(x).contiguous()
+
     def _amax_of(self, xa: torch.Tensor) -> torch.Tensor:
         if xa.dim() != 3:
             raise ValueError(f"{self._label()}: expected a 3-D [experts, rows, cols] tensor, got {tuple(xa.shape)}")
