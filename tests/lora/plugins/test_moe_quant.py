@@ -125,3 +125,15 @@ def test_save_restore_of_a_quantized_lora_moe_model(tmp_path):
     restored = qpeft.restore(MOE_MODELS["mixtral"](), tmp_path / "ck")
     assert isinstance(restored.model.layers[1].mlp.experts.base, QuantExperts)
     assert torch.equal(_logits(restored, ids), _logits(model, ids))
+
+
+def test_disabled_adapters_run_the_quantized_experts_own_forward():
+    model, ids = _quantized("qwen3_moe"), token_ids()
+    ref = _logits(model, ids)
+    qpeft.update_model(model, {"adapter_cfg": {"*experts": {"rank": 4, "lora_b_init": RANDOM_B}}})
+    calls = []
+    model.model.layers[0].mlp.experts.base.register_forward_hook(lambda *_: calls.append(1))
+    assert not torch.equal(_logits(model, ids), ref) and not calls  # adapters on: the LoRA path
+    with qpeft.disabled_adapters(model):
+        assert torch.equal(_logits(model, ids), ref)
+    assert calls == [1]  # adapters off: QuantExperts' own forward, whatever the implementation
