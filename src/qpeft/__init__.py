@@ -53,6 +53,7 @@ from .quant import (
     fake_quant_nvfp4,
     quantize,
     register_quant,
+    register_quant_matcher,
 )
 from .routing import adapter_routing
 
@@ -76,6 +77,7 @@ __all__ = [
     "quantize",
     "refine_svdquant",
     "register_quant",
+    "register_quant_matcher",
     # distributed (issue 5)
     "LoRAColwiseParallel",
     "LoRARowwiseParallel",

@@ -6,10 +6,11 @@ For a layer with master weight ``W`` (``[out, in]`` after ``to_out_in``) and an 
 skips it; ``unmerge`` subtracts the same delta (in reverse merge order) and clears the mark.
 
 ``export`` folds every active adapter (enabled, not yet merged), drops the rest, and puts each
-layer's ``base`` (the original module object) back in its place. On a quantized base (``layer.base``
-has a ``weight_quantizer``) the fold goes into the master weight and the quantizer stays: outputs
-then become ``Q(W + dW) x`` instead of ``Q(W) x + dW x``, and export warns with the largest output
-change it measures on a fixed random probe input of each such layer.
+layer's ``base`` (the original module object) back in its place. On a quantized base (a layer from
+``qpeft.quantize``, grouped experts included, or one with a ``weight_quantizer``) the fold goes into
+the master weight and the quantizer stays: outputs then become ``Q(W + dW) x`` instead of
+``Q(W) x + dW x``, and export warns with the largest output change it measures on a fixed random
+probe input of each such layer (experts: probe row ``i`` routed to expert ``i mod E``).
 
 Inside :func:`qpeft.modes.restoring` (a replay during ``restore``) the weights are not touched,
 because the saved, already merged weights are loaded right after.
@@ -25,9 +26,11 @@ from torch import nn
 
 from .config import ExportPEFTConfig
 from .lora.adapter import LoRAAdapter
+from .lora.experts import LoRAExperts
 from .lora.layer import LoRAModule
 from .modes import is_restoring, record, register_mode
 from .peft import lora_layers
+from .quant.layer import QuantModule
 from .wrapping import innermost
 
 __all__ = ["merge_adapters", "unmerge_adapters", "export"]
@@ -151,27 +154,39 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def _probe(layer: LoRAModule) -> torch.Tensor:
-    in_features, _ = layer.features(innermost(layer))
-    weight = layer.base_weight
+def _probe(layer: LoRAModule) -> tuple[torch.Tensor, ...]:
+    """Fixed random inputs: ``x [rows, in]``; an experts layer also routes row ``i`` to expert ``i mod E``."""
     gen = torch.Generator().manual_seed(PROBE_SEED)
-    return torch.randn(PROBE_ROWS, in_features, generator=gen).to(weight.device, weight.dtype)
+    inner = innermost(layer)
+    if isinstance(layer, LoRAExperts):
+        weight = next(iter(layer.base_weights().values()))
+        hidden = next(iter(layer.projections(inner).values())).in_features
+        x = torch.randn(PROBE_ROWS, hidden, generator=gen).to(weight.device, weight.dtype)
+        experts = torch.arange(PROBE_ROWS, device=weight.device) % layer.num_experts(inner)
+        return x, experts.unsqueeze(-1), torch.ones(PROBE_ROWS, 1, device=weight.device, dtype=weight.dtype)
+    in_features, _ = layer.features(inner)
+    weight = layer.base_weight
+    return (torch.randn(PROBE_ROWS, in_features, generator=gen).to(weight.device, weight.dtype),)
+
+
+def _quantized_base(layer: LoRAModule) -> bool:
+    return isinstance(layer.base, QuantModule) or getattr(layer.base, "weight_quantizer", None) is not None
 
 
 def _export(model: nn.Module, folds: dict[str, list[str]]) -> None:
     layers = _layers_or_raise(model)
     _check_selection(layers, folds, "export")
-    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    quantized: dict[str, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
     with torch.no_grad():
         for layer_name, layer in layers.items():
             names = folds.get(layer_name, [])
-            if names and not is_restoring() and getattr(layer.base, "weight_quantizer", None) is not None:
+            if names and not is_restoring() and _quantized_base(layer):
                 x = _probe(layer)
-                quantized[layer_name] = (x, layer(x))
+                quantized[layer_name] = (x, layer(*x))
             for name in names if not is_restoring() else []:
                 _fold(layer, layer.adapters[name], 1.0)
             model.set_submodule(layer_name, layer.base)
-        changes = {n: (layers[n].base(x) - y).abs().max().item() for n, (x, y) in quantized.items()}
+        changes = {n: (layers[n].base(*x) - y).abs().max().item() for n, (x, y) in quantized.items()}
     record(model, "export", {"folded": folds})
     if changes:
         worst = max(changes, key=changes.get)

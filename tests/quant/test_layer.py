@@ -73,7 +73,7 @@ def test_conv1d_with_quantizers_disabled_is_bit_identical():
 
 # ------------------------------------------------------------------------------ the weight cache
 def _cached(layer):
-    return layer._weight_cache.is_filled
+    return layer._weight_caches["weight_quantizer"].is_filled
 
 
 def test_frozen_weight_is_quantized_once_and_reused():

@@ -92,7 +92,7 @@ def test_training_on_a_quantized_base_lowers_the_loss(order):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
-    assert model.attn.q_proj.base._weight_cache.is_filled  # frozen base: quantized once
+    assert model.attn.q_proj.base._weight_caches["weight_quantizer"].is_filled  # frozen base: quantized once
 
 
 def test_replay_of_lora_then_quant_then_strict_load_is_bit_identical():

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PEFTAttributeConfig, resolve_initializer
+from ..quant.layer import QuantModule
 from ..wrapping import innermost
 from .expert_routing import Routing, expert_matmul
 from .init import truncated_svd, warn_svdquant_fallback
@@ -155,7 +156,12 @@ class LoRAExperts(LoRAModule):
         return getattr(self.base, f"{name}_weight_quantizer", None)
 
     def effective_weight(self, name: str) -> torch.Tensor:
-        """Projection ``name``'s weight as the forward uses it: fake-quantized when it has a quantizer."""
+        """Projection ``name``'s weight as the forward uses it: fake-quantized when it has a quantizer.
+
+        Over a quantized experts wrapper (``qpeft.quantize``) this is the wrapper's cached ``Q(W)``.
+        """
+        if isinstance(self.base, QuantModule):
+            return self.base.quantized(f"{name}_weight_quantizer")
         weight = getattr(self._inner(), name)
         quantizer = self.weight_quantizer(name)
         return weight if quantizer is None else quantizer(weight)
@@ -191,9 +197,9 @@ class LoRAExperts(LoRAModule):
         quantizer = self.weight_quantizer(name)
         factors.lora_a.zero_()
         factors.lora_b.zero_()
-        if quantizer is None:
+        if quantizer is None or not getattr(quantizer, "is_enabled", True):
             warn_svdquant_fallback(
-                layer_name, f"projection {name!r} has no weight quantizer (quantize the experts first)", 6
+                layer_name, f"projection {name!r} has no enabled weight quantizer (quantize the experts first)", 6
             )
             return
         weight = getattr(self._inner(), name).detach()

@@ -7,7 +7,7 @@ from .config import (
     PRESETS,
     QuantizerAttributeConfig,
 )
-from .layer import QuantConv1D, QuantLinear, QuantModule, TransposedTensorQuantizer
+from .layer import QuantConv1D, QuantDense, QuantLinear, QuantModule, TransposedTensorQuantizer
 from .numerics import (
     apply_ste,
     e2m1_magnitude,
@@ -20,12 +20,13 @@ from .numerics import (
     pow2,
 )
 from .quantizer import TensorQuantizer
-from .registry import quant_class_for, register_quant
+from .registry import quant_class_for, register_quant, register_quant_matcher
 from .targets import quantized_layers
 from .toggle import disable_quantizer, enable_quantizer, model_quantizers
 
 __all__ = [
     "QuantConv1D",
+    "QuantDense",
     "QuantLinear",
     "QuantModule",
     "QuantizeConfig",
@@ -37,6 +38,7 @@ __all__ = [
     "quantize",
     "quantized_layers",
     "register_quant",
+    "register_quant_matcher",
     "DISABLED_NAME_PATTERNS",
     "DISABLED_PARENT_CLASSES",
     "PRESETS",

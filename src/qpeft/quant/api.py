@@ -3,7 +3,8 @@
 ``config`` is a preset name (:data:`PRESETS`) or a :class:`QuantizeConfig` (or its dict):
 ``quant_cfg`` is an ordered map from quantizer-name patterns (``"*weight_quantizer"``,
 ``"*input_quantizer"``, ``"*lm_head*"``, or callables) to ModelOpt-style attribute dicts. Each
-quantizer ``<layer>.weight_quantizer`` / ``<layer>.input_quantizer`` merges every matching entry in
+quantizer ``<layer>.weight_quantizer`` / ``<layer>.input_quantizer`` (grouped MoE experts:
+``<layer>.<projection>_weight_quantizer``, no input quantizer) merges every matching entry in
 order, key by key (:func:`qpeft.patterns.merge_matching`); one that no entry matches is disabled,
 and a layer none of whose quantizers is matched is left alone. Layers whose class is one of
 ModelOpt's ``DISABLED_PARENT_CLASSES`` get disabled quantizers.
@@ -42,7 +43,6 @@ from .targets import Target, quant_targets
 
 __all__ = ["QuantizeConfig", "quantize"]
 
-QUANTIZERS = ("weight_quantizer", "input_quantizer")
 _FIELDS = set(QuantizerAttributeConfig.model_fields)
 
 
@@ -121,19 +121,23 @@ def _disabled_parent(raw: nn.Module) -> bool:
 
 def _build(target: Target, attrs: dict[str, QuantizerAttributeConfig | None], name: str) -> QuantModule:
     quantizers: dict[str, TensorQuantizer] = {}
-    for kind in QUANTIZERS:
-        cls = target.wrapper.weight_quantizer_class if kind == "weight_quantizer" else TensorQuantizer
-        cfg = attrs[kind] or QuantizerAttributeConfig(enable=False)
-        quantizers[kind] = cls.from_config(cfg, name=f"{name}.{kind}")
+    for kind, cls in target.wrapper.quantizer_classes(target.raw).items():
+        cfg = attrs.get(kind) or QuantizerAttributeConfig(enable=False)
+        label = f"{name}.{kind}"
+        try:
+            quantizers[kind] = cls.from_config(cfg, name=label)
+        except ValueError as err:  # e.g. an axis this layer's weight does not have
+            raise ValueError(f"quantizer {label!r}: {err}") from None
     return target.wrapper(target.raw, **quantizers)
 
 
 @torch.no_grad()
-def _calibrate_weight(layer: QuantModule) -> None:
-    quantizer = layer.weight_quantizer
-    if quantizer.is_enabled:
-        with quantizer.calibrating():
-            quantizer(layer.base.weight)
+def _calibrate_weights(layer: QuantModule) -> None:
+    quantizers = layer.quantizers()
+    for kind, weight in layer.weights().items():
+        if quantizers[kind].is_enabled:
+            with quantizers[kind].calibrating():
+                quantizers[kind](weight)
 
 
 def _plan(model: nn.Module, cfg: QuantizeConfig) -> tuple[dict[str, QuantModule], dict[str, Any]]:
@@ -144,13 +148,14 @@ def _plan(model: nn.Module, cfg: QuantizeConfig) -> tuple[dict[str, QuantModule]
     resolved: dict[str, Any] = {}
     for name, target in targets.items():
         off = _disabled_parent(target.raw)
-        attrs = {k: _resolve(f"{name}.{k}", cfg.quant_cfg, off) for k in QUANTIZERS}
+        kinds = target.wrapper.quantizer_classes(target.raw)
+        attrs = {k: _resolve(f"{name}.{k}", cfg.quant_cfg, off) for k in kinds}
         if all(a is None for a in attrs.values()):
             continue
         if not target.slot:
             raise ValueError("the model itself is a quantizable layer; wrap it in a container module")
         wrappers[name] = _build(target, attrs, name)
-        _calibrate_weight(wrappers[name])
+        _calibrate_weights(wrappers[name])
         resolved[name] = {k: (a or QuantizerAttributeConfig(enable=False)).model_dump(mode="json")
                           for k, a in attrs.items()}
     if not wrappers:
@@ -171,15 +176,15 @@ def _amax_shape(quantizer: TensorQuantizer) -> list[int] | None:
 
 def _log_entry(algorithm: str, resolved: dict[str, Any], wrappers: dict[str, QuantModule]) -> dict[str, Any]:
     layers = {
-        name: {kind: {"attributes": resolved[name][kind], "amax_shape": _amax_shape(getattr(w, kind))}
-               for kind in QUANTIZERS}
+        name: {kind: {"attributes": resolved[name][kind], "amax_shape": _amax_shape(q)}
+               for kind, q in w.quantizers().items()}
         for name, w in wrappers.items()
     }
     return {"algorithm": algorithm, "layers": layers}
 
 
 def _warn_uncalibrated(wrappers: dict[str, QuantModule]) -> None:
-    missing = [q.name for w in wrappers.values() for q in (w.input_quantizer,)
+    missing = [q.name for w in wrappers.values() for q in w.input_quantizers().values()
                if q.is_enabled and q.needs_amax and q.amax is None]
     if missing:
         warnings.warn(
@@ -235,13 +240,13 @@ def rebuild(model: nn.Module, entry: dict[str, Any]) -> None:
         raise ValueError(f"quantize replay: model has no quantizable layer {missing[0]!r}")
     wrappers = {}
     for name, layer in entry["layers"].items():
-        attrs = {k: QuantizerAttributeConfig(**layer[k]["attributes"]) for k in QUANTIZERS}
+        attrs = {k: QuantizerAttributeConfig(**v["attributes"]) for k, v in layer.items()}
         wrapper = _build(targets[name], attrs, name)
-        device = targets[name].raw.weight.device
-        for kind in QUANTIZERS:
-            shape = layer[kind]["amax_shape"]
+        device = next(iter(wrapper.weights().values())).device
+        for kind, quantizer in wrapper.quantizers().items():
+            shape = layer[kind]["amax_shape"] if kind in layer else None
             if shape is not None:
-                getattr(wrapper, kind).amax = torch.zeros(shape, device=device)
+                quantizer.amax = torch.zeros(shape, device=device)
         wrappers[name] = wrapper
     _apply(model, wrappers)
 

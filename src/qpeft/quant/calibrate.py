@@ -52,10 +52,10 @@ def calibrate_inputs(
     forward_loop: Callable[[nn.Module], Any],
 ) -> None:
     """Record the input amax of every enabled input quantizer of ``wrappers`` over ``forward_loop``."""
-    todo = {name: w.input_quantizer for name, w in wrappers.items() if w.input_quantizer.is_enabled}
+    todo = [(name, q) for name, w in wrappers.items() for q in w.input_quantizers().values() if q.is_enabled]
     with ExitStack() as stack:
         stack.enter_context(quantizers_off(model))
-        for name, quantizer in todo.items():
+        for name, quantizer in todo:
             stack.enter_context(quantizer.calibrating())
             slot = model.get_submodule(targets[name].slot)
             handle = slot.register_forward_pre_hook(_feed(quantizer), with_kwargs=True)

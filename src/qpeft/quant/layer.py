@@ -1,6 +1,9 @@
-"""Quantized layers: a wrapper by composition holding ``weight_quantizer`` and ``input_quantizer``.
+"""Quantized layers: a wrapper by composition holding named quantizers.
 
-For ``nn.Linear`` (``W: [out, in]``, ``x: [..., in]``)::
+:class:`QuantModule` is the generic wrapper (the raw layer plus ``TensorQuantizer`` children,
+each weight with its own ``Q(W)`` cache); :class:`QuantDense` is the one-weight, one-input kind
+with ``weight_quantizer`` and ``input_quantizer`` (grouped MoE experts have one weight quantizer
+per projection instead, see :mod:`qpeft.quant.experts`). For ``nn.Linear`` (``W: [out, in]``, ``x: [..., in]``)::
 
     y = F.linear(Qin(x), Qw(W), b)                    : [..., out]
 
@@ -28,7 +31,7 @@ from ..wrapping import ModuleWrapper, innermost
 from .cache import WeightCache
 from .quantizer import TensorQuantizer
 
-__all__ = ["QuantModule", "QuantLinear", "QuantConv1D", "TransposedTensorQuantizer"]
+__all__ = ["QuantModule", "QuantDense", "QuantLinear", "QuantConv1D", "TransposedTensorQuantizer"]
 
 
 class TransposedTensorQuantizer(TensorQuantizer):
@@ -43,9 +46,72 @@ class TransposedTensorQuantizer(TensorQuantizer):
 
 
 class QuantModule(ModuleWrapper):
-    """Base class of quantized layers. Subclasses compute the layer from ``(x, Qw(W))``."""
+    """Base class of quantized layers: the raw layer as ``base`` plus named ``TensorQuantizer`` children.
+
+    A subclass says which quantizers a raw layer gets (:meth:`quantizer_classes`) and which weight
+    each weight quantizer reads (:meth:`weights`); the others are input quantizers. Every weight
+    has its own cache of ``Q(W)`` (:meth:`quantized`).
+    """
+
+    @classmethod
+    def quantizer_classes(cls, raw: nn.Module) -> dict[str, type[TensorQuantizer]]:
+        """``{quantizer name: TensorQuantizer class}`` of the wrapper around ``raw`` (subclasses)."""
+        raise NotImplementedError
+
+    def __init__(self, base: nn.Module, **quantizers: TensorQuantizer | None) -> None:
+        """Wrap ``base`` with the given quantizers; missing ones are disabled ones.
+
+        Raises:
+            TypeError: ``base`` is already quantized, or a quantizer name the layer does not have.
+        """
+        if isinstance(base, QuantModule):
+            raise TypeError("cannot wrap a quantized layer in another QuantModule")
+        classes = self.quantizer_classes(base)
+        unknown = sorted(set(quantizers) - set(classes))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown quantizer(s) {unknown}; known: {list(classes)}")
+        super().__init__(base)
+        for name, cls in classes.items():
+            given = quantizers.get(name)
+            self.add_module(name, cls(enabled=False) if given is None else given)
+        self._weight_caches = {name: WeightCache() for name in self.weights()}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """``{weight quantizer name: the weight it quantizes}`` (subclasses)."""
+        raise NotImplementedError
+
+    def quantizers(self) -> dict[str, TensorQuantizer]:
+        """Every quantizer of the layer by name, weight quantizers first."""
+        return {name: getattr(self, name) for name in self.quantizer_classes(innermost(self))}
+
+    def input_quantizers(self) -> dict[str, TensorQuantizer]:
+        """The quantizers that are not weight quantizers, by name."""
+        weights = self.weights()
+        return {name: q for name, q in self.quantizers().items() if name not in weights}
+
+    def quantized(self, name: str) -> torch.Tensor:
+        """``Q(W)`` of weight quantizer ``name`` in the weight's storage layout (cached while frozen)."""
+        return self._weight_caches[name].get(self.weights()[name], getattr(self, name))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A deepcopy/pickle must not carry a cached tensor tied to the old weight.
+        state = super().__getstate__()
+        state["_weight_caches"] = {name: WeightCache() for name in state["_weight_caches"]}
+        return state
+
+
+class QuantDense(QuantModule):
+    """A layer with one ``weight`` and one input: ``weight_quantizer`` and ``input_quantizer``.
+
+    Subclasses compute the layer from ``(Qin(x), Qw(W))`` (:meth:`compute`).
+    """
 
     weight_quantizer_class: type[TensorQuantizer] = TensorQuantizer
+
+    @classmethod
+    def quantizer_classes(cls, raw: nn.Module) -> dict[str, type[TensorQuantizer]]:
+        """``weight_quantizer`` (:attr:`weight_quantizer_class`) and ``input_quantizer``."""
+        return {"weight_quantizer": cls.weight_quantizer_class, "input_quantizer": TensorQuantizer}
 
     def __init__(
         self,
@@ -54,16 +120,15 @@ class QuantModule(ModuleWrapper):
         input_quantizer: TensorQuantizer | None = None,
     ) -> None:
         """Wrap ``base``; missing quantizers are disabled ones."""
-        if isinstance(base, QuantModule):
-            raise TypeError("cannot wrap a quantized layer in another QuantModule")
-        super().__init__(base)
-        self.weight_quantizer = weight_quantizer or self.weight_quantizer_class(enabled=False)
-        self.input_quantizer = input_quantizer or TensorQuantizer(enabled=False)
-        self._weight_cache = WeightCache()
+        super().__init__(base, weight_quantizer=weight_quantizer, input_quantizer=input_quantizer)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """``{"weight_quantizer": base.weight}``."""
+        return {"weight_quantizer": innermost(self).weight}
 
     def quantized_weight(self) -> torch.Tensor:
         """``Qw(W)`` in the base's storage layout (cached while the weight is frozen)."""
-        return self._weight_cache.get(innermost(self).weight, self.weight_quantizer)
+        return self.quantized("weight_quantizer")
 
     def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The base layer's math with ``weight`` in place of its own (subclasses)."""
@@ -72,21 +137,15 @@ class QuantModule(ModuleWrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.compute(self.input_quantizer(x), self.quantized_weight())
 
-    def __getstate__(self) -> dict[str, Any]:
-        # A deepcopy/pickle must not carry a cached tensor tied to the old weight.
-        state = super().__getstate__()
-        state["_weight_cache"] = WeightCache()
-        return state
 
-
-class QuantLinear(QuantModule):
+class QuantLinear(QuantDense):
     """Quantized ``nn.Linear``: ``F.linear(Qin(x), Qw(W), b)``."""
 
     def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, innermost(self).bias)
 
 
-class QuantConv1D(QuantModule):
+class QuantConv1D(QuantDense):
     """Quantized transformers ``Conv1D`` (``W: [in, out]``): ``addmm(b, Qin(x), Qw(W))``."""
 
     weight_quantizer_class = TransposedTensorQuantizer

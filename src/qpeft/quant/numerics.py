@@ -155,8 +155,10 @@ def fake_quant_nvfp4(
 
     Args:
         x: input tensor; the last dim is zero-padded to a multiple of ``block_size``.
-        global_amax: per-tensor amax (calibrated, or ``x.abs().amax()``). A zero
-            global amax uses a global scale of 1 (ModelOpt would return NaN).
+        global_amax: per-tensor amax (calibrated, or ``x.abs().amax()``), or one amax per
+            leading index broadcastable to ``x`` (e.g. ``[E, 1, 1]``: one per expert matrix of
+            ``x: [E, out, in]``, each exactly as if quantized alone). A zero global amax uses a
+            global scale of 1 (ModelOpt would return NaN).
         block_size: elements sharing one E4M3 scale.
 
     Raises:
@@ -165,6 +167,8 @@ def fake_quant_nvfp4(
     a = _amax_fp32(global_amax, x)
     g = a / _const(E2M1_MAX * E4M3_MAX, x)
     g = torch.where(g > 0, g, _const(1.0, x))
+    if g.dim():
+        g = g.unsqueeze(-1)  # broadcastable to x -> to its blocks [..., n_blocks, block_size]
     blocks = _to_blocks(x, block_size)
     scale = nvfp4_block_scale(blocks.float().abs().amax(dim=-1, keepdim=True), g)
     t = blocks / scale

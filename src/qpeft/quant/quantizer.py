@@ -145,14 +145,16 @@ class TensorQuantizer(nn.Module):
     def _collect(self, x: torch.Tensor) -> None:
         if self.fmt == "mxfp4" or (self.fmt == "int" and self.block_size is not None):
             return  # fully dynamic: nothing to calibrate
-        xa = x.detach().abs().float()
-        if self.axis is None or self.fmt == "nvfp4":
-            amax = xa.amax()
-        else:
-            axis = self.axis % x.dim()
-            dims = [d for d in range(x.dim()) if d != axis]
-            amax = xa.amax(dim=dims, keepdim=True) if dims else xa
+        amax = self._amax_of(x.detach().abs().float())
         self._amax = amax if self._amax is None else torch.maximum(self._amax, amax)
+
+    def _amax_of(self, xa: torch.Tensor) -> torch.Tensor:
+        """The static amax of ``xa = |x|`` (fp32): per tensor (nvfp4's global amax too) or per ``axis``."""
+        if self.axis is None or self.fmt == "nvfp4":
+            return xa.amax()
+        axis = self.axis % xa.dim()
+        dims = [d for d in range(xa.dim()) if d != axis]
+        return xa.amax(dim=dims, keepdim=True) if dims else xa
 
     # --------------------------------------------------------------- forward
     def _label(self) -> str:
@@ -184,7 +186,7 @@ class TensorQuantizer(nn.Module):
         if self.fmt == "mxfp4":
             return apply_ste(fake_quant_mxfp4, x, self.block_size)
         if self.fmt == "nvfp4":
-            amax = self._amax if self._amax is not None else x.detach().abs().amax().float()
+            amax = self._amax if self._amax is not None else self._amax_of(x.detach().abs().float())
             amax = amax.to(x.device)
             clip = None if self.pass_through_bwd else amax
             return apply_ste(fake_quant_nvfp4, x, amax, self.block_size, clip_amax=clip)

@@ -1,9 +1,9 @@
 """``enable_quantizer`` / ``disable_quantizer``: switch quantizers on or off by logical name.
 
-Quantizer names are ``<logical layer name>.weight_quantizer`` and ``.input_quantizer`` (see
-:mod:`qpeft.quant.targets`). A disabled quantizer returns its input unchanged, so with every
-quantizer disabled a quantized model computes exactly what the unquantized one does. Each call
-records the concrete quantizer names it switched.
+Quantizer names are ``<logical layer name>.weight_quantizer`` and ``.input_quantizer`` (grouped
+experts: ``.<projection>_weight_quantizer``; see :mod:`qpeft.quant.targets`). A disabled quantizer
+returns its input unchanged, so with every quantizer disabled a quantized model computes exactly
+what the unquantized one does. Each call records the concrete quantizer names it switched.
 """
 
 from __future__ import annotations
@@ -19,15 +19,13 @@ from .targets import quantized_layers
 
 __all__ = ["enable_quantizer", "disable_quantizer", "model_quantizers"]
 
-_KINDS = ("weight_quantizer", "input_quantizer")
-
 
 def model_quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
-    """Every quantizer of ``model`` by logical name (``<layer>.weight_quantizer`` ...)."""
+    """Every quantizer of ``model`` by logical name (``<layer>.weight_quantizer``, ``<layer>.input_quantizer``...)."""
     return {
-        f"{layer_name}.{kind}": getattr(layer, kind)
+        f"{layer_name}.{kind}": quantizer
         for layer_name, layer in quantized_layers(model).items()
-        for kind in _KINDS
+        for kind, quantizer in layer.quantizers().items()
     }
 
 

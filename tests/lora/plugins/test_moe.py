@@ -272,7 +272,7 @@ def test_svdquant_without_quantizer_warns_and_keeps_output():
     model = MOE_MODELS["qwen3_moe"]()
     ids = _ids()
     ref = _logits(model, ids)
-    with pytest.warns(UserWarning, match="no weight quantizer"):
+    with pytest.warns(UserWarning, match="no enabled weight quantizer"):
         qpeft.update_model(model, {"adapter_cfg": {"*experts": {"rank": 2, "lora_init_method": "svdquant"}}})
     assert torch.equal(_logits(model, ids), ref)
 

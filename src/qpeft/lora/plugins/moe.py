@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers.integrations.moe import _batched_linear, _grouped_linear
 
+from ...quant.layer import QuantModule
 from ..expert_routing import Routing
 from ..experts import LoRAExperts, Projection
 from ..registry import register_lora_matcher
@@ -87,8 +88,12 @@ class LoRAHFExperts(LoRAExperts):
         """``[T, H]`` tokens, ``[T, k]`` expert indices and weights -> ``[T, H]``."""
         inner = self._inner()
         names = list(self.projections(inner))
-        quantized = any(self.weight_quantizer(n) is not None for n in names)
-        if not self.active_adapters() and not quantized:
+        # A quantized experts wrapper (qpeft.quantize) runs Q(W) itself; quantizers set directly
+        # on the raw module only act through the LoRA path.
+        raw_quantized = not isinstance(self.base, QuantModule) and any(
+            self.weight_quantizer(n) is not None for n in names
+        )
+        if not self.active_adapters() and not raw_quantized:
             return self.base(hidden_states, top_k_index, top_k_weights)
         implementation = getattr(getattr(inner, "config", None), "_experts_implementation", None)
         routing = Routing.build(
