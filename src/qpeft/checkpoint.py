@@ -14,6 +14,11 @@ A full checkpoint (``save``) is a directory with
 also captures direct edits such as ``adapter.scale = 2``), checks every key, shape and dtype, then
 copies the tensors. It runs through :func:`qpeft.transaction.apply_atomically`, so a failure leaves
 the passed model untouched. An adapter file (``save_adapters``) holds only the adapters.
+
+On a sharded model (FSDP2, tensor parallelism) ``save`` and ``save_adapters`` are collectives that
+gather and write on rank 0 (:mod:`qpeft.parallel.collective`), and ``load_adapters`` fills the
+existing adapters shard by shard (:mod:`qpeft.parallel.sharded_load`); the files are the same as
+from one process.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from .manifest import (
     read_manifest,
 )
 from .modes import replay, restoring, state
+from .parallel import collective
+from .parallel.sharded_load import load_adapters_sharded
 from .peft import candidate_layers, lora_layers, update_model
 from .safeio import (
     atomic_directory,
@@ -72,32 +79,52 @@ def _write(path: str | os.PathLike, manifest: dict[str, Any], tensors: dict[str,
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Save ``model`` (mode log, flags and every tensor) into the directory ``path``, atomically.
 
+    On a sharded model (FSDP2 ``fully_shard``, DTensor tensor parallelism, or both) this is a
+    collective: every rank of the default process group must call it. The whole tensors are
+    gathered, rank 0 alone writes its ``path`` (the same files and keys as a single-process save;
+    other ranks write nothing), and every rank returns once the files are in place. A DDP model
+    saves its ``module`` locally (no collective).
+
     Args:
-        model: any model, converted or not.
+        model: any model, converted or not; plain, DDP, FSDP2 or tensor parallel.
         path: a directory; an existing qpeft checkpoint (or empty directory) there is replaced.
 
     Raises:
         FileExistsError: ``path`` is a file or a non-empty directory that is not a qpeft checkpoint.
-        TypeError: a state-dict entry is not a tensor or has a dtype safetensors cannot store.
-        Nothing is written then.
+        TypeError: a state-dict entry is not a tensor or has a dtype safetensors cannot store; an
+            FSDP1 model. Nothing is written then; on a sharded model rank 0 raises the error and
+            the other ranks a ``RuntimeError`` quoting it.
     """
-    tensors, aliases = tensor_table(model.state_dict())
-    manifest = {
-        "format": "qpeft-checkpoint",
-        "format_version": FORMAT_VERSION,
-        "modes": state(model),
-        "aliases": aliases,
-        "adapters": adapter_flags(model),
-        "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
-    }
-    _write(path, manifest, tensors)
+    model = collective.unwrap(model, "qpeft.save")
+    sharded = collective.is_sharded(model)
+    full = collective.gather_state_dict(model) if sharded else model.state_dict()
+    modes, flags = state(model), adapter_flags(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def write() -> None:
+        tensors, aliases = tensor_table(full)
+        manifest = {
+            "format": "qpeft-checkpoint",
+            "format_version": FORMAT_VERSION,
+            "modes": modes,
+            "aliases": aliases,
+            "adapters": flags,
+            "trainable": trainable,
+        }
+        _write(path, manifest, tensors)
+
+    collective.write_once(sharded, write)
 
 
 def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Rebuild a saved model on a freshly built base ``model`` and load its tensors bit-exactly.
 
+    ``model`` must be plain: on sharded training, restore on every rank, then shard (FSDP2
+    ``fully_shard``, :func:`qpeft.parallelize_lora`).
+
     Args:
-        model: the same architecture as the saved model, freshly built (no qpeft modes applied).
+        model: the same architecture as the saved model, freshly built (no qpeft modes applied),
+            not sharded.
         path: a directory written by :func:`save`.
 
     Returns:
@@ -107,10 +134,13 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Raises:
         FileNotFoundError: the directory or one of its files is missing.
         ValueError: corrupt or non-JSON manifest, non-safetensors tensor file, newer format version,
-            unknown mode, or a model that does not match (names the first mismatching layer or key).
-            ``model`` is then left untouched.
+            unknown mode, a model that does not match (names the first mismatching layer or key),
+            or a sharded model. ``model`` is then left untouched.
     """
     path = Path(path)
+    if collective.is_sharded(model):
+        raise ValueError("restore expects a plain model, this one is sharded (DTensor parameters): "
+                         "restore the freshly built model on every rank, then shard it")
     if state(model) or lora_layers(model):
         raise ValueError("restore expects a freshly built base model; this one already has qpeft modes applied")
     manifest = read_manifest(path, "qpeft-checkpoint")
@@ -138,15 +168,19 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 def save_adapters(model: nn.Module, path: str | os.PathLike, adapter_names: list[str] | None = None) -> None:
     """Save only adapters (factors and per-layer attributes) into the directory ``path``, atomically.
 
+    On a sharded model this is a collective, as :func:`save`: every rank must call it; only the
+    adapter factors are gathered, and rank 0 alone writes.
+
     Args:
-        model: a converted model.
+        model: a converted model; plain, DDP, FSDP2 or tensor parallel.
         path: a directory; an existing qpeft checkpoint (or empty directory) there is replaced.
         adapter_names: the adapters to save; None saves every adapter.
 
     Raises:
         ValueError: the model has no LoRA layers, or an adapter name is unknown (names it).
-        FileExistsError: as :func:`save`.
+        FileExistsError, TypeError: as :func:`save`.
     """
+    model = collective.unwrap(model, "qpeft.save_adapters")
     layers = lora_layers(model)
     present = {n for layer in layers.values() for n in layer.adapters}
     if not present:
@@ -166,9 +200,10 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, adapter_names: list
         for ln, adapter in holders.items():
             # lora_a / lora_b, or <projection>.lora_a / .lora_b for grouped experts
             for key, tensor in adapter.state_dict().items():
-                tensors[f"{ln}.adapters.{name}.{key}"] = tensor.detach().cpu().contiguous()
+                tensors[f"{ln}.adapters.{name}.{key}"] = tensor
+    whole = {k: t.contiguous() for k, t in collective.gather_tensors(tensors).items()}  # same order on every rank
     manifest = {"format": "qpeft-adapters", "format_version": FORMAT_VERSION, "adapters": entries}
-    _write(path, manifest, tensors)
+    collective.write_once(collective.is_sharded(model), lambda: _write(path, manifest, whole))
 
 
 def _adapter_config(name: str, entry: Any, where: Path) -> tuple[dict[str, Any], dict[str, list[str]]]:
@@ -193,13 +228,19 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Factors are cast to each new adapter's dtype (``lora_dtype``, or the base weight's). The base
     is frozen as by :func:`qpeft.update_model`; each adapter is trainable as when saved.
 
+    On a sharded model (FSDP2, tensor parallelism) adapters cannot be added: each saved adapter
+    must already be on exactly the saved layers with the saved configuration (created before
+    sharding). Its scale, enable and trainable flags are set as saved and each rank keeps its
+    shard of the factors. A collective: every rank must call it (each reads the files).
+
     Returns:
         ``model``, changed in place (one ``peft`` mode recorded per adapter).
 
     Raises:
         FileNotFoundError: missing directory or file. ValueError: corrupt files, an adapter name
-            the model already has, a layer the model lacks, or a shape mismatch (names adapter,
-            layer or key). ``model`` is then left untouched.
+            the model already has (a sharded model: lacks, or has on other layers or with another
+            configuration), a layer the model lacks, or a shape mismatch (names adapter, layer or
+            key). ``model`` is then left untouched.
     """
     path = Path(path)
     manifest = read_manifest(path, "qpeft-adapters")
@@ -213,6 +254,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         configs.append(cfg)
         for ln, names in off.items():
             disabled.setdefault(ln, []).extend(names)
+    if collective.is_sharded(model):
+        header, tensors = read_header(path / ADAPTER_FILE), read_tensors(path / ADAPTER_FILE)
+        return load_adapters_sharded(model, configs, disabled, header, tensors, path / ADAPTER_FILE)
     existing = {n for layer in lora_layers(model).values() for n in layer.adapters}
     targets = candidate_layers(model)
     for cfg in configs:

@@ -17,13 +17,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from tests.parallel import scenarios
+from tests.parallel import checkpoint_scenarios, scenarios
 
 GROUPS: dict[str, list[Callable]] = {
     "data_parallel": scenarios.DATA_PARALLEL,
     "tensor_parallel": scenarios.TENSOR_PARALLEL,
     "state_dict": scenarios.STATE_DICT,
     "quantized": scenarios.QUANTIZED,
+    "checkpoint": checkpoint_scenarios.CHECKPOINT,
 }
 
 
