@@ -129,3 +129,18 @@ def test_routing_refuses_merged_adapters():
     qpeft.unmerge_adapters(model)
     with qpeft.adapter_routing(model, ["a", "b"]):
         assert model(torch.randn(2, 16)).shape == (2, 10)
+
+
+def test_reused_factors_follow_in_place_edits_and_scale_changes():
+    model = _model()
+    x = torch.randn(len(NAMES), 5, 16)
+    layer = qpeft.lora_layers(model)["attn.q_proj"]
+    with torch.no_grad(), qpeft.adapter_routing(model, NAMES):
+        model(x)  # builds and keeps the stacked factors
+        layer.adapters["a"].lora_b.mul_(-2.0)
+        layer.adapters["b"].scale = 0.5
+        y = model(x)
+    with torch.no_grad():
+        for i, name in enumerate(NAMES):
+            tol = (BF16_ATOL, BF16_RTOL) if name == "c" else (FASTPATH_ATOL, FASTPATH_RTOL)
+            torch.testing.assert_close(y[i:i + 1], _alone(model, x[i:i + 1], name), atol=tol[0], rtol=tol[1])

@@ -102,9 +102,11 @@ class LoRAModule(ModuleWrapper):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.base
+        if self._routing is not None:
+            return routed_forward(self, self._routing, x, base(x, *args, **kwargs))
         fused, rest = self._split_active(x)
         operands = None
-        if fused and self._routing is None and not args and not kwargs:
+        if fused and not args and not kwargs:
             operands = linear_operands(base, x)
         if operands is not None:
             factors = [(a.lora_a, a.lora_b, a.scale) for a in fused]
@@ -113,8 +115,6 @@ class LoRAModule(ModuleWrapper):
             y = linear_lora(x, *operands, factors) if t is None else linear_lora_from_t(x, *operands, t, factors)
         else:
             y = base(x, *args, **kwargs)
-            if self._routing is not None:
-                return routed_forward(self, self._routing, x, y)
             if fused and y.dtype == x.dtype:
                 y = lora_addmm(x, y, [(a.lora_a, a.lora_b, a.scale) for a in fused])
             else:

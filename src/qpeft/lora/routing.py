@@ -27,7 +27,7 @@ It does ``K`` times the adapter arithmetic, so it is taken only while ``L * (R -
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,20 @@ DENSE_MARGIN = 16  # dense path while tokens_per_sample * (R - r) <= DENSE_MARGI
 class _Group:
     names: tuple[str, ...]  # adapters of one dtype, in stacking order
     index: torch.Tensor  # [b] long; len(names) means "no adapter of this group"
+    # Without autograd, tensors built from unchanged factors are reused across the block's calls
+    # (decoding calls every layer once per token): key -> (factor versions and scales, tensors).
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def reuse(self, key: str, adapters: list[nn.Module], build):
+        """``build()``, or its cached result while no factor (or scale) changed and grad is off."""
+        params = [p for m in adapters for p in (m.lora_a, m.lora_b)]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return build()
+        stamp = tuple((id(p), p._version) for p in params) + tuple(m.scale for m in adapters)
+        hit = self.cache.get(key)
+        if hit is None or hit[0] != stamp:
+            hit = self.cache[key] = (stamp, build())
+        return hit[1]
 
 
 @dataclass(frozen=True)
@@ -82,39 +96,53 @@ def _stack(factors: list[torch.Tensor], rank_dim: int, rank: int) -> torch.Tenso
     return torch.stack(padded)
 
 
-def _gathered_update(x, y, adapters: list[nn.Module], index: torch.Tensor, rank: int):
+def _gathered_update(x, y, adapters: list[nn.Module], group: _Group, rank: int):
     dtype = adapters[0].lora_a.dtype
-    a = _stack([m.lora_a for m in adapters], 0, rank)[index]  # [b, r, in]
-    b = _stack([m.lora_b for m in adapters], 1, rank)[index]  # [b, out, r]
-    scale = torch.tensor([m.scale for m in adapters] + [0.0], dtype=dtype, device=x.device)[index]
+
+    def stacked():
+        a = _stack([m.lora_a for m in adapters], 0, rank)  # [K+1, r, in]
+        b = _stack([m.lora_b for m in adapters], 1, rank)  # [K+1, out, r]
+        scale = torch.tensor([m.scale for m in adapters] + [0.0], dtype=dtype, device=x.device)
+        return a, b, scale
+
+    a, b, scale = group.reuse("gathered", adapters, stacked)
+    index = group.index.to(x.device)
     x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)
-    t = torch.bmm(x3, a.transpose(1, 2)) * scale[:, None, None]
+    t = torch.bmm(x3, a[index].transpose(1, 2)) * scale[index][:, None, None]
     y3 = y.reshape(y.shape[0], -1, y.shape[-1])
     if y.dtype == dtype:
-        return torch.baddbmm(y3, t, b.transpose(1, 2)).view(y.shape)
-    return (y3 + torch.bmm(t, b.transpose(1, 2)).to(y.dtype)).view(y.shape)
+        return torch.baddbmm(y3, t, b[index].transpose(1, 2)).view(y.shape)
+    return (y3 + torch.bmm(t, b[index].transpose(1, 2)).to(y.dtype)).view(y.shape)
 
 
-def _dense_update(x, y, adapters: list[nn.Module], index: torch.Tensor):
+def _dense_update(x, y, adapters: list[nn.Module], group: _Group):
     dtype = adapters[0].lora_a.dtype
-    a = torch.cat([m.lora_a for m in adapters], 0)  # [R, in]
-    b = torch.cat([m.lora_b for m in adapters], 1)  # [out, R]
-    columns = torch.cat([torch.full((m.rank,), k, device=x.device) for k, m in enumerate(adapters)])
-    scales = torch.tensor([m.scale for m in adapters], dtype=dtype, device=x.device)
-    mask = torch.where(index[:, None] == columns[None, :], scales[columns][None, :], 0.0)  # [b, R]
+
+    def concatenated():
+        a = torch.cat([m.lora_a for m in adapters], 0)  # [R, in]
+        b = torch.cat([m.lora_b for m in adapters], 1)  # [out, R]
+        columns = torch.cat([torch.full((m.rank,), k, device=x.device) for k, m in enumerate(adapters)])
+        scales = torch.tensor([m.scale for m in adapters], dtype=dtype, device=x.device)
+        index = group.index.to(x.device)
+        mask = torch.where(index[:, None] == columns[None, :], scales[columns][None, :], 0.0)  # [b, R]
+        return a, b, mask[:, None, :]
+
+    a, b, mask = group.reuse("dense", adapters, concatenated)
     x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)
-    t = (x3 @ a.t()).mul_(mask[:, None, :]) if not a.requires_grad else (x3 @ a.t()) * mask[:, None, :]
-    update = (t @ b.t()).to(y.dtype)
-    return (y.reshape(update.shape) + update).view(y.shape)
+    t = ((x3 @ a.t()) * mask).view(-1, a.shape[0])  # [b * L, R]
+    y2 = y.reshape(-1, y.shape[-1])
+    if y.dtype == dtype:
+        return torch.addmm(y2, t, b.t()).view(y.shape)
+    return (y2 + (t @ b.t()).to(y.dtype)).view(y.shape)
 
 
-def _group_update(x: torch.Tensor, y: torch.Tensor, adapters: list[nn.Module], index: torch.Tensor):
+def _group_update(x: torch.Tensor, y: torch.Tensor, adapters: list[nn.Module], group: _Group):
     rank = max(a.rank for a in adapters)
     total = sum(a.rank for a in adapters)
     tokens = x.numel() // (x.shape[0] * x.shape[-1])  # per sample
     if tokens * (total - rank) <= DENSE_MARGIN * rank:
-        return _dense_update(x, y, adapters, index)
-    return _gathered_update(x, y, adapters, index, rank)
+        return _dense_update(x, y, adapters, group)
+    return _gathered_update(x, y, adapters, group, rank)
 
 
 def routed_forward(layer: nn.Module, route: LayerRoute, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -131,5 +159,5 @@ def routed_forward(layer: nn.Module, route: LayerRoute, x: torch.Tensor, y: torc
         )
     for group in route.groups:
         adapters = [layer.adapters[n] for n in group.names]
-        y = _group_update(x, y, adapters, group.index.to(x.device))
+        y = _group_update(x, y, adapters, group)
     return y
