@@ -25,7 +25,7 @@ def _requantize_every_forward(model) -> None:
     """Clear each quantized layer's weight cache before its forward (benchmark-only reference)."""
     for module in model.modules():
         if isinstance(module, QuantModule):
-            module.register_forward_pre_hook(lambda m, _inputs: m._weight_cache.clear())
+            module.register_forward_pre_hook(lambda m, _inputs: [c.clear() for c in m._weight_caches.values()])
 
 
 def run(repeats: int) -> Section:
