@@ -23,9 +23,13 @@ RANK, TARGET, PRESET = 16, 1.10, "nvfp4_weight_only"
 
 def _requantize_every_forward(model) -> None:
     """Clear each quantized layer's weight cache before its forward (benchmark-only reference)."""
+    def clear(module, _inputs) -> None:
+        for cache in module._weight_caches.values():
+            cache.clear()
+
     for module in model.modules():
         if isinstance(module, QuantModule):
-            module.register_forward_pre_hook(lambda m, _inputs: [c.clear() for c in m._weight_caches.values()])
+            module.register_forward_pre_hook(clear)
 
 
 def run(repeats: int) -> Section:
