@@ -6,6 +6,8 @@ check that grouped_gemm is installed is skipped, and the expert process groups a
 stand-ins (expert parallel, expert tensor parallel and expert data parallel size 1).
 """
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,16 +25,16 @@ TOL = {torch.float32: {"atol": FP32_ATOL, "rtol": FP32_RTOL}, torch.bfloat16: {"
 
 
 class _Group:
-    """A process group of ``size`` ranks seen from rank 0 (only size() and rank() are asked)."""
+    """A process group of ``size`` ranks seen from ``rank`` (only size() and rank() are asked)."""
 
-    def __init__(self, size=1):
-        self._size = size
+    def __init__(self, size=1, rank=0):
+        self._size, self._rank = size, rank
 
     def size(self):
         return self._size
 
     def rank(self):
-        return 0
+        return self._rank
 
 
 class _Model(nn.Module):
@@ -44,7 +46,7 @@ class _Model(nn.Module):
         return self.experts(x, counts, probs)[0]
 
 
-def _grouped_mlp(gated=True, dtype=torch.float32, expert_tp=1, **config):
+def _grouped_mlp(gated=True, dtype=torch.float32, expert_tp=1, ep_group=None, **config):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.moe import experts
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -55,7 +57,7 @@ def _grouped_mlp(gated=True, dtype=torch.float32, expert_tp=1, **config):
         gated_linear_unit=gated, activation_func=F.silu if gated else F.gelu, init_method_std=0.3,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, **config,
     )
-    groups = ProcessGroupCollection(ep=_Group(), expt_tp=_Group(expert_tp), expt_dp=_Group())
+    groups = ProcessGroupCollection(ep=ep_group or _Group(), expt_tp=_Group(expert_tp), expt_dp=_Group())
     torch.manual_seed(0)
     return _Model(experts.GroupedMLP(EXPERTS, cfg, pg_collection=groups))
 
@@ -217,8 +219,6 @@ def test_save_restore_and_state_dict_round_trip(tmp_path):
     fresh = qpeft.restore(_grouped_mlp(), tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(fresh(x, counts, probs), ref)
-    with pytest.raises(NotImplementedError, match="GroupedMLP"):
-        model.experts.sharded_state_dict()
 
 
 def test_every_product_is_one_grouped_mm_on_cpu(monkeypatch):
@@ -230,3 +230,47 @@ def test_every_product_is_one_grouped_mm_on_cpu(monkeypatch):
     monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(k["offs"].tolist()) or grouped_mm(*a, **k))
     model(x, counts, probs)
     assert calls == [[3, 3, 9]] * 6  # fc1, its A and B, fc2, its A and B; offsets = cumsum(counts)
+
+
+def test_sharded_state_dict_splits_the_factors_on_the_expert_axis():
+    model = _grouped_mlp(ep_group=_Group(size=2, rank=1))  # this rank holds experts 3, 4, 5 of 6
+    qpeft.update_model(model, {"adapter_cfg": RANDOM_B})
+    sharded = model.experts.sharded_state_dict(prefix="experts.")
+    a1 = sharded["experts.adapters.default.fc1.lora_a"]
+    assert a1.global_shape == (2 * EXPERTS, RANK, HIDDEN) and a1.global_offset == (EXPERTS, 0, 0)
+    assert torch.equal(a1.data, model.experts.adapters["default"].factors["fc1"].lora_a)
+    assert "experts.weight1" in sharded  # GroupedMLP's own entries are kept
+
+
+def _dist_checkpoint_worker(rank, store, ckpt_dir):
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    grouped_gemm_util.assert_grouped_gemm_is_available = lambda: None
+    # dist_checkpointing's CUDA-only calls, redirected in this test process only
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_device = lambda: "cpu"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=1)
+    try:
+        model = _grouped_mlp()
+        qpeft.update_model(model, {"adapter_cfg": RANDOM_B})
+        dist_checkpointing.save(model.experts.sharded_state_dict(prefix="experts."), ckpt_dir)
+        fresh = _grouped_mlp()
+        torch.manual_seed(9)
+        qpeft.update_model(fresh, {"adapter_cfg": RANDOM_B})
+        with torch.no_grad():
+            fresh.experts.weight1.add_(1.0)
+        assert not torch.equal(fresh.experts.adapters["default"].factors["fc2"].lora_b,
+                               model.experts.adapters["default"].factors["fc2"].lora_b)
+        fresh.load_state_dict(dist_checkpointing.load(fresh.experts.sharded_state_dict(prefix="experts."), ckpt_dir))
+        for (name, got), want in zip(fresh.state_dict().items(), model.state_dict().values(), strict=True):
+            assert torch.equal(got, want), name
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dist_checkpointing_round_trip(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    os.makedirs(ckpt)
+    torch.multiprocessing.spawn(_dist_checkpoint_worker, args=(str(tmp_path / "store"), str(ckpt)), nprocs=1, join=True)

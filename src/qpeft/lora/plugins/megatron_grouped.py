@@ -16,7 +16,9 @@ for the row ``s`` of expert ``e`` (``A1: [E, r, H]``, ``B1: [E, F', r]``, ``A2: 
 ``moe_apply_probs_on_input`` and the zero-token branch (every parameter kept in the graph) follow
 Megatron's forward; ``moe_act`` activation recompute is not applied (the activation is kept).
 Merge and export fold ``scale * B[e] @ A[e]`` into each expert's block of ``weight1``/``weight2``
-through the same views. Expert tensor parallelism (``expert_tensor_parallel_size > 1``) is rejected.
+through the same views. ``sharded_state_dict`` adds the factors, split on the expert axis over
+expert parallelism, so ``dist_checkpointing`` saves and loads them. Expert tensor parallelism
+(``expert_tensor_parallel_size > 1``) is rejected.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.transformer.moe import grouped_gemm_util as gg
 from megatron.core.transformer.moe.experts import GroupedMLP
 from torch import nn
@@ -103,14 +106,23 @@ class LoRAGroupedMLP(LoRAExperts):
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
     ) -> dict[str, Any]:
-        """Not supported yet: Megatron dist checkpointing of a LoRA ``GroupedMLP``.
+        """GroupedMLP's own sharded state dict plus every adapter factor, for ``dist_checkpointing``.
 
-        Raises:
-            NotImplementedError: always (use ``qpeft.save`` / ``state_dict``).
+        A factor ``[E_local, ...]`` is this rank's slice of the global ``[E_global, ...]`` tensor
+        on the expert axis (expert-parallel rank ``p`` holds experts ``p * E_local ...``), as the
+        experts' weights are; it is replicated over the expert data-parallel group.
         """
-        raise NotImplementedError(
-            "dist_checkpointing of LoRA on GroupedMLP is not supported; use qpeft.save/restore or state_dict"
-        )
+        inner = self._inner()
+        out = inner.sharded_state_dict(prefix, sharded_offsets, metadata)
+        axis = len(sharded_offsets)
+        expert_shard = (axis, inner.ep_group.rank(), inner.ep_group.size())
+        for name, adapter in self.adapters.items():
+            for key, factor in adapter.state_dict(prefix=f"{prefix}adapters.{name}.", keep_vars=True).items():
+                out[key] = ShardedTensor.from_rank_offsets(
+                    key, factor, *sharded_offsets, expert_shard,
+                    replica_id=(0, 0, inner.dp_group.rank()), prepend_axis_num=axis,
+                )
+        return out
 
 
 def _routing(tokens_per_expert: torch.Tensor, probs: torch.Tensor, x: torch.Tensor) -> Routing:
