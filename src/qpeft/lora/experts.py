@@ -146,10 +146,17 @@ class LoRAExperts(LoRAModule):
         raise TypeError("an experts layer has one (in, out) per projection; see projections()")
 
     # -- weights ------------------------------------------------------------------------------
-    def base_weights(self) -> dict[str, nn.Parameter]:
-        """The original 3-D weights, by projection name."""
-        inner = self._inner()
-        return {name: getattr(inner, name) for name in self.projections(inner)}
+    def expert_weight(self, name: str) -> torch.Tensor:
+        """Projection ``name``'s original 3-D weight ``[E, ...]``: the parameter ``name`` itself here.
+
+        A subclass whose module stores the experts otherwise (e.g. Megatron's 2-D ``weight1``)
+        returns a 3-D view of its storage; merge and export write through that view.
+        """
+        return getattr(self._inner(), name)
+
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """The original 3-D weights (or 3-D views of them), by projection name."""
+        return {name: self.expert_weight(name) for name in self.projections(self._inner())}
 
     def weight_quantizer(self, name: str) -> nn.Module | None:
         """``<name>_weight_quantizer`` of the wrapped chain (a quantized experts wrapper), or None."""
@@ -162,7 +169,7 @@ class LoRAExperts(LoRAModule):
         """
         if isinstance(self.base, QuantModule):
             return self.base.quantized(f"{name}_weight_quantizer")
-        weight = getattr(self._inner(), name)
+        weight = self.expert_weight(name)
         quantizer = self.weight_quantizer(name)
         return weight if quantizer is None else quantizer(weight)
 
@@ -202,7 +209,7 @@ class LoRAExperts(LoRAModule):
                 layer_name, f"projection {name!r} has no enabled weight quantizer (quantize the experts first)", 6
             )
             return
-        weight = getattr(self._inner(), name).detach()
+        weight = self.expert_weight(name).detach()
         residual = weight.float() - quantizer(weight).float()
         if factors.transposed:
             residual = residual.transpose(-2, -1)  # -> [E, out, in]
@@ -222,9 +229,8 @@ class LoRAExperts(LoRAModule):
     @torch.no_grad()
     def fold_adapter(self, adapter: ExpertsLoRAAdapter, sign: float) -> None:
         """``W_p <- cast(W_p + sign * delta_p)`` for every projection (merge, unmerge, export)."""
-        inner = self._inner()
         for name, delta in adapter.delta_weight().items():
-            weight = getattr(inner, name)
+            weight = self.expert_weight(name)
             # detach() shares the version counter, so caches keyed on the weight see the change
             view = weight.detach()
             view.copy_((view.float() + sign * delta).to(weight.dtype))

@@ -22,8 +22,9 @@ axis of the base weight and the other factor as replicated, so Megatron's ``dist
 saves and loads adapters. Sequence-parallel layers are rejected. Expert layers (``is_expert``,
 e.g. each expert MLP of Megatron's ``SequentialMLP``, addressable as ``*local_experts.3.*``) are
 supported when their expert tensor-parallel size is 1 (with expert parallelism each expert is whole
-on its rank); expert tensor parallelism is rejected, and so are ``GroupedMLP`` / TE grouped experts
-(not registered: they need CUDA).
+on its rank); expert tensor parallelism is rejected. ``GroupedMLP`` gets per-expert adapters from
+:mod:`qpeft.lora.plugins.megatron_grouped` (registered below); Transformer Engine grouped experts
+are not supported.
 """
 
 from __future__ import annotations
@@ -214,3 +215,6 @@ class LoRARowParallelLinear(_LoRAParallel):
 
 register_lora(ColumnParallelLinear, LoRAColumnParallelLinear)
 register_lora(RowParallelLinear, LoRARowParallelLinear)
+
+# GroupedMLP experts (needs megatron-core's MoE module, imported with this plugin).
+from . import megatron_grouped  # noqa: E402, F401

@@ -1,0 +1,276 @@
+"""LoRA on Megatron-Core's GroupedMLP, on CPU (torch grouped_mm), against a per-expert loop.
+
+GroupedMLP's own forward needs CUDA's grouped_gemm package and bf16, so the reference here is a
+plain loop over experts on the weights' ``[E, in, out]`` views. Test-only shims: the constructor's
+check that grouped_gemm is installed is skipped, and the expert process groups are single-process
+stand-ins (expert parallel, expert tensor parallel and expert data parallel size 1).
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("megatron.core")
+
+import qpeft  # noqa: E402
+from tests.tolerances import BF16_ATOL, BF16_RTOL, FP32_ATOL, FP32_RTOL  # noqa: E402
+
+HIDDEN, FFN, EXPERTS, RANK, SCALE = 8, 16, 3, 4, 0.5
+COUNTS = [3, 0, 6]  # rows per expert; expert 1 gets none
+RANDOM_B = {"*experts": {"rank": RANK, "scale": SCALE, "lora_b_init": "torch.nn.init.normal_"}}
+TOL = {torch.float32: {"atol": FP32_ATOL, "rtol": FP32_RTOL}, torch.bfloat16: {"atol": BF16_ATOL, "rtol": BF16_RTOL}}
+
+
+class _Group:
+    """A process group of ``size`` ranks seen from ``rank`` (only size() and rank() are asked)."""
+
+    def __init__(self, size=1, rank=0):
+        self._size, self._rank = size, rank
+
+    def size(self):
+        return self._size
+
+    def rank(self):
+        return self._rank
+
+
+class _Model(nn.Module):
+    def __init__(self, experts):
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, x, counts, probs):
+        return self.experts(x, counts, probs)[0]
+
+
+def _grouped_mlp(gated=True, dtype=torch.float32, expert_tp=1, ep_group=None, **config):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe import experts
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, num_moe_experts=EXPERTS,
+        moe_ffn_hidden_size=FFN, use_cpu_initialization=True, add_bias_linear=False,
+        gated_linear_unit=gated, activation_func=F.silu if gated else F.gelu, init_method_std=0.3,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, **config,
+    )
+    groups = ProcessGroupCollection(ep=ep_group or _Group(), expt_tp=_Group(expert_tp), expt_dp=_Group())
+    torch.manual_seed(0)
+    return _Model(experts.GroupedMLP(EXPERTS, cfg, pg_collection=groups))
+
+
+@pytest.fixture(autouse=True)
+def _no_grouped_gemm_check(monkeypatch):
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    monkeypatch.setattr(grouped_gemm_util, "assert_grouped_gemm_is_available", lambda: None)
+
+
+def _inputs(dtype=torch.float32, counts=COUNTS):
+    torch.manual_seed(1)
+    rows = sum(counts)
+    return torch.randn(rows, HIDDEN, dtype=dtype), torch.tensor(counts), torch.rand(rows)
+
+
+def _reference(model, x, counts, probs, with_lora=True):
+    """Per-expert loop: fc1, act(gate) * up (or act), * prob, fc2; LoRA terms on both products."""
+    layer = model.experts
+    inner = layer.base if hasattr(layer, "base") else layer
+    w1 = inner.weight1.view(EXPERTS, HIDDEN, -1).float()
+    w2 = inner.weight2.view(EXPERTS, -1, HIDDEN).float()
+    adapter = layer.adapters["default"] if with_lora else None
+    out, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        xs, ps = x[start:start + n].float(), probs[start:start + n, None].float()
+        start += n
+        h = xs @ w1[e]
+        if adapter is not None:
+            f = adapter.factors["fc1"]
+            h = h + SCALE * (xs @ f.lora_a[e].float().T) @ f.lora_b[e].float().T
+        if inner.config.gated_linear_unit:
+            gate, up = h.chunk(2, dim=-1)
+            g = inner.config.activation_func(gate) * up * ps
+        else:
+            g = inner.config.activation_func(h) * ps
+        y = g @ w2[e]
+        if adapter is not None:
+            f = adapter.factors["fc2"]
+            y = y + SCALE * (g @ f.lora_a[e].float().T) @ f.lora_b[e].float().T
+        out.append(y)
+    return torch.cat(out).to(x.dtype)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_matches_per_expert_loop(gated, dtype):
+    model = _grouped_mlp(gated, dtype)
+    x, counts, probs = _inputs(dtype)
+    qpeft.update_model(model, {"adapter_cfg": {"*experts": {"rank": RANK, "scale": SCALE}}})
+    layer = model.experts
+    assert type(layer).__name__ == "LoRAGroupedMLP"
+    fc1_out = 2 * FFN if gated else FFN
+    assert layer.adapters["default"].factors["fc1"].lora_a.shape == (EXPERTS, RANK, HIDDEN)
+    assert layer.adapters["default"].factors["fc1"].lora_b.shape == (EXPERTS, fc1_out, RANK)
+    assert layer.adapters["default"].factors["fc2"].lora_b.shape == (EXPERTS, HIDDEN, RANK)
+    with torch.no_grad():
+        base = _reference(model, x, counts, probs, with_lora=False)
+        torch.testing.assert_close(model(x, counts, probs), base, **TOL[dtype])  # B = 0
+        for factors in layer.adapters["default"].factors.values():
+            factors.lora_b.normal_()
+        out = model(x, counts, probs)
+        torch.testing.assert_close(out, _reference(model, x, counts, probs), **TOL[dtype])
+        assert not torch.allclose(out.float(), base.float(), atol=10 * TOL[dtype]["atol"])
+
+
+def test_gradients_reach_every_factor_and_training_lowers_the_loss():
+    model = _grouped_mlp()
+    x, counts, probs = _inputs()
+    qpeft.update_model(model, {"adapter_cfg": RANDOM_B})
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == 4 and not model.experts.weight1.requires_grad
+    target = torch.randn(x.shape[0], HIDDEN)
+    opt = torch.optim.SGD(params, lr=0.1)
+    losses = []
+    for _ in range(5):
+        loss = F.mse_loss(model(x, counts, probs), target)
+        opt.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    for factors in model.experts.adapters["default"].factors.values():
+        for grad in (factors.lora_a.grad, factors.lora_b.grad):
+            assert grad[0].abs().sum() > 0 and grad[2].abs().sum() > 0
+            assert torch.count_nonzero(grad[1]) == 0  # expert 1 has no rows
+    assert losses[-1] < losses[0]
+
+
+def test_zero_tokens_keep_every_parameter_in_the_graph():
+    model = _grouped_mlp()
+    qpeft.update_model(model, {"adapter_cfg": RANDOM_B})
+    x, counts, probs = _inputs(counts=[0, 0, 0])
+    x.requires_grad_()
+    out = model(x, counts, probs)
+    assert out.shape == (0, HIDDEN)
+    out.sum().backward()
+    for p in (p for p in model.parameters() if p.requires_grad):
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+
+
+def test_probs_on_input_and_its_topk_check():
+    model = _grouped_mlp(moe_apply_probs_on_input=True, moe_router_topk=1, moe_router_pre_softmax=True)
+    qpeft.update_model(model, {"adapter_cfg": RANDOM_B})
+    x, counts, probs = _inputs()
+    with torch.no_grad():
+        want = _reference(model, probs[:, None] * x, counts, torch.ones_like(probs))
+        torch.testing.assert_close(model(x, counts, probs), want, atol=FP32_ATOL, rtol=FP32_RTOL)
+    model.experts.config.moe_router_topk = 2
+    with pytest.raises(ValueError, match="moe_router_topk=1"):
+        model(x, counts, probs)
+
+
+def test_bad_counts_and_expert_tensor_parallelism_are_rejected():
+    model = _grouped_mlp()
+    qpeft.update_model(model, {"adapter_cfg": RANDOM_B})
+    x, _, probs = _inputs()
+    with pytest.raises(ValueError, match="tokens_per_expert sums to 2"):
+        model(x, torch.tensor([1, 0, 1]), probs)
+    split = _grouped_mlp(expert_tp=2)
+    with pytest.raises(ValueError, match="GroupedMLP: .*expert_tensor_parallel_size=1"):
+        qpeft.update_model(split, {"adapter_cfg": RANDOM_B})
+    assert type(split.experts).__name__ == "GroupedMLP"  # untouched
+
+
+def test_merge_and_export_fold_per_expert_into_the_storage_layout():
+    model = _grouped_mlp()
+    qpeft.update_model(model, {"adapter_cfg": RANDOM_B})
+    x, counts, probs = _inputs()
+    layer = model.experts
+    w1 = layer.weight1.detach().clone()
+    f1 = layer.adapters["default"].factors["fc1"]
+    with torch.no_grad():
+        ref = model(x, counts, probs)
+        want = w1.view(EXPERTS, HIDDEN, -1) + SCALE * (f1.lora_b @ f1.lora_a).transpose(-2, -1)
+    qpeft.merge_adapters(model)
+    assert layer.weight1.shape == (HIDDEN, EXPERTS * 2 * FFN)
+    torch.testing.assert_close(layer.weight1.view(EXPERTS, HIDDEN, -1), want, atol=FP32_ATOL, rtol=FP32_RTOL)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, counts, probs), ref, atol=FP32_ATOL, rtol=FP32_RTOL)
+    qpeft.unmerge_adapters(model)
+    torch.testing.assert_close(layer.weight1, w1, atol=FP32_ATOL, rtol=0)
+    qpeft.export(model)
+    assert type(model.experts).__name__ == "GroupedMLP"
+    with torch.no_grad():
+        merged = _reference(model, x, counts, probs, with_lora=False)
+    torch.testing.assert_close(merged, ref, atol=FP32_ATOL, rtol=FP32_RTOL)
+
+
+def test_save_restore_and_state_dict_round_trip(tmp_path):
+    model = _grouped_mlp()
+    qpeft.update_model(model, {"adapter_cfg": RANDOM_B})
+    x, counts, probs = _inputs()
+    with torch.no_grad():
+        ref = model(x, counts, probs)
+    keys = set(model.state_dict())
+    assert {"experts.weight1", "experts.adapters.default.fc2.lora_b"} <= keys
+    qpeft.save(model, tmp_path / "ckpt")
+    fresh = qpeft.restore(_grouped_mlp(), tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(fresh(x, counts, probs), ref)
+
+
+def test_every_product_is_one_grouped_mm_on_cpu(monkeypatch):
+    model = _grouped_mlp()
+    qpeft.update_model(model, {"adapter_cfg": RANDOM_B})
+    x, counts, probs = _inputs()
+    calls = []
+    grouped_mm = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(k["offs"].tolist()) or grouped_mm(*a, **k))
+    model(x, counts, probs)
+    assert calls == [[3, 3, 9]] * 6  # fc1, its A and B, fc2, its A and B; offsets = cumsum(counts)
+
+
+def test_sharded_state_dict_splits_the_factors_on_the_expert_axis():
+    model = _grouped_mlp(ep_group=_Group(size=2, rank=1))  # this rank holds experts 3, 4, 5 of 6
+    qpeft.update_model(model, {"adapter_cfg": RANDOM_B})
+    sharded = model.experts.sharded_state_dict(prefix="experts.")
+    a1 = sharded["experts.adapters.default.fc1.lora_a"]
+    assert a1.global_shape == (2 * EXPERTS, RANK, HIDDEN) and a1.global_offset == (EXPERTS, 0, 0)
+    assert torch.equal(a1.data, model.experts.adapters["default"].factors["fc1"].lora_a)
+    assert "experts.weight1" in sharded  # GroupedMLP's own entries are kept
+
+
+def _dist_checkpoint_worker(rank, store, ckpt_dir):
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    grouped_gemm_util.assert_grouped_gemm_is_available = lambda: None
+    # dist_checkpointing's CUDA-only calls, redirected in this test process only
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_device = lambda: "cpu"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=1)
+    try:
+        model = _grouped_mlp()
+        qpeft.update_model(model, {"adapter_cfg": RANDOM_B})
+        dist_checkpointing.save(model.experts.sharded_state_dict(prefix="experts."), ckpt_dir)
+        fresh = _grouped_mlp()
+        torch.manual_seed(9)
+        qpeft.update_model(fresh, {"adapter_cfg": RANDOM_B})
+        with torch.no_grad():
+            fresh.experts.weight1.add_(1.0)
+        assert not torch.equal(fresh.experts.adapters["default"].factors["fc2"].lora_b,
+                               model.experts.adapters["default"].factors["fc2"].lora_b)
+        fresh.load_state_dict(dist_checkpointing.load(fresh.experts.sharded_state_dict(prefix="experts."), ckpt_dir))
+        for (name, got), want in zip(fresh.state_dict().items(), model.state_dict().values(), strict=True):
+            assert torch.equal(got, want), name
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dist_checkpointing_round_trip(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    os.makedirs(ckpt)
+    torch.multiprocessing.spawn(_dist_checkpoint_worker, args=(str(tmp_path / "store"), str(ckpt)), nprocs=1, join=True)
