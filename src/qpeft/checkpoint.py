@@ -33,6 +33,7 @@ from torch import nn
 from .adapters import disable_selection
 from .checkpoint_load import check_tensors, load_checked
 from .config import PEFTAttributeConfig
+from .expert_targets import is_target_name, skipped_projections
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -197,6 +198,9 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, adapter_names: list
             "layers": {ln: a.config.model_dump() for ln, a in holders.items()},
             "trainable": any(p.requires_grad for a in holders.values() for p in a.parameters()),
         }
+        skipped = skipped_projections(layers, holders)
+        if skipped:
+            entries[name]["skipped_projections"] = skipped
         for ln, adapter in holders.items():
             # lora_a / lora_b, or <projection>.lora_a / .lora_b for grouped experts
             for key, tensor in adapter.state_dict().items():
@@ -217,6 +221,11 @@ def _adapter_config(name: str, entry: Any, where: Path) -> tuple[dict[str, Any],
             layers[layer_name] = PEFTAttributeConfig.model_validate({**attrs, "enable": True}).model_dump()
         except (ValueError, TypeError) as err:
             raise ValueError(f"{where}: adapter {name!r} on layer {layer_name!r}: {err}") from None
+    skipped = entry.get("skipped_projections", {})
+    if not isinstance(skipped, dict) or not all(isinstance(v, list) and ln in layers for ln, v in skipped.items()):
+        raise ValueError(f"{where}: adapter {name!r}: 'skipped_projections' must map its layers to projection lists")
+    for ln, projections in skipped.items():
+        layers.update({f"{ln}.{p}": {"enable": False} for p in projections})  # see qpeft.expert_targets
     disabled = {ln: [name] for ln, attrs in entry["layers"].items() if not attrs.get("enable", True)}
     cfg = {"adapter_name": name, "adapter_cfg": layers, "freeze_lora_weights": not entry.get("trainable", True)}
     return cfg, disabled
@@ -262,7 +271,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for cfg in configs:
         if cfg["adapter_name"] in existing:
             raise ValueError(f"model already has an adapter named {cfg['adapter_name']!r}; delete it first")
-        missing = [ln for ln in cfg["adapter_cfg"] if ln not in targets]
+        missing = [ln for ln in cfg["adapter_cfg"] if not is_target_name(ln, targets)]
         if missing:
             raise ValueError(f"{where}: adapter {cfg['adapter_name']!r} targets layer {missing[0]!r}, which the model lacks")
     header = read_header(path / ADAPTER_FILE)

@@ -7,13 +7,13 @@ merged in order, key by key, using only the keys the entry set explicitly, so
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
 from pydantic import BaseModel
 
-__all__ = ["matches_pattern", "merge_matching"]
+__all__ = ["matches_pattern", "merge_matching", "merge_matching_any"]
 
 
 def matches_pattern(name: str, patterns: Any, allow_callable: bool = True) -> bool:
@@ -55,9 +55,16 @@ def merge_matching(name: str, pattern_map: Mapping[Any, Any]) -> dict[str, Any] 
 
     Returns None when no entry matches. Callable patterns are called with ``name``.
     """
+    return merge_matching_any((name,), pattern_map)
+
+
+def merge_matching_any(names: Sequence[str], pattern_map: Mapping[Any, Any]) -> dict[str, Any] | None:
+    """As :func:`merge_matching`, for the entries matching *any* of ``names`` (still in map order).
+
+    Used for a grouped-experts projection, addressed either by its layer ``L`` or as ``L.p``.
+    """
     merged: dict[str, Any] | None = None
     for pattern, attrs in pattern_map.items():
-        if matches_pattern(name, pattern):
+        if any(matches_pattern(name, pattern) for name in names):
             merged = {**(merged or {}), **_explicit(attrs)}
     return merged
-

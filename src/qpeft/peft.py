@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from .config import PEFTAttributeConfig, PEFTConfig
+from .expert_targets import experts_class, is_target_name, resolve_experts
 from .lora.adapter import LoRAAdapter
 from .lora.init import init_adapter
 from .lora.layer import LoRAModule
@@ -21,7 +22,7 @@ from .lora.registry import lora_class_for
 from .lora.siblings import link_siblings
 from .modes import record, register_mode
 from .patterns import merge_matching
-from .wrapping import ModuleWrapper
+from .wrapping import ModuleWrapper, innermost
 
 __all__ = ["update_model", "is_peft_model", "lora_layers", "candidate_layers"]
 
@@ -80,29 +81,74 @@ def _check_update(adapter: LoRAAdapter, merged: dict[str, Any], name: str, layer
         )
 
 
-def _plan_layer(plan: _Plan, cfg: PEFTConfig, layer_name: str, module: nn.Module) -> None:
-    merged = merge_matching(layer_name, cfg.adapter_cfg)
-    if merged is None:
-        return
-    name = cfg.adapter_name
-    if isinstance(module, LoRAModule) and name in module.adapters:
-        existing = module.adapters[name]
-        _check_update(existing, merged, name, layer_name)
-        changes = {k: merged[k] for k in ("scale", "enable") if k in merged}
-        attrs = PEFTAttributeConfig(**{**existing.config.model_dump(), **changes})
-        plan.update[layer_name] = attrs
-        plan.resolved[layer_name] = attrs.model_dump()
-        return
+def _plan_update(plan: _Plan, name: str, layer_name: str, existing: LoRAAdapter, merged: dict[str, Any]) -> None:
+    _check_update(existing, merged, name, layer_name)
+    changes = {k: merged[k] for k in ("scale", "enable") if k in merged}
+    attrs = PEFTAttributeConfig(**{**existing.config.model_dump(), **changes})
+    plan.update[layer_name] = attrs
+    plan.resolved[layer_name] = attrs.model_dump()
+
+
+def _plan_new(plan: _Plan, layer_name: str, module: nn.Module, merged: dict[str, Any], only: list[str] | None = None) -> None:
     attrs = PEFTAttributeConfig(**merged)
     plan.resolved[layer_name] = attrs.model_dump()
     if not attrs.enable:
         return
     layer = module if isinstance(module, LoRAModule) else lora_class_for(module)(module)
-    adapter = layer.new_adapter(attrs, attrs.torch_dtype())
+    extra = {} if only is None else {"only": only}  # experts: the projections that get factors
+    adapter = layer.new_adapter(attrs, attrs.torch_dtype(), **extra)
     init_adapter(adapter, layer, layer_name)
     if layer is not module:
         plan.wrap[layer_name] = layer
     plan.add[layer_name] = adapter
+
+
+def _plan_experts(plan: _Plan, cfg: PEFTConfig, layer_name: str, module: nn.Module, names: list[str]) -> None:
+    target = resolve_experts(layer_name, names, cfg.adapter_cfg, cfg.adapter_name)
+    if target is None:
+        return
+    name = cfg.adapter_name
+    existing = module.adapters[name] if isinstance(module, LoRAModule) and name in module.adapters else None
+    if existing is None:
+        _plan_new(plan, layer_name, module, target.merged, only=target.enabled)
+        have = target.enabled
+    else:
+        have = list(existing.factors)
+        on = [p for p in target.enabled if p in have]
+        off = [p for p in target.disabled if p in have]
+        _check_projections(name, layer_name, have, target.enabled, off if on else [])
+        if on or off:
+            _plan_update(plan, name, layer_name, existing, target.merged)
+    if have:  # the replay recreates exactly these projections
+        plan.resolved.update({f"{layer_name}.{p}": {"enable": False} for p in names if p not in have})
+    elif layer_name not in plan.resolved:
+        plan.resolved.update({f"{layer_name}.{p}": {"enable": False} for p in target.disabled})
+
+
+def _check_projections(name: str, layer_name: str, have: list[str], enabled: list[str], dropped: list[str]) -> None:
+    added = [p for p in enabled if p not in have]
+    if added or dropped:
+        verb, proj = ("add", added[0]) if added else ("drop", dropped[0])
+        raise ValueError(
+            f"adapter {name!r} on experts layer {layer_name!r} covers projections {have}: cannot {verb} "
+            f"projection {proj!r} (set enable False on '{layer_name}.<projection>' for the others, or "
+            "use a new adapter name)"
+        )
+
+
+def _plan_layer(plan: _Plan, cfg: PEFTConfig, layer_name: str, module: nn.Module) -> None:
+    experts = experts_class(module)
+    if experts is not None:
+        _plan_experts(plan, cfg, layer_name, module, list(experts.projections(innermost(module))))
+        return
+    merged = merge_matching(layer_name, cfg.adapter_cfg)
+    if merged is None:
+        return
+    name = cfg.adapter_name
+    if isinstance(module, LoRAModule) and name in module.adapters:
+        _plan_update(plan, name, layer_name, module.adapters[name], merged)
+        return
+    _plan_new(plan, layer_name, module, merged)
 
 
 def _make_plan(model: nn.Module, cfg: PEFTConfig) -> _Plan:
@@ -148,6 +194,12 @@ def update_model(model: nn.Module, config: PEFTConfig | dict[str, Any]) -> nn.Mo
     pattern is merged in order, key by key; ``enable: False`` means no adapter there. With an
     existing adapter name, ``scale`` and ``enable`` are updated in place and its weights kept.
 
+    A grouped-experts layer ``L`` (:class:`~qpeft.LoRAExperts`) can also be addressed per
+    projection as ``L.p`` (``*mlp.experts.down_proj``, ``*experts.fc1``); string and callable
+    patterns are tried on both ``L`` and ``L.p``. Projection ``p`` gets the ordered merge of every
+    entry matching ``L`` or ``L.p``; the adapter on ``L`` has factors only for the projections
+    whose merged ``enable`` is True, and all their other attributes must be equal.
+
     Args:
         model: any ``nn.Module``; it is modified in place and returned.
         config: a :class:`PEFTConfig` or a dict of its fields.
@@ -158,7 +210,10 @@ def update_model(model: nn.Module, config: PEFTConfig | dict[str, Any]) -> nn.Mo
     Raises:
         ValueError: invalid config (names the field and pattern); no supported layer matched; an
             update that changes rank, initializers, init method or dtype (names adapter and layer);
-            svdquant on non-finite weights (names the layer). The model is then left untouched.
+            svdquant on non-finite weights (names the layer); enabled projections of one experts
+            layer with different attributes, or an update that adds or drops projections of an
+            existing experts adapter (names adapter, layer and projection). The model is then left
+            untouched.
     """
     cfg = config if isinstance(config, PEFTConfig) else PEFTConfig.model_validate(config)
     plan = _make_plan(model, cfg)
@@ -172,7 +227,7 @@ def _replay_peft(model: nn.Module, config: dict[str, Any]) -> None:
     # Recorded patterns are concrete layer names: each must exist, or this is another model.
     layers = candidate_layers(model)
     for name in config.get("adapter_cfg", {}):
-        if name not in layers:
+        if not is_target_name(name, layers):
             raise ValueError(f"layer {name!r} of the recorded adapter {config.get('adapter_name')!r} "
                              "is not a LoRA-capable layer of this model")
     update_model(model, config)

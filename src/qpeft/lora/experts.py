@@ -20,6 +20,7 @@ every expert's pair from the rank-r SVD of its own residual ``W_p[e] - Q(W_p)[e]
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,9 @@ class ExpertsLoRAAdapter(nn.Module):
     """One named adapter of an experts layer: a :class:`GroupedLoRA` per projection, one scale.
 
     Its children are named after the projections, so the state_dict keys of adapter ``default``
-    are ``<experts>.adapters.default.<projection>.lora_a`` / ``.lora_b``.
+    are ``<experts>.adapters.default.<projection>.lora_a`` / ``.lora_b``. A projection pattern can
+    leave some projections out (``update_model`` with ``<experts>.<projection>: {"enable": False}``):
+    those have no child, no parameters and no LoRA term.
 
     ``scale`` and ``enable`` are plain attributes (they change); :attr:`config` gives the
     attributes the adapter was built with, as :class:`~qpeft.LoRAAdapter` does.
@@ -122,7 +125,7 @@ class ExpertsLoRAAdapter(nn.Module):
         return {name: f.delta_weight(self.scale) for name, f in self.factors.items()}
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, scale={self.scale}, enable={self.enable}"
+        return f"projections={list(self.factors)}, rank={self.rank}, scale={self.scale}, enable={self.enable}"
 
 
 class LoRAExperts(LoRAModule):
@@ -177,13 +180,25 @@ class LoRAExperts(LoRAModule):
         return innermost(self)
 
     # -- adapters -----------------------------------------------------------------------------
-    def new_adapter(self, config: PEFTAttributeConfig, dtype: torch.dtype | None) -> ExpertsLoRAAdapter:
-        """A zero-filled adapter with one factor pair per projection, on the weights' device."""
+    def new_adapter(
+        self, config: PEFTAttributeConfig, dtype: torch.dtype | None, only: Collection[str] | None = None
+    ) -> ExpertsLoRAAdapter:
+        """A zero-filled adapter with one factor pair per projection, on the weights' device.
+
+        Args:
+            config: the adapter's attributes.
+            dtype: the factors' dtype; None uses the base weights'.
+            only: the projections that get factors (None: all). Unknown names are a ValueError.
+        """
         inner = self._inner()
+        projections = self.projections(inner)
+        if only is not None:
+            unknown = [p for p in only if p not in projections]
+            if unknown or not only:
+                raise ValueError(f"{type(self).__name__}: projections {list(only)} are not a non-empty subset of {list(projections)}")
+            projections = {p: proj for p, proj in projections.items() if p in only}
         weight = next(iter(self.base_weights().values()))
-        return ExpertsLoRAAdapter(
-            self.num_experts(inner), self.projections(inner), config, dtype or weight.dtype, weight.device
-        )
+        return ExpertsLoRAAdapter(self.num_experts(inner), projections, config, dtype or weight.dtype, weight.device)
 
     @torch.no_grad()
     def init_new_adapter(self, adapter: ExpertsLoRAAdapter, layer_name: str) -> None:
@@ -236,10 +251,15 @@ class LoRAExperts(LoRAModule):
             view.copy_((view.float() + sign * delta).to(weight.dtype))
 
     def lora_delta(self, name: str, x: torch.Tensor, routing: Routing, out: torch.Tensor) -> torch.Tensor:
-        """``out`` plus every enabled adapter's ``scale * B[e] A[e] x`` for projection ``name``."""
+        """``out`` plus every enabled adapter's ``scale * B[e] A[e] x`` for projection ``name``.
+
+        Adapters without factors for ``name`` (projection patterns left it out) add nothing.
+        """
         cast: dict[torch.dtype, torch.Tensor] = {}
         for adapter in self.active_adapters():
-            factors = adapter.factors[name]
+            factors = adapter.factors.get(name)
+            if factors is None:
+                continue
             dtype = factors.lora_a.dtype
             if dtype not in cast:
                 cast[dtype] = x if x.dtype == dtype else x.to(dtype)

@@ -39,7 +39,8 @@ def _check_present(model: nn.Module, configs: list[dict[str, Any]], where: Path)
                 "after fully_shard / parallelize_lora: call qpeft.load_adapters (or update_model) on "
                 "the model before sharding it"
             )
-        for layer_name in sorted(have ^ set(cfg["adapter_cfg"])):
+        saved = {ln for ln, attrs in cfg["adapter_cfg"].items() if attrs != {"enable": False}}  # not L.<projection>
+        for layer_name in sorted(have ^ saved):
             side = "has" if layer_name in have else "lacks"
             raise ValueError(f"{where}: the sharded model {side} adapter {name!r} on layer {layer_name!r}, "
                              "unlike the file; create it on the saved layers before sharding")
