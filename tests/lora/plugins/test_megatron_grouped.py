@@ -87,7 +87,7 @@ def _reference(model, x, counts, probs, with_lora=True):
         xs, ps = x[start:start + n].float(), probs[start:start + n, None].float()
         start += n
         h = xs @ w1[e]
-        if adapter is not None:
+        if adapter is not None and "fc1" in adapter.factors:
             f = adapter.factors["fc1"]
             h = h + SCALE * (xs @ f.lora_a[e].float().T) @ f.lora_b[e].float().T
         if inner.config.gated_linear_unit:
@@ -96,7 +96,7 @@ def _reference(model, x, counts, probs, with_lora=True):
         else:
             g = inner.config.activation_func(h) * ps
         y = g @ w2[e]
-        if adapter is not None:
+        if adapter is not None and "fc2" in adapter.factors:
             f = adapter.factors["fc2"]
             y = y + SCALE * (g @ f.lora_a[e].float().T) @ f.lora_b[e].float().T
         out.append(y)
@@ -219,6 +219,27 @@ def test_save_restore_and_state_dict_round_trip(tmp_path):
     fresh = qpeft.restore(_grouped_mlp(), tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(fresh(x, counts, probs), ref)
+
+
+def test_an_fc2_pattern_adapts_only_fc2(tmp_path):
+    model = _grouped_mlp()
+    qpeft.update_model(model, {"adapter_cfg": {"*experts.fc2": RANDOM_B["*experts"]}})
+    layer = model.experts
+    assert list(layer.adapters["default"].factors) == ["fc2"]
+    assert not [k for k in model.state_dict() if ".fc1." in k]
+    x, counts, probs = _inputs()
+    with torch.no_grad():
+        ref = model(x, counts, probs)
+        torch.testing.assert_close(ref, _reference(model, x, counts, probs), atol=FP32_ATOL, rtol=FP32_RTOL)
+        assert not torch.allclose(ref, _reference(model, x, counts, probs, with_lora=False), atol=10 * FP32_ATOL)
+    qpeft.save(model, tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(qpeft.restore(_grouped_mlp(), tmp_path / "ckpt")(x, counts, probs), ref)
+    w1, w2 = layer.weight1.detach().clone(), layer.weight2.detach().clone()
+    qpeft.export(model)
+    assert torch.equal(model.experts.weight1, w1) and not torch.equal(model.experts.weight2, w2)
+    with torch.no_grad():
+        torch.testing.assert_close(_reference(model, x, counts, probs, with_lora=False), ref, atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
 def test_every_product_is_one_grouped_mm_on_cpu(monkeypatch):
