@@ -17,8 +17,9 @@ layout), and the base products are transformers' own grouped/batched linears, so
 the output is bit-identical to the unwrapped module under ``grouped_mm`` and ``batched_mm``.
 A fused ``gate_up_proj`` gets one ``[E, 2I, r]`` B whose rows follow the weight's own order.
 
-Patterns address the experts module by its name (e.g. ``model.layers.0.mlp.experts``); one adapter
-covers every expert and both projections there.
+Patterns address the experts module by its name (e.g. ``model.layers.0.mlp.experts``) or one of
+its projections (``model.layers.0.mlp.experts.down_proj``, see :mod:`qpeft.expert_targets`); an
+adapter covers every expert of the projections it adapts.
 """
 
 from __future__ import annotations
