@@ -36,6 +36,7 @@ class ExpertsTarget:
     merged: dict[str, Any]
     enabled: list[str] = field(default_factory=list)
     disabled: list[str] = field(default_factory=list)
+    explicit: list[str] = field(default_factory=list)  # enabled by an entry that says enable: True
 
 
 def resolve_experts(
@@ -58,7 +59,8 @@ def resolve_experts(
     merged = {k: v for p in chosen for k, v in matched[p].items()}
     if not enabled:
         merged["enable"] = False
-    return ExpertsTarget(merged, enabled, [p for p in matched if p not in enabled])
+    explicit = [p for p in enabled if matched[p].get("enable") is not None]
+    return ExpertsTarget(merged, enabled, [p for p in matched if p not in enabled], explicit)
 
 
 def _check_same(adapter: str, layer: str, enabled: list[str], attrs: dict[str, PEFTAttributeConfig]) -> None:

@@ -116,7 +116,9 @@ def _plan_experts(plan: _Plan, cfg: PEFTConfig, layer_name: str, module: nn.Modu
         have = list(existing.factors)
         on = [p for p in target.enabled if p in have]
         off = [p for p in target.disabled if p in have]
-        _check_projections(name, layer_name, have, target.enabled, off if on else [])
+        # an update adds a projection only by saying enable: True for it (scale-only updates of
+        # a pattern that also matches the adapter's skipped projections leave them skipped)
+        _check_projections(name, layer_name, have, target.explicit, off if on else [])
         if on or off:
             _plan_update(plan, name, layer_name, existing, target.merged)
     if have:  # the replay recreates exactly these projections

@@ -112,7 +112,10 @@ def test_updates_change_scale_and_enable_but_not_the_projections():
     ref = _logits(model, ids)
     qpeft.update_model(model, {"adapter_cfg": {"*experts.down_proj": {"rank": 3, "lora_b_init": RANDOM_B}}})
     with pytest.raises(ValueError, match=r"'default'.*'model\.layers\.0\.mlp\.experts'.*cannot add projection 'gate_up_proj'"):
-        qpeft.update_model(model, {"adapter_cfg": {"*experts": {"scale": 2.0}}})
+        qpeft.update_model(model, {"adapter_cfg": {"*experts": {"enable": True}}})
+    qpeft.update_model(model, {"adapter_cfg": {"*experts": {"scale": 3.0}}})  # scale only: projections kept
+    assert {a.adapters["default"].scale for a in _experts(model).values()} == {3.0}
+    assert _projections(model) == {n: ["down_proj"] for n in _experts(model)}
     qpeft.update_model(model, {"adapter_cfg": {"*experts.down_proj": {"scale": 2.0}}})
     assert {a.adapters["default"].scale for a in _experts(model).values()} == {2.0}
     qpeft.update_model(model, {"adapter_cfg": {"*experts.down_proj": {"enable": False}}})
