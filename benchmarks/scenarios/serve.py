@@ -91,9 +91,9 @@ def run(repeats: int) -> Section:
                          f"{PROMPT}-token prompts, {NEW_TOKENS} new tokens, greedy, KV cache; prefill: "
                          f"one forward of {BATCH} x {PREFILL} tokens.")
     section.notes.append("Decoding reads every used adapter's factors once per step whatever the method: "
-                         "8 rank-16 adapters on the seven projections are about 40% of the bytes of this "
-                         "small base's weights, which bounds qpeft / base from below in decoding; at "
-                         "prefill the base's own matmuls dominate both libraries' time.")
+                         "8 rank-16 adapters on the seven projections add about a third to the bytes a "
+                         "decoding step of this small base model reads, which bounds qpeft / base from below "
+                         "in decoding; at prefill the base's own matmuls dominate both libraries' time.")
     if not has_peft():
         section.notes.append("HF PEFT not installed: peer rows skipped.")
     return section
