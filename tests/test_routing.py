@@ -9,6 +9,8 @@ import qpeft.lora.routing
 from .models import TinyBlock, tiny_llama
 from .tolerances import BF16_ATOL, BF16_RTOL, FASTPATH_ATOL, FASTPATH_RTOL
 
+DEFAULT_MARGIN = qpeft.lora.routing.DENSE_MARGIN  # before the fixture below patches it
+
 
 @pytest.fixture(autouse=True, params=["dense", "gathered"])
 def path(request, monkeypatch):
@@ -144,3 +146,15 @@ def test_reused_factors_follow_in_place_edits_and_scale_changes():
         for i, name in enumerate(NAMES):
             tol = (BF16_ATOL, BF16_RTOL) if name == "c" else (FASTPATH_ATOL, FASTPATH_RTOL)
             torch.testing.assert_close(y[i:i + 1], _alone(model, x[i:i + 1], name), atol=tol[0], rtol=tol[1])
+
+
+@pytest.mark.parametrize(("tokens", "gathers"), [(1, False), (64, True)])
+def test_default_rule_decodes_densely_and_gathers_for_long_inputs(tokens, gathers, monkeypatch):
+    monkeypatch.setattr(qpeft.lora.routing, "DENSE_MARGIN", DEFAULT_MARGIN)
+    calls = []
+    real = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _model()
+    with torch.no_grad(), qpeft.adapter_routing(model, NAMES):
+        model(torch.randn(len(NAMES), tokens, 16))
+    assert bool(calls) == gathers  # the gathered path runs bmm; the dense path plain matmuls

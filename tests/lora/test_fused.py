@@ -139,3 +139,15 @@ def test_autocast_matches_the_reference_path(path):
 def test_non_contiguous_input(path):
     layer = _layer([("a", 4, 2.0, None), ("b", 2, 0.5, None)], path=path)
     _assert_same(layer, torch.randn(24, 5, 3).transpose(0, 2))
+
+
+@pytest.mark.parametrize("specs", [[("a", 4, 2.0, None)], [("a", 4, 2.0, None), ("b", 3, 0.5, None)]])
+def test_without_autograd_the_same_values_come_without_a_graph(specs, path):
+    layer = _layer(specs, path=path)
+    x = torch.randn(3, 5, 24)
+    with_graph = layer(x.clone().requires_grad_(True))
+    assert with_graph.grad_fn is not None
+    with torch.no_grad():
+        without = layer(x)
+    assert without.grad_fn is None and torch.equal(without, with_graph.detach())
+    assert torch.equal(layer(x), without)  # grad mode on, but nothing requires grad

@@ -110,8 +110,8 @@ class LoRAModule(ModuleWrapper):
             operands = linear_operands(base, x)
         if operands is not None:
             factors = [(a.lora_a, a.lora_b, a.scale) for a in fused]
-            group = self._siblings
-            t = group.low_rank(self, x, tuple(a.lora_a for a in fused)) if group is not None else None
+            group = self._siblings  # sharing is opt-in: skip building its arguments when it is off
+            t = group.low_rank(self, x, tuple(a.lora_a for a in fused)) if group is not None and group.enabled else None
             y = linear_lora(x, *operands, factors) if t is None else linear_lora_from_t(x, *operands, t, factors)
         else:
             y = base(x, *args, **kwargs)
