@@ -3,18 +3,10 @@
 The public API is flat: everything a user needs is importable from ``qpeft``.
 """
 
-from .adapters import (
-    delete_adapter,
-    disable_adapters,
-    disabled_adapters,
-    enable_adapters,
-    freeze_lora_weights,
-    unfreeze_lora_weights,
-)
 from .checkpoint import load_adapters, restore, save, save_adapters
-from .config import ExportPEFTConfig, PEFTAttributeConfig, PEFTConfig
-from .export import export, merge_adapters, unmerge_adapters
-from .hf_peft import export_hf_peft, import_hf_peft
+from .checkpoint.hf_peft import export_hf_peft, import_hf_peft
+from .core.modes import state
+from .core.patterns import matches_pattern
 from .lora import (
     ExpertsLoRAAdapter,
     LoRAAdapter,
@@ -24,9 +16,20 @@ from .lora import (
     register_lora,
     register_lora_matcher,
 )
+from .lora.config import ExportPEFTConfig, PEFTAttributeConfig, PEFTConfig
+from .lora.convert import is_peft_model, lora_layers, update_model
+from .lora.manage import (
+    delete_adapter,
+    disable_adapters,
+    disabled_adapters,
+    enable_adapters,
+    freeze_lora_weights,
+    unfreeze_lora_weights,
+)
+from .lora.merge import export, merge_adapters, unmerge_adapters
+from .lora.refine import refine_svdquant
+from .lora.routing import adapter_routing
 from .lora.siblings import set_input_sharing
-from .lora.svdquant import refine_svdquant
-from .modes import state
 from .parallel import (
     LoRAColwiseParallel,
     LoRARowwiseParallel,
@@ -35,8 +38,6 @@ from .parallel import (
     lora_tp_plan,
     parallelize_lora,
 )
-from .patterns import matches_pattern
-from .peft import is_peft_model, lora_layers, update_model
 from .quant import (
     PRESETS,
     QuantizeConfig,
@@ -55,7 +56,6 @@ from .quant import (
     register_quant,
     register_quant_matcher,
 )
-from .routing import adapter_routing
 
 __version__ = "0.1.0"
 

@@ -51,7 +51,7 @@ def _positive_float(text: str) -> float:
 
 
 def _recover_parser(sub: argparse._SubParsersAction) -> None:
-    from .config import LORA_DTYPES
+    from .lora.config import LORA_DTYPES
     from .recover.pipeline import RecoverOptions
     from .recover.quantizing import FORMATS
 

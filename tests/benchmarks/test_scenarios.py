@@ -4,8 +4,7 @@ import torch
 
 import qpeft
 from benchmarks.scenarios.quant import _requantize_every_forward
-
-from ..models import TinyBlock
+from tests.models import TinyBlock
 
 
 def test_requantize_reference_really_requantizes_every_forward():

@@ -6,8 +6,7 @@ from torch import nn
 
 import qpeft
 from qpeft.lora.layer import reference_forward
-
-from ..tolerances import BF16_ATOL, BF16_RTOL, FASTPATH_ATOL, FASTPATH_RTOL
+from tests.tolerances import BF16_ATOL, BF16_RTOL, FASTPATH_ATOL, FASTPATH_RTOL
 
 
 class _SubLinear(nn.Linear):

@@ -5,9 +5,8 @@ import torch
 
 import qpeft
 from qpeft.lora.layer import reference_forward
-
-from ..models import TinyBlock
-from ..tolerances import FASTPATH_ATOL, FASTPATH_RTOL
+from tests.models import TinyBlock
+from tests.tolerances import FASTPATH_ATOL, FASTPATH_RTOL
 
 
 def _model(preset, order, base_trainable=False):

@@ -9,9 +9,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qpeft
-
-from ..models import tiny_llama
-from ..tolerances import FASTPATH_ATOL, FASTPATH_RTOL
+from tests.models import tiny_llama
+from tests.tolerances import FASTPATH_ATOL, FASTPATH_RTOL
 
 
 class _CountMM(TorchDispatchMode):

@@ -182,7 +182,7 @@ def test_refine_is_logged_and_replay_plus_strict_load_restores_it():
     entry = qpeft.state(model)[-1]
     assert entry == {"mode": "refine_svdquant", "config": {"adapter_name": "default", "iters": 2, "layers": ["0"]}}
     fresh = nn.Sequential(nn.Linear(64, 32))
-    qpeft.modes.replay(fresh, qpeft.state(model))
+    qpeft.core.modes.replay(fresh, qpeft.state(model))
     fresh.load_state_dict(model.state_dict(), strict=True)
     x = torch.randn(3, 64)
     assert torch.equal(fresh(x), model(x))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import qpeft
-from qpeft.safeio import read_header, read_json
+from qpeft.checkpoint.files import read_header, read_json
 from tests.models import TinyBlock, tiny_gpt2
 from tests.parallel.cases import block_batch, block_model, gpt2_model, trained_block
 from tests.parallel.checks import assert_close, assert_same_tensors, load

@@ -163,7 +163,7 @@ def test_replay_on_a_fresh_model_then_strict_load_is_bit_identical(preset):
     qpeft.quantize(model, preset, forward_loop=lambda m: m(x))
     qpeft.disable_quantizer(model, "mlp.down.*")
     fresh = TinyBlock()
-    qpeft.modes.replay(fresh, qpeft.state(model))
+    qpeft.core.modes.replay(fresh, qpeft.state(model))
     assert qpeft.state(fresh) == qpeft.state(model)
     fresh.load_state_dict(model.state_dict(), strict=True)
     assert torch.equal(fresh(x), model(x))
@@ -176,7 +176,7 @@ def test_replay_onto_a_model_missing_a_layer_fails_cleanly():
     other = torch.nn.Sequential()
     other.add_module("lm_head", torch.nn.Linear(16, 10))
     with pytest.raises(ValueError, match="no quantizable layer 'attn.q_proj'"):
-        qpeft.modes.replay(other, qpeft.state(model))
+        qpeft.core.modes.replay(other, qpeft.state(model))
     assert type(other.lm_head) is torch.nn.Linear
 
 

@@ -9,9 +9,9 @@ from torch import nn
 pytest.importorskip("transformers")
 
 import qpeft  # noqa: E402
+from qpeft.core.wrapping import innermost  # noqa: E402
 from qpeft.quant import model_quantizers  # noqa: E402
 from qpeft.quant.experts import QuantExperts  # noqa: E402
-from qpeft.wrapping import innermost  # noqa: E402
 from tests.models import MOE_MODELS, token_ids  # noqa: E402
 from tests.quant.bitwise import assert_bits_equal  # noqa: E402
 

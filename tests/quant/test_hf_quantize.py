@@ -36,7 +36,7 @@ def test_lora_on_a_quantized_hf_model_trains_and_restores(name):
     losses = fit_random_target(model, ids, steps=5)  # eval mode, so no dropout noise
     assert losses[-1] < losses[0]
     fresh = HF_MODELS[name]().eval()
-    qpeft.modes.replay(fresh, qpeft.state(model))
+    qpeft.core.modes.replay(fresh, qpeft.state(model))
     fresh.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.equal(hf_output(fresh, ids), hf_output(model, ids))

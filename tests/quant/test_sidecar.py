@@ -98,6 +98,6 @@ def test_training_on_a_quantized_base_lowers_the_loss(order):
 def test_replay_of_lora_then_quant_then_strict_load_is_bit_identical():
     model, x = _build("lora_first", "nvfp4")
     fresh = TinyBlock()
-    qpeft.modes.replay(fresh, qpeft.state(model))
+    qpeft.core.modes.replay(fresh, qpeft.state(model))
     fresh.load_state_dict(model.state_dict(), strict=True)
     assert torch.equal(fresh(x), model(x))

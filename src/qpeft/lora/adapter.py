@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PEFTAttributeConfig
+from .config import PEFTAttributeConfig
 
 __all__ = ["LoRAAdapter"]
 

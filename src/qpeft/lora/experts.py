@@ -7,7 +7,7 @@ of every projection its own low-rank pair::
     A_p: [E, r, in],  B_p: [E, out, r],  y[s] = W_p[e] x[s] + scale * B_p[e] (A_p[e] x[s])
 
 for the row ``s`` routed to expert ``e``. Both products run over all routed rows at once (one
-grouped GEMM or one batched matmul, see :mod:`qpeft.lora.expert_routing`), never a loop over experts.
+grouped GEMM or one batched matmul, see :mod:`qpeft.lora.moe_rows`), never a loop over experts.
 
 :class:`LoRAExperts` is the generic layer: it sizes, initialises and evaluates the adapters; a
 plugin subclass (see :mod:`qpeft.lora.plugins.moe`) says which projections a module has and
@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PEFTAttributeConfig, resolve_initializer
+from ..core.wrapping import innermost
 from ..quant.layer import QuantModule
-from ..wrapping import innermost
-from .expert_routing import Routing, expert_matmul
+from .config import PEFTAttributeConfig, resolve_initializer
 from .init import truncated_svd, warn_svdquant_fallback
 from .layer import LoRAModule
+from .moe_rows import Routing, expert_matmul
 
 __all__ = ["Projection", "GroupedLoRA", "ExpertsLoRAAdapter", "LoRAExperts"]
 

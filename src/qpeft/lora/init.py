@@ -17,9 +17,9 @@ import warnings
 
 import torch
 
-from ..config import resolve_initializer
-from ..modes import is_restoring
+from ..core.modes import is_restoring
 from .adapter import LoRAAdapter
+from .config import resolve_initializer
 from .layer import LoRAModule
 
 __all__ = ["init_adapter", "truncated_svd", "quantization_residual", "svd_factors"]
@@ -38,7 +38,7 @@ SKETCH_FACTOR = 5
 def init_adapter(adapter: LoRAAdapter, layer: LoRAModule, layer_name: str) -> None:
     """Fill a new adapter's factors in place according to its ``lora_init_method``.
 
-    Inside :func:`qpeft.modes.restoring` nothing is computed (the factors stay zero): the saved
+    Inside :func:`qpeft.core.modes.restoring` nothing is computed (the factors stay zero): the saved
     values are loaded right after, so recomputing, e.g., svdquant's SVD would be wasted work.
 
     Raises:

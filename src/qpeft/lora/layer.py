@@ -2,7 +2,7 @@
 
 ``forward(x) = base(x) + sum over active (enabled, not merged) adapters (insertion order) of scale * B(A(x))``; each
 adapter runs in its own dtype and its result is cast to the base output's dtype. The base stays the
-same object (``layer.base``), its ``state_dict`` keys unchanged (see :mod:`qpeft.wrapping`).
+same object (``layer.base``), its ``state_dict`` keys unchanged (see :mod:`qpeft.core.wrapping`).
 
 Adapters whose dtype equals the input's and the base output's take the fused path
 (:func:`qpeft.lora.fused.lora_addmm`: one autograd node, no casts, ``addmm``; with the base matmul
@@ -21,13 +21,12 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..wrapping import ModuleWrapper, innermost
+from ..core.wrapping import ModuleWrapper, innermost
 from .adapter import LoRAAdapter
 from .fused import linear_lora, linear_lora_from_t, lora_addmm
 from .linear_bases import linear_operands
-from .routing import routed_forward
 
-__all__ = ["LoRAModule", "LoRALinear", "reference_forward"]
+__all__ = ["LoRAModule", "LoRALinear", "reference_forward", "lora_layers", "is_peft_model"]
 
 
 def _fusable(adapter: LoRAAdapter, x: torch.Tensor) -> bool:
@@ -103,7 +102,7 @@ class LoRAModule(ModuleWrapper):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.base
         if self._routing is not None:
-            return routed_forward(self, self._routing, x, base(x, *args, **kwargs))
+            return self._routing.apply(self, x, base(x, *args, **kwargs))
         fused, rest = self._split_active(x)
         operands = None
         if fused and not args and not kwargs:
@@ -151,3 +150,13 @@ class LoRAConv1D(LoRAModule):
     @staticmethod
     def to_out_in(weight: torch.Tensor) -> torch.Tensor:
         return weight.t()
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRAModule]:
+    """Every LoRA layer of ``model``, by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRAModule)}
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` has at least one LoRA layer."""
+    return any(isinstance(m, LoRAModule) for m in model.modules())

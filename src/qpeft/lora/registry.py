@@ -2,7 +2,7 @@
 
 Plugins for optional libraries (transformers' ``Conv1D`` and grouped MoE experts, Megatron-Core,
 the fused path over quantized layers) register themselves when their library is imported; see
-:class:`qpeft.registry.WrapperRegistry`.
+:class:`qpeft.core.registry.WrapperRegistry`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..registry import WrapperRegistry
+from ..core.registry import WrapperRegistry
 from .layer import LoRALinear, LoRAModule
 
 __all__ = ["register_lora", "register_lora_matcher", "lora_class_for", "REGISTRY"]

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..modes import record, register_mode, state
+from ..core.modes import record, register_mode, state
 from .layer import LoRAModule
 
 __all__ = ["SiblingGroup", "link_siblings", "set_input_sharing"]

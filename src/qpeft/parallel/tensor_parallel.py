@@ -35,9 +35,9 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from ..core.wrapping import innermost
 from ..lora.adapter import LoRAAdapter
 from ..lora.layer import LoRAConv1D, LoRALinear, LoRAModule
-from ..wrapping import innermost
 
 __all__ = ["LoRAColwiseParallel", "LoRARowwiseParallel", "lora_tp_plan", "parallelize_lora"]
 

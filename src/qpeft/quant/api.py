@@ -5,7 +5,7 @@
 ``"*input_quantizer"``, ``"*lm_head*"``, or callables) to ModelOpt-style attribute dicts. Each
 quantizer ``<layer>.weight_quantizer`` / ``<layer>.input_quantizer`` (grouped MoE experts:
 ``<layer>.<projection>_weight_quantizer``, no input quantizer) merges every matching entry in
-order, key by key (:func:`qpeft.patterns.merge_matching`); one that no entry matches is disabled,
+order, key by key (:func:`qpeft.core.patterns.merge_matching`); one that no entry matches is disabled,
 and a layer none of whose quantizers is matched is left alone. Layers whose class is one of
 ModelOpt's ``DISABLED_PARENT_CLASSES`` get disabled quantizers.
 
@@ -33,8 +33,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from torch import nn
 
-from ..modes import record, register_mode
-from ..patterns import merge_matching
+from ..core.modes import record, register_mode
+from ..core.patterns import merge_matching
 from .calibrate import calibrate_inputs
 from .config import DISABLED_PARENT_CLASSES, PRESETS, QuantizerAttributeConfig
 from .layer import QuantModule

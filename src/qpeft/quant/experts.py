@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..wrapping import innermost
+from ..core.wrapping import innermost
 from .layer import QuantModule, TransposedTensorQuantizer
 from .quantizer import TensorQuantizer
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..wrapping import ModuleWrapper, innermost
+from ..core.wrapping import ModuleWrapper, innermost
 from .cache import WeightCache
 from .quantizer import TensorQuantizer
 

@@ -1,7 +1,7 @@
 """The registry of quantized layers: base layer type -> its quantized wrapper.
 
 The transformers plugins (``Conv1D``; the grouped MoE experts of transformers 5.x) register
-themselves when transformers is imported; see :class:`qpeft.registry.WrapperRegistry`.
+themselves when transformers is imported; see :class:`qpeft.core.registry.WrapperRegistry`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..registry import WrapperRegistry
+from ..core.registry import WrapperRegistry
 from .layer import QuantLinear, QuantModule
 
 __all__ = ["register_quant", "register_quant_matcher", "quant_class_for", "REGISTRY"]

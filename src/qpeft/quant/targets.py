@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..lora.adapter import LoRAAdapter
-from ..wrapping import ModuleWrapper
+from ..core.wrapping import ModuleWrapper
 from .layer import QuantModule
 from .registry import quant_class_for
 
@@ -27,15 +26,20 @@ __all__ = ["Target", "logical_named_modules", "quant_targets", "quantized_layers
 
 
 def logical_named_modules(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
-    """Yield ``(physical_path, logical_name, module)`` for every module, adapters excluded."""
+    """Yield ``(physical_path, logical_name, module)`` for every module.
+
+    Inside a qpeft wrapper only ``base`` is walked: a wrapper's own children (adapters,
+    quantizers) are not layers of the model.
+    """
 
     def walk(module: nn.Module, physical: str, logical: str) -> Iterator[tuple[str, str, nn.Module]]:
         yield physical, logical, module
+        wrapper = isinstance(module, ModuleWrapper)
         for name, child in module._modules.items():
-            if child is None or isinstance(child, LoRAAdapter):
+            if child is None or (wrapper and name != "base"):
                 continue
             path = f"{physical}.{name}" if physical else name
-            if isinstance(module, ModuleWrapper) and name == "base":
+            if wrapper:
                 yield from walk(child, path, logical)
             else:
                 yield from walk(child, path, f"{logical}.{name}" if logical else name)

@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from ..modes import record, register_mode
-from ..patterns import matches_pattern
+from ..core.modes import record, register_mode
+from ..core.patterns import matches_pattern
 from .quantizer import TensorQuantizer
 from .targets import quantized_layers
 

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.wrapping import innermost
+from ..lora.convert import lora_layers, update_model
 from ..lora.layer import LoRAModule
-from ..peft import lora_layers, update_model
-from ..wrapping import innermost
 from . import tasks
 from .blockwise import find_blocks, reconstruct_blocks
 from .data import load_texts

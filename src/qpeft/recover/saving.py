@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoint import save
-from ..hf_peft import export_hf_peft
+from ..checkpoint.full import save
+from ..checkpoint.hf_peft import export_hf_peft
 
 __all__ = ["save_student"]
 

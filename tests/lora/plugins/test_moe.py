@@ -8,9 +8,9 @@ import torch
 pytest.importorskip("transformers")
 
 import qpeft  # noqa: E402
-from qpeft.modes import replay  # noqa: E402
+from qpeft.core.modes import replay  # noqa: E402
+from qpeft.core.wrapping import innermost  # noqa: E402
 from qpeft.quant.quantizer import TensorQuantizer  # noqa: E402
-from qpeft.wrapping import innermost  # noqa: E402
 from tests.models import MOE_MODELS  # noqa: E402
 from tests.tolerances import (  # noqa: E402
     BF16_ATOL,

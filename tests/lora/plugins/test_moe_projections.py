@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("transformers")
 
 import qpeft  # noqa: E402
-from qpeft.modes import replay  # noqa: E402
-from qpeft.wrapping import innermost  # noqa: E402
+from qpeft.core.modes import replay  # noqa: E402
+from qpeft.core.wrapping import innermost  # noqa: E402
 from tests.lora.plugins.test_moe import _experts, _ids, _logits, _merged_reference  # noqa: E402
 from tests.models import MOE_MODELS  # noqa: E402
 from tests.tolerances import FP32_ATOL, FP32_RTOL  # noqa: E402

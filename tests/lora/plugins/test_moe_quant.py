@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("transformers")
 
 import qpeft  # noqa: E402
+from qpeft.core.wrapping import innermost  # noqa: E402
 from qpeft.quant.experts import QuantExperts  # noqa: E402
-from qpeft.wrapping import innermost  # noqa: E402
 from tests.models import MOE_MODELS, fit_random_target, token_ids  # noqa: E402
 from tests.tolerances import SVD_OPTIMALITY_RATIO  # noqa: E402
 

@@ -12,7 +12,7 @@
 for the row ``s`` of expert ``e`` (``A1: [E, r, H]``, ``B1: [E, F', r]``, ``A2: [E, r, F]``,
 ``B2: [E, H, r]``). Every product is one grouped GEMM over the rows: ``grouped_gemm``'s
 ``gmm`` (as Megatron's own forward) for CUDA inputs when that package is installed, otherwise
-``torch.nn.functional.grouped_mm`` (CPU, or CUDA bf16), see :mod:`qpeft.lora.expert_routing`.
+``torch.nn.functional.grouped_mm`` (CPU, or CUDA bf16), see :mod:`qpeft.lora.moe_rows`.
 ``moe_apply_probs_on_input`` and the zero-token branch (every parameter kept in the graph) follow
 Megatron's forward; ``moe_act`` activation recompute is not applied (the activation is kept).
 Merge and export fold ``scale * B[e] @ A[e]`` into each expert's block of ``weight1``/``weight2``
@@ -31,8 +31,8 @@ from megatron.core.transformer.moe import grouped_gemm_util as gg
 from megatron.core.transformer.moe.experts import GroupedMLP
 from torch import nn
 
-from ..expert_routing import Routing, expert_matmul
 from ..experts import LoRAExperts, Projection
+from ..moe_rows import Routing, expert_matmul
 from ..registry import register_lora
 
 __all__ = ["LoRAGroupedMLP"]

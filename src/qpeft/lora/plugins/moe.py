@@ -18,7 +18,7 @@ the output is bit-identical to the unwrapped module under ``grouped_mm`` and ``b
 A fused ``gate_up_proj`` gets one ``[E, 2I, r]`` B whose rows follow the weight's own order.
 
 Patterns address the experts module by its name (e.g. ``model.layers.0.mlp.experts``) or one of
-its projections (``model.layers.0.mlp.experts.down_proj``, see :mod:`qpeft.expert_targets`); an
+its projections (``model.layers.0.mlp.experts.down_proj``, see :mod:`qpeft.lora.targets`); an
 adapter covers every expert of the projections it adapts.
 """
 
@@ -29,25 +29,15 @@ from torch import nn
 from transformers.integrations.moe import _batched_linear, _grouped_linear
 
 from ...quant.layer import QuantModule
-from ..expert_routing import Routing
+from ...quant.plugins.moe import hf_expert_projections, is_hf_experts
 from ..experts import LoRAExperts, Projection
+from ..moe_rows import Routing
 from ..registry import register_lora_matcher
 
-__all__ = ["LoRAHFExperts", "is_hf_experts"]
+__all__ = ["LoRAHFExperts", "is_hf_experts"]  # is_hf_experts: from qpeft.quant.plugins.moe
 
 # transformers' experts implementation -> the row layout it uses (others: grouped).
 _ROW_LAYOUT = {"grouped_mm": "grouped", "batched_mm": "batched"}
-
-
-def is_hf_experts(module: nn.Module) -> bool:
-    """Whether ``module`` is a transformers ``@use_experts_implementation`` experts module."""
-    down = getattr(module, "down_proj", None)
-    return (
-        hasattr(module, "has_gate")
-        and hasattr(module, "is_transposed")
-        and isinstance(down, nn.Parameter)
-        and down.dim() == 3
-    )
 
 
 class LoRAHFExperts(LoRAExperts):
@@ -61,13 +51,7 @@ class LoRAHFExperts(LoRAExperts):
 
     @staticmethod
     def projections(base: nn.Module) -> dict[str, Projection]:
-        names = ("gate_up_proj" if base.has_gate else "up_proj", "down_proj")
-        found = {}
-        for name in names:
-            shape = getattr(base, name).shape
-            in_f, out_f = (shape[1], shape[2]) if base.is_transposed else (shape[2], shape[1])
-            found[name] = Projection(in_f, out_f, bool(base.is_transposed))
-        return found
+        return {name: Projection(*layout) for name, layout in hf_expert_projections(base).items()}
 
     @staticmethod
     def num_experts(base: nn.Module) -> int:

@@ -1,7 +1,7 @@
 """qpeft.quant plugin: a weight-only ``QuantLinear`` is ``F.linear(x, Qw(W), bias)``, fusable with LoRA."""
 
+from ...core.wrapping import innermost
 from ...quant.layer import QuantLinear
-from ...wrapping import innermost
 from ..linear_bases import register_linear_base
 
 

@@ -5,7 +5,7 @@ They follow the documented contract field for field (names, defaults, JSON). Bey
 - initializer strings are looked up inside ``torch.nn.init`` only, so validating a config from an
   untrusted file never imports anything;
 - ``adapter_cfg`` entries remember which keys they set explicitly, so later patterns override earlier
-  ones key by key (see :func:`qpeft.patterns.resolve_attributes`);
+  ones key by key (see :func:`qpeft.core.patterns.resolve_attributes`);
 - every error names the field and, inside ``adapter_cfg``, the pattern.
 """
 

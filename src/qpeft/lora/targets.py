@@ -16,11 +16,11 @@ from typing import Any
 
 from torch import nn
 
+from ..core.patterns import merge_matching_any
+from ..core.wrapping import innermost
 from .config import PEFTAttributeConfig
-from .lora.experts import LoRAExperts
-from .lora.registry import lora_class_for
-from .patterns import merge_matching_any
-from .wrapping import innermost
+from .experts import LoRAExperts
+from .registry import lora_class_for
 
 __all__ = ["ExpertsTarget", "resolve_experts", "is_target_name", "experts_class", "skipped_projections"]
 

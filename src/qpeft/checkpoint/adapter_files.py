@@ -1,24 +1,9 @@
-"""Save and restore: a directory holding a JSON manifest and safetensors, never a pickle.
+"""Adapter files: ``save_adapters`` writes only the adapters of a model, ``load_adapters`` adds them.
 
-A full checkpoint (``save``) is a directory with
-
-- ``qpeft.json``: ``{"format": "qpeft-checkpoint", "format_version": 1, "modes": <the mode log>,
-  "aliases": {tied key: key it shares}, "adapters": {layer: {adapter: {"scale", "enable",
-  "merged"}}}, "trainable": [names of parameters with requires_grad]}``;
-- ``model.safetensors``: every tensor of ``model.state_dict()`` (base weights, adapter factors
-  ``<layer>.adapters.<name>.lora_a: [r, in]`` / ``lora_b: [out, r]``, quantizer buffers), tied
-  tensors stored once.
-
-``restore`` replays the mode log on a freshly built model with tensor computations skipped
-(:func:`qpeft.modes.restoring`), re-applies the saved adapter flags and ``requires_grad`` (which
-also captures direct edits such as ``adapter.scale = 2``), checks every key, shape and dtype, then
-copies the tensors. It runs through :func:`qpeft.transaction.apply_atomically`, so a failure leaves
-the passed model untouched. An adapter file (``save_adapters``) holds only the adapters.
-
-On a sharded model (FSDP2, tensor parallelism) ``save`` and ``save_adapters`` are collectives that
-gather and write on rank 0 (:mod:`qpeft.parallel.collective`), and ``load_adapters`` fills the
-existing adapters shard by shard (:mod:`qpeft.parallel.sharded_load`); the files are the same as
-from one process.
+An adapter file is a directory with ``qpeft.json`` (``{"format": "qpeft-adapters",
+"format_version": 1, "adapters": {name: {"layers": {layer: attributes}, "trainable": bool,
+"skipped_projections": {experts layer: [projections]}}}}``) and ``adapters.safetensors``
+(``<layer>.adapters.<name>.lora_a`` / ``.lora_b``; grouped experts ``<layer>.adapters.<name>.<projection>.lora_a``).
 """
 
 from __future__ import annotations
@@ -30,140 +15,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import disable_selection
-from .checkpoint_load import check_tensors, load_checked
-from .config import PEFTAttributeConfig
-from .expert_targets import is_target_name, skipped_projections
-from .manifest import (
-    FORMAT_VERSION,
-    MANIFEST,
-    adapter_flags,
-    apply_flags,
-    check_full_manifest,
-    read_manifest,
-)
-from .modes import replay, restoring, state
-from .parallel import collective
-from .parallel.sharded_load import load_adapters_sharded
-from .peft import candidate_layers, lora_layers, update_model
-from .safeio import (
-    atomic_directory,
-    read_header,
-    read_json,
-    read_tensors,
-    tensor_table,
-    write_json,
-    write_tensors,
-)
-from .transaction import apply_atomically
+from ..core.modes import restoring
+from ..core.transaction import apply_atomically
+from ..lora.config import PEFTAttributeConfig
+from ..lora.convert import candidate_layers, lora_layers, update_model
+from ..lora.manage import disable_selection
+from ..lora.targets import is_target_name, skipped_projections
+from . import sharded as collective
+from .files import read_header, read_tensors
+from .full import ADAPTER_FILE, FORMAT_VERSION, write_checkpoint
+from .sharded import load_adapters_sharded
+from .validate import MANIFEST, check_tensors, load_checked, read_manifest
 
-__all__ = ["save", "restore", "save_adapters", "load_adapters", "FORMAT_VERSION"]
-
-MODEL_FILE = "model.safetensors"
-ADAPTER_FILE = "adapters.safetensors"
-_KINDS = {"qpeft-checkpoint": MODEL_FILE, "qpeft-adapters": ADAPTER_FILE}
-
-
-def _is_ours(path: Path) -> bool:
-    try:
-        return read_json(path / MANIFEST).get("format") in _KINDS
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _write(path: str | os.PathLike, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    with atomic_directory(path, _is_ours) as tmp:
-        write_tensors(tmp / _KINDS[manifest["format"]], tensors)
-        write_json(tmp / MANIFEST, manifest)
-
-
-def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Save ``model`` (mode log, flags and every tensor) into the directory ``path``, atomically.
-
-    On a sharded model (FSDP2 ``fully_shard``, DTensor tensor parallelism, or both) this is a
-    collective: every rank of the default process group must call it. The whole tensors are
-    gathered, rank 0 alone writes its ``path`` (the same files and keys as a single-process save;
-    other ranks write nothing), and every rank returns once the files are in place. A DDP model
-    saves its ``module`` locally (no collective).
-
-    Args:
-        model: any model, converted or not; plain, DDP, FSDP2 or tensor parallel.
-        path: a directory; an existing qpeft checkpoint (or empty directory) there is replaced.
-
-    Raises:
-        FileExistsError: ``path`` is a file or a non-empty directory that is not a qpeft checkpoint.
-        TypeError: a state-dict entry is not a tensor or has a dtype safetensors cannot store; an
-            FSDP1 model. Nothing is written then; on a sharded model rank 0 raises the error and
-            the other ranks a ``RuntimeError`` quoting it.
-    """
-    model = collective.unwrap(model, "qpeft.save")
-    sharded = collective.is_sharded(model)
-    full = collective.gather_state_dict(model) if sharded else model.state_dict()
-    modes, flags = state(model), adapter_flags(model)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-
-    def write() -> None:
-        tensors, aliases = tensor_table(full)
-        manifest = {
-            "format": "qpeft-checkpoint",
-            "format_version": FORMAT_VERSION,
-            "modes": modes,
-            "aliases": aliases,
-            "adapters": flags,
-            "trainable": trainable,
-        }
-        _write(path, manifest, tensors)
-
-    collective.write_once(sharded, write)
-
-
-def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Rebuild a saved model on a freshly built base ``model`` and load its tensors bit-exactly.
-
-    ``model`` must be plain: on sharded training, restore on every rank, then shard (FSDP2
-    ``fully_shard``, :func:`qpeft.parallelize_lora`).
-
-    Args:
-        model: the same architecture as the saved model, freshly built (no qpeft modes applied),
-            not sharded.
-        path: a directory written by :func:`save`.
-
-    Returns:
-        ``model``, changed in place: adapters, enable flags, scales, merged state, ``requires_grad``
-        flags, quantizer state and every tensor as saved.
-
-    Raises:
-        FileNotFoundError: the directory or one of its files is missing.
-        ValueError: corrupt or non-JSON manifest, non-safetensors tensor file, newer format version,
-            unknown mode, a model that does not match (names the first mismatching layer or key),
-            or a sharded model. ``model`` is then left untouched.
-    """
-    path = Path(path)
-    if collective.is_sharded(model):
-        raise ValueError("restore expects a plain model, this one is sharded (DTensor parameters): "
-                         "restore the freshly built model on every rank, then shard it")
-    if state(model) or lora_layers(model):
-        raise ValueError("restore expects a freshly built base model; this one already has qpeft modes applied")
-    manifest = read_manifest(path, "qpeft-checkpoint")
-    check_full_manifest(manifest, path / MANIFEST)
-    modes = manifest["modes"]
-    header = read_header(path / MODEL_FILE)
-    tensors = read_tensors(path / MODEL_FILE)
-    aliases = manifest.get("aliases", {})
-
-    def rebuild(target: nn.Module, dry_run: bool) -> None:
-        with restoring():
-            for i, entry in enumerate(modes):
-                try:
-                    replay(target, [entry])
-                except (ValueError, TypeError, KeyError, AttributeError) as err:
-                    raise ValueError(f"{path / MANIFEST}: replaying modes[{i}] ({entry['mode']!r}) failed: {err}") from err
-        apply_flags(target, manifest)
-        check_tensors(target, header, aliases, path / MODEL_FILE, lazy_extras=True)
-        load_checked(target, tensors, aliases, path / MODEL_FILE, dry_run=dry_run)
-
-    apply_atomically(model, rebuild)
-    return model
+__all__ = ["save_adapters", "load_adapters"]
 
 
 def save_adapters(model: nn.Module, path: str | os.PathLike, adapter_names: list[str] | None = None) -> None:
@@ -207,7 +71,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, adapter_names: list
                 tensors[f"{ln}.adapters.{name}.{key}"] = tensor
     whole = {k: t.contiguous() for k, t in collective.gather_tensors(tensors).items()}  # same order on every rank
     manifest = {"format": "qpeft-adapters", "format_version": FORMAT_VERSION, "adapters": entries}
-    collective.write_once(collective.is_sharded(model), lambda: _write(path, manifest, whole))
+    collective.write_once(collective.is_sharded(model), lambda: write_checkpoint(path, manifest, whole))
 
 
 def _adapter_config(name: str, entry: Any, where: Path) -> tuple[dict[str, Any], dict[str, list[str]]]:
@@ -225,7 +89,7 @@ def _adapter_config(name: str, entry: Any, where: Path) -> tuple[dict[str, Any],
     if not isinstance(skipped, dict) or not all(isinstance(v, list) and ln in layers for ln, v in skipped.items()):
         raise ValueError(f"{where}: adapter {name!r}: 'skipped_projections' must map its layers to projection lists")
     for ln, projections in skipped.items():
-        layers.update({f"{ln}.{p}": {"enable": False} for p in projections})  # see qpeft.expert_targets
+        layers.update({f"{ln}.{p}": {"enable": False} for p in projections})  # see qpeft.lora.targets
     disabled = {ln: [name] for ln, attrs in entry["layers"].items() if not attrs.get("enable", True)}
     cfg = {"adapter_name": name, "adapter_cfg": layers, "freeze_lora_weights": not entry.get("trainable", True)}
     return cfg, disabled

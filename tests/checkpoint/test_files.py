@@ -14,11 +14,10 @@ from torch import nn
 
 import qpeft
 from qpeft import update_model
-from qpeft.checkpoint import MANIFEST, MODEL_FILE
-from qpeft.safeio import read_header
-
-from .models import TinyBlock, tiny_gpt2
-from .persist_helpers import assert_same, randomize_adapters, rich_model
+from qpeft.checkpoint.files import read_header
+from qpeft.checkpoint.full import MANIFEST, MODEL_FILE
+from tests.checkpoint.helpers import assert_same, randomize_adapters, rich_model
+from tests.models import TinyBlock, tiny_gpt2
 
 
 def test_tied_and_non_contiguous_tensors(tmp_path):
@@ -55,14 +54,14 @@ def test_save_replaces_an_older_checkpoint(tmp_path):
 
 
 # -- a save killed at several moments ------------------------------------------------------------
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KILLED = 37
 
 _CHILD = f"""
 import os, shutil, sys, torch
 import qpeft
-import qpeft.checkpoint
-from tests.test_safeio import _numbered
+import qpeft.checkpoint.full
+from tests.checkpoint.test_files import _numbered
 
 point, path = sys.argv[1], sys.argv[2]
 die = lambda *a, **k: os._exit({KILLED})
@@ -76,7 +75,7 @@ def rename(src, dst):
     real_rename(src, dst)
 
 if point == "write":
-    qpeft.checkpoint.write_json = die  # tensors written, manifest not yet
+    qpeft.checkpoint.full.write_json = die  # tensors written, manifest not yet
 elif point == "cleanup":
     shutil.rmtree = die              # both renames done, the old copy not yet deleted
 os.rename = rename

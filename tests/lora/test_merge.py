@@ -10,9 +10,8 @@ from torch import nn
 import qpeft
 from qpeft import update_model
 from qpeft.quant.layer import QuantModule
-
-from .models import TinyBlock, tiny_gpt2, tiny_llama
-from .tolerances import FP32_ATOL, FP32_RTOL, MERGE_ROUNDTRIP_ATOL
+from tests.models import TinyBlock, tiny_gpt2, tiny_llama
+from tests.tolerances import FP32_ATOL, FP32_RTOL, MERGE_ROUNDTRIP_ATOL
 
 X = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
 
@@ -192,7 +191,7 @@ def test_plain_replay_recomputes_the_merge():
     model = _two_adapters()
     base = copy.deepcopy(model)
     qpeft.merge_adapters(model)
-    from qpeft.modes import replay
+    from qpeft.core.modes import replay
 
     replay(base, qpeft.state(model)[-1:])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.state_dict().items())

@@ -9,8 +9,7 @@ from torch import nn
 
 import qpeft
 from qpeft import LoRAModule, update_model
-
-from .models import TinyBlock
+from tests.models import TinyBlock
 
 
 def _snapshot(model):

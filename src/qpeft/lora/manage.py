@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import nn
 
-from .modes import record, register_mode
-from .patterns import matches_pattern
-from .peft import lora_layers
+from ..core.modes import record, register_mode
+from ..core.patterns import matches_pattern
+from .convert import lora_layers
 
 __all__ = [
     "enable_adapters",

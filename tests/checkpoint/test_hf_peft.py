@@ -11,9 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import qpeft
 from qpeft import update_model
-
-from .models import tiny_gpt2, tiny_llama
-from .tolerances import FP32_ATOL, FP32_RTOL
+from tests.models import tiny_gpt2, tiny_llama
+from tests.tolerances import FP32_ATOL, FP32_RTOL
 
 peft = pytest.importorskip("peft")
 

@@ -34,15 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = [
-    "atomic_directory",
-    "recover",
-    "write_json",
-    "read_json",
-    "write_tensors",
-    "read_header",
-    "read_tensors",
-    "tensor_table",
-    "DTYPES",
+    "atomic_directory", "recover", "write_json", "read_json", "write_tensors", "read_header", "read_tensors", "tensor_table", "DTYPES",
 ]
 
 _MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself applies

@@ -9,13 +9,11 @@ from torch import nn
 
 import qpeft
 from qpeft import update_model
-from qpeft.checkpoint import MANIFEST, MODEL_FILE
-from qpeft.modes import known_modes
+from qpeft.checkpoint.files import read_header
+from qpeft.checkpoint.full import MANIFEST, MODEL_FILE
+from qpeft.core.modes import known_modes
 from qpeft.quant import TensorQuantizer
-from qpeft.safeio import read_header
-
-from .models import TinyBlock, tiny_gpt2
-from .persist_helpers import (
+from tests.checkpoint.helpers import (
     X,
     adapter_facts,
     assert_same,
@@ -24,6 +22,7 @@ from .persist_helpers import (
     rich_model,
     untouched,
 )
+from tests.models import TinyBlock, tiny_gpt2
 
 
 def test_quantized_two_adapters_with_edits_round_trip_bit_exactly(tmp_path):

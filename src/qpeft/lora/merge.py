@@ -12,7 +12,7 @@ the master weight and the quantizer stays: outputs then become ``Q(W + dW) x`` i
 ``Q(W) x + dW x``, and export warns with the largest output change it measures on a fixed random
 probe input of each such layer (experts: probe row ``i`` routed to expert ``i mod E``).
 
-Inside :func:`qpeft.modes.restoring` (a replay during ``restore``) the weights are not touched,
+Inside :func:`qpeft.core.modes.restoring` (a replay during ``restore``) the weights are not touched,
 because the saved, already merged weights are loaded right after.
 """
 
@@ -24,14 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.modes import is_restoring, record, register_mode
+from ..core.wrapping import innermost
+from ..quant.layer import QuantModule
+from .adapter import LoRAAdapter
 from .config import ExportPEFTConfig
-from .lora.adapter import LoRAAdapter
-from .lora.experts import LoRAExperts
-from .lora.layer import LoRAModule
-from .modes import is_restoring, record, register_mode
-from .peft import lora_layers
-from .quant.layer import QuantModule
-from .wrapping import innermost
+from .convert import lora_layers
+from .experts import LoRAExperts
+from .layer import LoRAModule
 
 __all__ = ["merge_adapters", "unmerge_adapters", "export"]
 

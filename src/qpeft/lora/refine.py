@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modes import record, register_mode
+from ..core.modes import record, register_mode
 from .init import svd_factors
 from .layer import LoRAModule
 

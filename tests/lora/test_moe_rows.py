@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qpeft.lora.expert_routing import Routing, expert_matmul
+from qpeft.lora.moe_rows import Routing, expert_matmul
 
 
 def _case(tokens=9, experts=5, k=2, seed=0):

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint_load import check_tensors, load_checked
-from .lora.layer import LoRAModule
-from .modes import restoring
-from .peft import candidate_layers, lora_layers, update_model
-from .safeio import (
+from ..core.modes import restoring
+from ..core.transaction import apply_atomically
+from ..lora.convert import candidate_layers, lora_layers, update_model
+from ..lora.layer import LoRAModule
+from .files import (
     atomic_directory,
     read_header,
     read_json,
@@ -41,7 +41,7 @@ from .safeio import (
     write_json,
     write_tensors,
 )
-from .transaction import apply_atomically
+from .validate import check_tensors, load_checked
 
 __all__ = ["export_hf_peft", "import_hf_peft"]
 

@@ -6,8 +6,7 @@ import torch
 
 import qpeft
 from qpeft import update_model
-
-from .models import TinyBlock
+from tests.models import TinyBlock
 
 X = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
 

@@ -1,7 +1,7 @@
 import pytest
 
 from qpeft import matches_pattern
-from qpeft.patterns import merge_matching
+from qpeft.core.patterns import merge_matching
 
 
 @pytest.mark.parametrize(

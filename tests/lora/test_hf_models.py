@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import qpeft
-
-from .models import HF_MODELS, fit_random_target, hf_output, token_ids
+from tests.models import HF_MODELS, fit_random_target, hf_output, token_ids
 
 pytest.importorskip("transformers")
 

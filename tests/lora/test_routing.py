@@ -5,9 +5,8 @@ import torch
 
 import qpeft
 import qpeft.lora.routing
-
-from .models import TinyBlock, tiny_llama
-from .tolerances import BF16_ATOL, BF16_RTOL, FASTPATH_ATOL, FASTPATH_RTOL
+from tests.models import TinyBlock, tiny_llama
+from tests.tolerances import BF16_ATOL, BF16_RTOL, FASTPATH_ATOL, FASTPATH_RTOL
 
 DEFAULT_MARGIN = qpeft.lora.routing.DENSE_MARGIN  # before the fixture below patches it
 

@@ -13,16 +13,16 @@ from typing import Any
 
 from torch import nn
 
+from ..core.modes import record, register_mode
+from ..core.patterns import merge_matching
+from ..core.wrapping import ModuleWrapper, innermost
+from .adapter import LoRAAdapter
 from .config import PEFTAttributeConfig, PEFTConfig
-from .expert_targets import experts_class, is_target_name, resolve_experts
-from .lora.adapter import LoRAAdapter
-from .lora.init import init_adapter
-from .lora.layer import LoRAModule
-from .lora.registry import lora_class_for
-from .lora.siblings import link_siblings
-from .modes import record, register_mode
-from .patterns import merge_matching
-from .wrapping import ModuleWrapper, innermost
+from .init import init_adapter
+from .layer import LoRAModule, is_peft_model, lora_layers
+from .registry import lora_class_for
+from .siblings import link_siblings
+from .targets import experts_class, is_target_name, resolve_experts
 
 __all__ = ["update_model", "is_peft_model", "lora_layers", "candidate_layers"]
 
@@ -41,16 +41,6 @@ def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(module, ModuleWrapper):
             inside.append(name + "." if name else "")
     return found
-
-
-def lora_layers(model: nn.Module) -> dict[str, LoRAModule]:
-    """Every LoRA layer of ``model``, by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRAModule)}
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    """Whether ``model`` has at least one LoRA layer."""
-    return any(isinstance(m, LoRAModule) for m in model.modules())
 
 
 @dataclass

@@ -5,8 +5,7 @@ import torch
 
 import qpeft
 from qpeft import update_model
-
-from .models import TinyBlock
+from tests.models import TinyBlock
 
 
 def _model():

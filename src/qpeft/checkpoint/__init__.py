@@ -1,0 +1,17 @@
+"""Checkpoints: full save/restore, adapter files, HF PEFT files, validation, atomic files, sharded writes."""
+
+from .adapter_files import load_adapters, save_adapters
+from .full import ADAPTER_FILE, FORMAT_VERSION, MODEL_FILE, restore, save
+from .hf_peft import export_hf_peft, import_hf_peft
+
+__all__ = [
+    "ADAPTER_FILE",
+    "FORMAT_VERSION",
+    "MODEL_FILE",
+    "export_hf_peft",
+    "import_hf_peft",
+    "load_adapters",
+    "restore",
+    "save",
+    "save_adapters",
+]
