@@ -1,4 +1,5 @@
-"""``python -m benchmarks [scenario ...] [--repeats N]``: run scenarios, print, rewrite RESULTS.md."""
+"""``python -m benchmarks [scenario ...] [--repeats N]``: run scenarios, print, rewrite
+RESULTS.md."""
 
 from __future__ import annotations
 
@@ -16,9 +17,16 @@ SCENARIOS = ["train", "infer", "quant", "svd", "serve", "memory"]
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("scenarios", nargs="*", choices=[[], *SCENARIOS], default=[],
-                        help=f"scenarios to run (default: all of {', '.join(SCENARIOS)})")
-    parser.add_argument("--repeats", type=int, default=10, help="timed repeats per candidate (>= 10)")
+    parser.add_argument(
+        "scenarios",
+        nargs="*",
+        choices=[[], *SCENARIOS],
+        default=[],
+        help=f"scenarios to run (default: all of {', '.join(SCENARIOS)})",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=10, help="timed repeats per candidate (>= 10)"
+    )
     args = parser.parse_args(argv)
     chosen = args.scenarios or SCENARIOS
     torch.set_num_threads(2)

@@ -1,6 +1,7 @@
 """Per-step training time of a LoRA model on 1 rank vs. 2 ranks (DDP, FSDP2, tensor parallel).
 
-Run: ``.venv/bin/python -m benchmarks.distributed_step [--steps 10] [--threads 1] [--engines ddp fsdp2 tp]``
+Run: ``.venv/bin/python -m benchmarks.distributed_step [--steps 10] [--threads 1] [--engines ddp
+fsdp2 tp]``
 
 The model is a small Llama (built from a config, random weights) with LoRA (rank 16) on every
 projection; one step is forward, cross-entropy, backward and an AdamW step on the adapters, over a
@@ -39,8 +40,15 @@ def build_model() -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+    )
     model = LlamaForCausalLM(cfg)
     return qpeft.update_model(model, {"adapter_cfg": {"*proj*": {"rank": 16}}})
 
@@ -48,7 +56,9 @@ def build_model() -> torch.nn.Module:
 def tp_plan() -> dict:
     layer = "model.layers.*."
     plan = {layer + f"self_attn.{p}": ColwiseParallel() for p in ("q_proj", "k_proj", "v_proj")}
-    plan.update({layer + "self_attn.o_proj": RowwiseParallel(), layer + "mlp.down_proj": RowwiseParallel()})
+    plan.update(
+        {layer + "self_attn.o_proj": RowwiseParallel(), layer + "mlp.down_proj": RowwiseParallel()}
+    )
     plan.update({layer + f"mlp.{p}": ColwiseParallel() for p in ("gate_proj", "up_proj")})
     return plan
 
@@ -66,7 +76,9 @@ def prepare(engine: str, model: torch.nn.Module, world: int) -> torch.nn.Module:
     return model
 
 
-def rank_main(rank: int, engine: str, world: int, args: argparse.Namespace, store: str, out: str) -> None:
+def rank_main(
+    rank: int, engine: str, world: int, args: argparse.Namespace, store: str, out: str
+) -> None:
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     model = prepare(engine, build_model(), world)
@@ -108,17 +120,24 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    engines = [e for e in ENGINES if e == "single" or e in args.engines]  # always the 1-rank baseline
+    engines = [
+        e for e in ENGINES if e == "single" or e in args.engines
+    ]  # always the 1-rank baseline
     results = {engine: measure(engine, args) for engine in engines}
     base = results["single"]
-    print(f"LoRA Llama step, batch {args.batch}x{args.seq}, {args.threads} thread(s) per rank, "
-          f"median of {args.steps} steps")
+    print(
+        f"LoRA Llama step, batch {args.batch}x{args.seq}, {args.threads} thread(s) per rank, "
+        f"median of {args.steps} steps"
+    )
     print("| engine | ranks | median step (ms) | vs 1 rank |\n|---|---|---|---|")
     for engine, seconds in results.items():
         print(f"| {engine} | {ENGINES[engine]} | {seconds * 1e3:.1f} | {base / seconds:.2f}x |")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "median_s": results}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"args": {k: str(v) for k, v in vars(args).items()}, "median_s": results}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":

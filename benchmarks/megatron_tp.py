@@ -34,11 +34,22 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     config = ModelParallelConfig(tensor_model_parallel_size=world, use_cpu_initialization=True)
     init = torch.nn.init.xavier_normal_
     torch.manual_seed(0)
-    mlp = torch.nn.ModuleDict({
-        "fc1": ColumnParallelLinear(args.hidden, args.ffn, config=config, init_method=init, gather_output=False),
-        "fc2": RowParallelLinear(args.ffn, args.hidden, config=config, init_method=init, bias=True,
-                                 input_is_parallel=True, skip_bias_add=False),
-    })
+    mlp = torch.nn.ModuleDict(
+        {
+            "fc1": ColumnParallelLinear(
+                args.hidden, args.ffn, config=config, init_method=init, gather_output=False
+            ),
+            "fc2": RowParallelLinear(
+                args.ffn,
+                args.hidden,
+                config=config,
+                init_method=init,
+                bias=True,
+                input_is_parallel=True,
+                skip_bias_add=False,
+            ),
+        }
+    )
     qpeft.update_model(mlp, {"adapter_cfg": {"*": {"rank": args.rank}}})
     x = torch.randn(args.seq, args.batch, args.hidden)
     times = []
@@ -51,7 +62,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         if i >= 2:
             times.append(time.perf_counter() - start)
     if rank == 0:
-        print(f"TP={world}: {statistics.median(times) * 1e3:8.1f} ms/step ({torch.get_num_threads()} threads/rank)")
+        print(
+            f"TP={world}: {statistics.median(times) * 1e3:8.1f} ms/step ({torch.get_num_threads()} "
+            "threads/rank)"
+        )
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
@@ -64,11 +78,21 @@ def _port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in [("seq", 256), ("batch", 4), ("hidden", 1024), ("ffn", 4096), ("rank", 16),
-                          ("repeats", 10), ("threads", torch.get_num_threads())]:
+    for name, default in [
+        ("seq", 256),
+        ("batch", 4),
+        ("hidden", 1024),
+        ("ffn", 4096),
+        ("rank", 16),
+        ("repeats", 10),
+        ("threads", torch.get_num_threads()),
+    ]:
         parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args()
-    print(f"s={args.seq} b={args.batch} h={args.hidden} ffn={args.ffn} r={args.rank} cores={args.threads}")
+    print(
+        f"s={args.seq} b={args.batch} h={args.hidden} ffn={args.ffn} r={args.rank} "
+        f"cores={args.threads}"
+    )
     for world in (1, 2):
         torch.multiprocessing.spawn(_worker, args=(world, _port(), args), nprocs=world, join=True)
 

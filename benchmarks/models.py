@@ -22,8 +22,13 @@ def base_model() -> torch.nn.Module:
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+        vocab_size=VOCAB,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=256,
     )
     model = LlamaForCausalLM(cfg)
     model.config.use_cache = False
@@ -48,15 +53,24 @@ def qpeft_model(model: torch.nn.Module, rank: int, names=("default",), scale: fl
     """A copy of ``model`` with qpeft adapters ``names`` of ``rank`` on the seven projections."""
     model = copy.deepcopy(model)
     for name in names:
-        qpeft.update_model(model, {"adapter_name": name, "adapter_cfg": {
-            "*": {"enable": False},
-            **{f"*{p}": {"enable": True, "rank": rank, "scale": scale} for p in PROJECTIONS},
-        }})
+        qpeft.update_model(
+            model,
+            {
+                "adapter_name": name,
+                "adapter_cfg": {
+                    "*": {"enable": False},
+                    **{
+                        f"*{p}": {"enable": True, "rank": rank, "scale": scale} for p in PROJECTIONS
+                    },
+                },
+            },
+        )
     return model
 
 
 def hf_model(model: torch.nn.Module, rank: int, names=("default",), scale: float = 2.0):
-    """A copy of ``model`` wrapped by HF PEFT with LoRA adapters ``names`` (alpha = scale * rank)."""
+    """A copy of ``model`` wrapped by HF PEFT with LoRA adapters ``names`` (alpha = scale *
+    rank)."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=rank, lora_alpha=scale * rank, target_modules=PROJECTIONS, lora_dropout=0.0)

@@ -7,7 +7,8 @@ candidate once per round, order rotating) after one warm-up round; sizes are byt
 - full checkpoint: ``qpeft.save`` / ``qpeft.restore`` (safetensors + JSON, atomic swap, restore
   validated on a deep copy then replayed) vs ``torch.save`` / ``torch.load`` + ``load_state_dict``
   of the same state dict (a pickle, not atomic, no validation);
-- adapter only: ``qpeft.save_adapters`` and ``qpeft.export_hf_peft`` vs ``peft``'s ``save_pretrained``;
+- adapter only: ``qpeft.save_adapters`` and ``qpeft.export_hf_peft`` vs ``peft``'s
+  ``save_pretrained``;
 - parity: qpeft -> HF PEFT files -> ``peft`` outputs, ``peft`` -> ``import_hf_peft`` outputs,
   ``export`` outputs, ``merge``/``unmerge`` weight round trip (max absolute differences, fp32).
 """
@@ -31,8 +32,15 @@ def _build():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -48,14 +56,18 @@ def _peft_model():
 
 
 def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    return (
+        sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+    )
 
 
 def _time(candidates: dict, repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {n: [] for n in candidates}
     names = list(candidates)
     for round_ in range(repeats + 1):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             start = time.perf_counter()
             candidates[name]()
             if round_:
@@ -77,42 +89,73 @@ def main(argv: list[str] | None = None) -> None:
         ref = model(ids).logits
     tmp = Path(tempfile.mkdtemp())
     fresh = [_build() for _ in range(2 * args.repeats + 2)]  # restore needs an unconverted model
-    hf = peft.get_peft_model(_build(), peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                      exclude_modules=["lm_head"], init_lora_weights=False))
+    hf = peft.get_peft_model(
+        _build(),
+        peft.LoraConfig(
+            r=16,
+            lora_alpha=32,
+            target_modules="all-linear",
+            exclude_modules=["lm_head"],
+            init_lora_weights=False,
+        ),
+    )
 
     def torch_load():
         m = fresh.pop()
         qpeft.update_model(m, {"adapter_cfg": {"*layers*": {"rank": 16, "scale": 2.0}}})
         m.load_state_dict(torch.load(tmp / "sd.pt", weights_only=True))
 
-    t = _time({
-        "qpeft.save": lambda: qpeft.save(model, tmp / "ck"),
-        "torch.save": lambda: torch.save(model.state_dict(), tmp / "sd.pt"),
-    }, args.repeats)
-    t |= _time({"qpeft.restore": lambda: qpeft.restore(fresh.pop(), tmp / "ck"),
-                "update_model + torch.load": torch_load}, args.repeats)
-    t |= _time({
-        "qpeft.save_adapters": lambda: qpeft.save_adapters(model, tmp / "ad"),
-        "qpeft.export_hf_peft": lambda: qpeft.export_hf_peft(model, tmp / "hf"),
-        "peft save_pretrained": lambda: hf.save_pretrained(tmp / "peft"),
-    }, args.repeats)
-    sizes = {"qpeft.save": tmp / "ck", "torch.save": tmp / "sd.pt", "qpeft.save_adapters": tmp / "ad",
-             "qpeft.export_hf_peft": tmp / "hf", "peft save_pretrained": tmp / "peft"}
+    t = _time(
+        {
+            "qpeft.save": lambda: qpeft.save(model, tmp / "ck"),
+            "torch.save": lambda: torch.save(model.state_dict(), tmp / "sd.pt"),
+        },
+        args.repeats,
+    )
+    t |= _time(
+        {
+            "qpeft.restore": lambda: qpeft.restore(fresh.pop(), tmp / "ck"),
+            "update_model + torch.load": torch_load,
+        },
+        args.repeats,
+    )
+    t |= _time(
+        {
+            "qpeft.save_adapters": lambda: qpeft.save_adapters(model, tmp / "ad"),
+            "qpeft.export_hf_peft": lambda: qpeft.export_hf_peft(model, tmp / "hf"),
+            "peft save_pretrained": lambda: hf.save_pretrained(tmp / "peft"),
+        },
+        args.repeats,
+    )
+    sizes = {
+        "qpeft.save": tmp / "ck",
+        "torch.save": tmp / "sd.pt",
+        "qpeft.save_adapters": tmp / "ad",
+        "qpeft.export_hf_peft": tmp / "hf",
+        "peft save_pretrained": tmp / "peft",
+    }
     for name, seconds in t.items():
         size = f"{_size(sizes[name]) / 2**20:8.2f} MiB" if name in sizes else ""
         print(f"{name:28s} {seconds * 1e3:9.1f} ms  {size}")
 
     with torch.no_grad():
         loaded = peft.PeftModel.from_pretrained(_build(), tmp / "hf").eval()
-        print(f"max |qpeft - peft(export_hf_peft)|     {(loaded(ids).logits - ref).abs().max():.3g}")
+        print(
+            f"max |qpeft - peft(export_hf_peft)|     {(loaded(ids).logits - ref).abs().max():.3g}"
+        )
         back = qpeft.import_hf_peft(_build(), tmp / "peft")
-        print(f"max |import_hf_peft - peft|            {(back(ids).logits - hf.eval()(ids).logits).abs().max():.3g}")
+        print(
+            "max |import_hf_peft - peft|            "
+            f"{(back(ids).logits - hf.eval()(ids).logits).abs().max():.3g}"
+        )
         restored = qpeft.restore(_build(), tmp / "ck")
         print(f"restore bit-identical                  {torch.equal(restored(ids).logits, ref)}")
         merged = copy.deepcopy(model)
         before = {k: v.clone() for k, v in merged.state_dict().items()}
         qpeft.merge_adapters(merged)
-        print(f"max |merged - LoRA| outputs            {(merged(ids).logits - ref).abs().max():.3g}")
+        print(
+            f"max |merged - LoRA| outputs            {(merged(ids).logits - ref).abs().max():.3g}"
+        )
         qpeft.unmerge_adapters(merged)
         err = max((v - before[k]).abs().max().item() for k, v in merged.state_dict().items())
         print(f"max |unmerge(merge(W)) - W|            {err:.3g}")

@@ -50,7 +50,9 @@ def load_minilm() -> nn.Module:
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {
+        n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
 
 
 def _quant_errors(model: nn.Module, original: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -66,7 +68,8 @@ def _quant_errors(model: nn.Module, original: dict[str, torch.Tensor]) -> dict[s
 
 
 def _optima(model: nn.Module, original: dict[str, torch.Tensor], ranks: list[int]) -> dict:
-    """Per layer and rank: the Eckart-Young optimum ``sqrt(sum_{i>r} s_i^2) / ||W||`` of W - Q(W)."""
+    """Per layer and rank: the Eckart-Young optimum ``sqrt(sum_{i>r} s_i^2) / ||W||`` of W -
+    Q(W)."""
     out = {}
     for name, layer in qpeft.quant.quantized_layers(model).items():
         w0 = original[name]
@@ -86,7 +89,9 @@ def quality(formats: list[str], ranks: list[int], refine_iters: int) -> dict:
         row = {"quant": statistics.mean(_quant_errors(plain, original).values())}
         for rank in ranks:
             model = copy.deepcopy(plain)
-            qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": rank, "lora_init_method": "svdquant"}}})
+            qpeft.update_model(
+                model, {"adapter_cfg": {"*": {"rank": rank, "lora_init_method": "svdquant"}}}
+            )
             errors = _quant_errors(model, original)
             ratios = [errors[n] / optima[n][rank] for n in errors]
             refined = errors
@@ -141,7 +146,9 @@ def init_time(ranks: list[int], repeats: int) -> dict:
             with mock.patch.object(lora_init, "truncated_svd", _exact_svd):
                 qpeft.update_model(copy.deepcopy(quantized), cfg)
 
-        out[f"r{rank}"] = _interleaved({"randomized": randomized, "exact": exact}, repeats, warmup=0)
+        out[f"r{rank}"] = _interleaved(
+            {"randomized": randomized, "exact": exact}, repeats, warmup=0
+        )
     return out
 
 
@@ -170,7 +177,8 @@ def _requantize_every_forward(model: nn.Module) -> None:
 
 
 def step_time(repeats: int, batch: int, seq: int, rank: int) -> dict:
-    """Median LoRA training-step time: unquantized, nvfp4 cached, nvfp4 re-quantized each forward."""
+    """Median LoRA training-step time: unquantized, nvfp4 cached, nvfp4 re-quantized each
+    forward."""
     base = load_minilm()
     cached = qpeft.quantize(copy.deepcopy(base), "nvfp4_weight_only")
     requant = qpeft.quantize(copy.deepcopy(base), "nvfp4_weight_only")
@@ -181,8 +189,11 @@ def step_time(repeats: int, batch: int, seq: int, rank: int) -> dict:
         "nvfp4_requantized": _training_setup(requant, batch, seq, rank),
     }
     med = _interleaved(steps, repeats)
-    return {"median_s": med, "ratio_cached": med["nvfp4_cached"] / med["unquantized"],
-            "ratio_requantized": med["nvfp4_requantized"] / med["unquantized"]}
+    return {
+        "median_s": med,
+        "ratio_cached": med["nvfp4_cached"] / med["unquantized"],
+        "ratio_requantized": med["nvfp4_requantized"] / med["unquantized"],
+    }
 
 
 def _print(results: dict) -> None:
@@ -195,20 +206,29 @@ def _print(results: dict) -> None:
             cells = [f"{row['quant']:.4f}"]
             for r in ranks:
                 c = row[f"r{r}"]
-                cells.append(f"{c['svdquant']:.4f} ({c['optimum']:.4f}; {c['ratio_mean']:.4f}, {c['ratio_max']:.4f})")
+                cells.append(
+                    f"{c['svdquant']:.4f} ({c['optimum']:.4f}; {c['ratio_mean']:.4f}, "
+                    f"{c['ratio_max']:.4f})"
+                )
                 cells.append("-" if c["refined"] is None else f"{c['refined']:.4f}")
             print(f"| {fmt} | " + " | ".join(cells) + " |")
     if "init_time" in results:
         print("\nsvdquant init of the whole model (nvfp4 weights), median s:")
         for rank, t in results["init_time"].items():
-            print(f"  {rank}: randomized {t['randomized']:.3f}  exact {t['exact']:.3f}  "
-                  f"exact/randomized {t['exact'] / t['randomized']:.2f}x")
+            print(
+                f"  {rank}: randomized {t['randomized']:.3f}  exact {t['exact']:.3f}  "
+                f"exact/randomized {t['exact'] / t['randomized']:.2f}x"
+            )
     if "step_time" in results:
         st = results["step_time"]
-        print("\nLoRA training step (batch 8 x 64 tokens, rank 16), median s:",
-              {k: round(v, 4) for k, v in st["median_s"].items()})
-        print(f"  nvfp4 cached / unquantized = {st['ratio_cached']:.3f}x; "
-              f"re-quantized each forward / unquantized = {st['ratio_requantized']:.3f}x")
+        print(
+            "\nLoRA training step (batch 8 x 64 tokens, rank 16), median s:",
+            {k: round(v, 4) for k, v in st["median_s"].items()},
+        )
+        print(
+            f"  nvfp4 cached / unquantized = {st['ratio_cached']:.3f}x; "
+            f"re-quantized each forward / unquantized = {st['ratio_requantized']:.3f}x"
+        )
 
 
 SECTIONS = ("quality", "init_time", "step_time")

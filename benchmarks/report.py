@@ -58,15 +58,18 @@ def machine() -> str:
         except ImportError:
             versions.append(f"{lib} not installed")
     load = f"load average (1 min) {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {load}, "
-            f"Python {platform.python_version()}, " + ", ".join(versions))
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {load}, "
+        f"Python {platform.python_version()}, " + ", ".join(versions)
+    )
 
 
 def _render(sections: list[Section]) -> str:
     lines = [
         "# Benchmark results",
         "",
-        "Written by `python -m benchmarks` (`make bench`); do not edit by hand. Times are medians of",
+        "Written by `python -m benchmarks` (`make bench`); do not edit by hand. Times are medians "
+        "of",
         "interleaved repeats in one process (see `benchmarks/harness.py`); a ratio below 1 means",
         "qpeft is faster. Model: Llama-shaped, hidden 512, intermediate 1376, 4 layers, 8 heads,",
         "vocab 4096, fp32, batch 4 x 128 tokens, LoRA on the seven projections.",

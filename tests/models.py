@@ -1,4 +1,5 @@
-"""Tiny models shared by the tests: plain torch stacks and Hugging Face models built from configs."""
+"""Tiny models shared by the tests: plain torch stacks and Hugging Face models built from
+configs."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ class TinyBlock(nn.Module):
 
     def __init__(self, d: int = 16) -> None:
         super().__init__()
-        self.attn = nn.ModuleDict({"q_proj": nn.Linear(d, d), "v_proj": nn.Linear(d, d, bias=False)})
+        self.attn = nn.ModuleDict(
+            {"q_proj": nn.Linear(d, d), "v_proj": nn.Linear(d, d, bias=False)}
+        )
         self.mlp = TinyMLP(d, 2 * d, d)
         self.lm_head = nn.Linear(d, 10)
 
@@ -38,8 +41,13 @@ def tiny_llama():
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -57,8 +65,12 @@ def tiny_bert():
 
     torch.manual_seed(0)
     cfg = BertConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
     )
     return BertModel(cfg).eval()
 
@@ -74,9 +86,16 @@ def tiny_qwen3_moe():
 
     torch.manual_seed(0)
     cfg = Qwen3MoeConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
-        num_experts_per_tok=2, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
     )
     return Qwen3MoeForCausalLM(cfg).eval()
 
@@ -87,22 +106,36 @@ def tiny_mixtral():
 
     torch.manual_seed(0)
     cfg = MixtralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=3,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=6,
+        num_experts_per_tok=3,
         max_position_embeddings=64,
     )
     return MixtralForCausalLM(cfg).eval()
 
 
 def tiny_gpt_oss():
-    """Transposed ``gate_up_proj [E, H, 2I]`` (interleaved gate/up) with biases, ``down_proj [E, I, H]``."""
+    """Transposed ``gate_up_proj [E, H, 2I]`` (interleaved gate/up) with biases, ``down_proj [E, I,
+    H]``."""
     from transformers import GptOssConfig, GptOssForCausalLM
 
     torch.manual_seed(0)
     cfg = GptOssConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-        head_dim=8, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        head_dim=8,
+        max_position_embeddings=64,
     )
     model = GptOssForCausalLM(cfg).eval()
     with torch.no_grad():  # transformers leaves the expert biases at zero; make them count
@@ -127,7 +160,9 @@ def hf_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def fit_random_target(model: nn.Module, ids: torch.Tensor, steps: int, lr: float = 5e-3) -> list[float]:
+def fit_random_target(
+    model: nn.Module, ids: torch.Tensor, steps: int, lr: float = 5e-3
+) -> list[float]:
     """AdamW steps on the trainable parameters towards a fixed random target; the losses."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     target = torch.randn_like(hf_output(model, ids))

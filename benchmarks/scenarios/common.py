@@ -17,7 +17,9 @@ def has_peft() -> bool:
     return importlib.util.find_spec("peft") is not None
 
 
-def ratio_row(label: str, t: dict[str, Timing], num: str, den: str, target: float | None = None) -> Row:
+def ratio_row(
+    label: str, t: dict[str, Timing], num: str, den: str, target: float | None = None
+) -> Row:
     """Row ``num / den`` of medians, with ``<= target`` when given."""
     value = t[num].median / t[den].median
     shown = f"{value:.3f}x ({t[num].median * 1e3:.1f} / {t[den].median * 1e3:.1f} ms)"
@@ -27,7 +29,8 @@ def ratio_row(label: str, t: dict[str, Timing], num: str, den: str, target: floa
 
 
 def use_simple_path(model) -> None:
-    """Make every LoRA layer of ``model`` use the simple reference path (a straightforward wrapper)."""
+    """Make every LoRA layer of ``model`` use the simple reference path (a straightforward
+    wrapper)."""
 
     def forward(self, x, *args, **kwargs):
         return reference_forward(self, x, self.base(x, *args, **kwargs))
@@ -38,5 +41,8 @@ def use_simple_path(model) -> None:
 
 def timing_lines(t: dict[str, Timing]) -> list[str]:
     """One note line per candidate: median and quartiles."""
-    return [f"`{n}`: median {v.median * 1e3:.1f} ms (quartiles {v.q1 * 1e3:.1f}-{v.q3 * 1e3:.1f}, "
-            f"{v.repeats} repeats)" for n, v in t.items()]
+    return [
+        f"`{n}`: median {v.median * 1e3:.1f} ms (quartiles {v.q1 * 1e3:.1f}-{v.q3 * 1e3:.1f}, "
+        f"{v.repeats} repeats)"
+        for n, v in t.items()
+    ]

@@ -27,8 +27,11 @@ def _forward(model, ids):
 def run(repeats: int) -> Section:
     section = Section("infer", "2. inference forward")
     base, ids = base_model().eval(), token_batch()
-    models = {"base": copy.deepcopy(base), "qpeft": qpeft_model(base, RANK).eval(),
-              "qpeft-shared": qpeft.set_input_sharing(qpeft_model(base, RANK).eval(), True)}
+    models = {
+        "base": copy.deepcopy(base),
+        "qpeft": qpeft_model(base, RANK).eval(),
+        "qpeft-shared": qpeft.set_input_sharing(qpeft_model(base, RANK).eval(), True),
+    }
     if has_peft():
         models["hf-peft"] = hf_model(base, RANK).eval()
     t = interleaved({n: _forward(m, ids) for n, m in models.items()}, repeats)
@@ -36,7 +39,11 @@ def run(repeats: int) -> Section:
     if has_peft():
         section.rows.append(ratio_row(f"rank {RANK}: HF PEFT / base", t, "hf-peft", "base"))
         section.rows.append(ratio_row(f"rank {RANK}: qpeft / HF PEFT", t, "qpeft", "hf-peft"))
-    section.rows.append(ratio_row(f"rank {RANK}: qpeft with input sharing / qpeft", t, "qpeft-shared", "qpeft"))
+    section.rows.append(
+        ratio_row(f"rank {RANK}: qpeft with input sharing / qpeft", t, "qpeft-shared", "qpeft")
+    )
     section.notes += timing_lines(t)
-    section.notes.append("qpeft-shared = qpeft with `set_input_sharing(model, True)` (off by default).")
+    section.notes.append(
+        "qpeft-shared = qpeft with `set_input_sharing(model, True)` (off by default)."
+    )
     return section

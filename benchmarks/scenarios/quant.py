@@ -23,6 +23,7 @@ RANK, TARGET, PRESET = 16, 1.10, "nvfp4_weight_only"
 
 def _requantize_every_forward(model) -> None:
     """Clear each quantized layer's weight cache before its forward (benchmark-only reference)."""
+
     def clear(module, _inputs) -> None:
         for cache in module._weight_caches.values():
             cache.clear()
@@ -41,11 +42,15 @@ def run(repeats: int) -> Section:
     models["nvfp4-requant"] = qpeft_model(quantized, RANK)
     _requantize_every_forward(models["nvfp4-requant"])
     t = interleaved({n: _step(m, ids) for n, m in models.items()}, repeats, warmup=1)
-    section.rows.append(ratio_row(f"rank {RANK}: {PRESET} LoRA step / plain LoRA step", t, "nvfp4",
-                                  "plain", TARGET))
-    section.rows.append(ratio_row(f"rank {RANK}: re-quantizing every forward / cached", t,
-                                  "nvfp4-requant", "nvfp4"))
+    section.rows.append(
+        ratio_row(f"rank {RANK}: {PRESET} LoRA step / plain LoRA step", t, "nvfp4", "plain", TARGET)
+    )
+    section.rows.append(
+        ratio_row(f"rank {RANK}: re-quantizing every forward / cached", t, "nvfp4-requant", "nvfp4")
+    )
     section.notes += timing_lines(t)
-    section.notes.append("training step = forward + backward of the LoRA factors (base frozen); "
-                         "lm_head stays unquantized (the preset's rule).")
+    section.notes.append(
+        "training step = forward + backward of the LoRA factors (base frozen); "
+        "lm_head stays unquantized (the preset's rule)."
+    )
     return section

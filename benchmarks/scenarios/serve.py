@@ -26,7 +26,12 @@ from .common import has_peft, ratio_row, timing_lines
 
 RANK, ADAPTERS, BATCH, TARGET = 16, 8, 32, 0.5
 PROMPT, NEW_TOKENS, PREFILL = 16, 16, 128
-GENERATE = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False, "pad_token_id": 0}
+GENERATE = {
+    "max_new_tokens": NEW_TOKENS,
+    "min_new_tokens": NEW_TOKENS,
+    "do_sample": False,
+    "pad_token_id": 0,
+}
 
 
 def _models():
@@ -59,41 +64,56 @@ def _candidates(plain, ours, hf, routing, call):
 
 def _workload(section, label, candidates, repeats, same_note):
     if "hf-peft" in candidates:
-        section.notes.append(f"{label}: " + same_note(candidates["qpeft"](), candidates["hf-peft"](),
-                                                      candidates["base"]()))
+        section.notes.append(
+            f"{label}: "
+            + same_note(candidates["qpeft"](), candidates["hf-peft"](), candidates["base"]())
+        )
     t = interleaved(candidates, repeats, warmup=1)
     if "hf-peft" in t:
-        section.rows.append(ratio_row(f"{label}: qpeft / HF PEFT (adapter_names=)", t, "qpeft", "hf-peft", TARGET))
+        section.rows.append(
+            ratio_row(f"{label}: qpeft / HF PEFT (adapter_names=)", t, "qpeft", "hf-peft", TARGET)
+        )
         section.rows.append(ratio_row(f"{label}: HF PEFT / base", t, "hf-peft", "base"))
     section.rows.append(ratio_row(f"{label}: qpeft / base", t, "qpeft", "base"))
     section.notes += [f"{label}, " + line for line in timing_lines(t)]
 
 
 def _same_tokens(ours, hf, base) -> str:
-    return (f"same outputs: generated tokens identical to HF PEFT's: {torch.equal(ours, hf)} "
-            f"(and differ from the base model's: {not torch.equal(ours, base)})")
+    return (
+        f"same outputs: generated tokens identical to HF PEFT's: {torch.equal(ours, hf)} "
+        f"(and differ from the base model's: {not torch.equal(ours, base)})"
+    )
 
 
 def _same_logits(ours, hf, base) -> str:
-    return (f"same outputs: max |logit difference| qpeft vs HF PEFT = {(ours - hf).abs().max().item():.1e} "
-            f"(the adapters move the logits by up to {(hf - base).abs().max().item():.2f})")
+    return (
+        "same outputs: max |logit difference| qpeft vs HF PEFT = "
+        f"{(ours - hf).abs().max().item():.1e} "
+        f"(the adapters move the logits by up to {(hf - base).abs().max().item():.2f})"
+    )
 
 
 def run(repeats: int) -> Section:
     section = Section("serve", "5. serving 8 adapters")
     plain, ours, hf, routing = _models()
     prompt, long = token_batch(batch=BATCH, seq=PROMPT), token_batch(batch=BATCH, seq=PREFILL)
-    gen = _candidates(plain, ours, hf, routing, lambda m, **kw: m.generate(prompt, **GENERATE, **kw))
+    gen = _candidates(
+        plain, ours, hf, routing, lambda m, **kw: m.generate(prompt, **GENERATE, **kw)
+    )
     _workload(section, "generate", gen, repeats, _same_tokens)
     fwd = _candidates(plain, ours, hf, routing, lambda m, **kw: m(input_ids=long, **kw).logits)
     _workload(section, "prefill", fwd, repeats, _same_logits)
-    section.notes.append(f"rank {RANK}, batch {BATCH}, sample i uses adapter a(i mod 8); generate: "
-                         f"{PROMPT}-token prompts, {NEW_TOKENS} new tokens, greedy, KV cache; prefill: "
-                         f"one forward of {BATCH} x {PREFILL} tokens.")
-    section.notes.append("Decoding reads every used adapter's factors once per step whatever the method: "
-                         "8 rank-16 adapters on the seven projections add about a third to the bytes a "
-                         "decoding step of this small base model reads, which bounds qpeft / base from below "
-                         "in decoding; at prefill the base's own matmuls dominate both libraries' time.")
+    section.notes.append(
+        f"rank {RANK}, batch {BATCH}, sample i uses adapter a(i mod 8); generate: "
+        f"{PROMPT}-token prompts, {NEW_TOKENS} new tokens, greedy, KV cache; prefill: "
+        f"one forward of {BATCH} x {PREFILL} tokens."
+    )
+    section.notes.append(
+        "Decoding reads every used adapter's factors once per step whatever the method: "
+        "8 rank-16 adapters on the seven projections add about a third to the bytes a "
+        "decoding step of this small base model reads, which bounds qpeft / base from below "
+        "in decoding; at prefill the base's own matmuls dominate both libraries' time."
+    )
     if not has_peft():
         section.notes.append("HF PEFT not installed: peer rows skipped.")
     return section

@@ -1,4 +1,5 @@
-"""Scenario 4: svdquant init of the whole model: time vs exact SVD, error vs the Eckart-Young optimum.
+"""Scenario 4: svdquant init of the whole model: time vs exact SVD, error vs the Eckart-Young
+optimum.
 
 On an ``nvfp4_weight_only`` base, each projection's residual ``R = W - Q(W)`` is approximated by
 ``scale * B A`` of rank r. The Eckart-Young optimum is ``sqrt(sum_{i>r} s_i^2)`` from the exact
@@ -26,10 +27,16 @@ RANK, TARGET, PRESET = 16, 1.01, "nvfp4_weight_only"
 
 
 def _config(name: str) -> dict:
-    return {"adapter_name": name, "adapter_cfg": {
-        "*": {"enable": False},
-        **{f"*{p}": {"enable": True, "rank": RANK, "lora_init_method": "svdquant"} for p in PROJECTIONS},
-    }}
+    return {
+        "adapter_name": name,
+        "adapter_cfg": {
+            "*": {"enable": False},
+            **{
+                f"*{p}": {"enable": True, "rank": RANK, "lora_init_method": "svdquant"}
+                for p in PROJECTIONS
+            },
+        },
+    }
 
 
 def _error_ratios(model) -> list[float]:
@@ -63,13 +70,26 @@ def run(repeats: int) -> Section:
             torch.linalg.svd(residual, full_matrices=False)
 
     t = interleaved({"qpeft-svdquant": svdquant_init, "exact-svd": exact_svd}, repeats, warmup=1)
-    section.rows.append(Row(f"rank {RANK}: residual error / Eckart-Young optimum (worst layer)",
-                            f"{max(ratios):.4f} (mean {sum(ratios) / len(ratios):.4f})",
-                            f"<= {TARGET}", max(ratios) <= TARGET))
-    section.rows.append(ratio_row(f"rank {RANK}: whole-model svdquant init / exact SVD of every "
-                                  "residual", t, "qpeft-svdquant", "exact-svd"))
+    section.rows.append(
+        Row(
+            f"rank {RANK}: residual error / Eckart-Young optimum (worst layer)",
+            f"{max(ratios):.4f} (mean {sum(ratios) / len(ratios):.4f})",
+            f"<= {TARGET}",
+            max(ratios) <= TARGET,
+        )
+    )
+    section.rows.append(
+        ratio_row(
+            f"rank {RANK}: whole-model svdquant init / exact SVD of every residual",
+            t,
+            "qpeft-svdquant",
+            "exact-svd",
+        )
+    )
     section.notes += timing_lines(t)
-    section.notes.append(f"{len(ratios)} projections; qpeft's time includes computing Q(W), the "
-                         "residual, the truncated SVD and building the adapters (update_model), the "
-                         "exact-SVD time only the decompositions of precomputed residuals.")
+    section.notes.append(
+        f"{len(ratios)} projections; qpeft's time includes computing Q(W), the "
+        "residual, the truncated SVD and building the adapters (update_model), the "
+        "exact-SVD time only the decompositions of precomputed residuals."
+    )
     return section

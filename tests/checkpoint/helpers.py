@@ -25,13 +25,29 @@ def quantize_tiny(model, preset="int8"):
 
 
 def rich_model(merge=True):
-    """Quantized, two adapters (callable pattern), edits, disabled layers, frozen and merged parts."""
+    """Quantized, two adapters (callable pattern), edits, disabled layers, frozen and merged
+    parts."""
     torch.manual_seed(0)
     model = quantize_tiny(TinyBlock())
-    update_model(model, {"adapter_cfg": {"*": {"rank": 4}, "*lm_head*": {"enable": False},
-                                         "*q_proj*": {"lora_init_method": "svdquant"}}})
-    update_model(model, {"adapter_name": "task2",
-                         "adapter_cfg": {lambda n: n.startswith("mlp"): {"rank": 2, "scale": 3.0, "lora_dtype": "bf16"}}})
+    update_model(
+        model,
+        {
+            "adapter_cfg": {
+                "*": {"rank": 4},
+                "*lm_head*": {"enable": False},
+                "*q_proj*": {"lora_init_method": "svdquant"},
+            }
+        },
+    )
+    update_model(
+        model,
+        {
+            "adapter_name": "task2",
+            "adapter_cfg": {
+                lambda n: n.startswith("mlp"): {"rank": 2, "scale": 3.0, "lora_dtype": "bf16"}
+            },
+        },
+    )
     update_model(model, {"adapter_name": "gone", "adapter_cfg": {"*v_proj*": {"rank": 1}}})
     randomize_adapters(model)
     update_model(model, {"adapter_cfg": {"*mlp.up*": {"scale": 0.25}}})  # edit through the API
@@ -47,8 +63,16 @@ def rich_model(merge=True):
 
 def adapter_facts(model):
     return {
-        (ln, n): (a.scale, a.enable, a.merged, a.lora_a.dtype, a.lora_a.requires_grad, a.lora_b.requires_grad)
-        for ln, layer in qpeft.lora_layers(model).items() for n, a in layer.adapters.items()
+        (ln, n): (
+            a.scale,
+            a.enable,
+            a.merged,
+            a.lora_a.dtype,
+            a.lora_a.requires_grad,
+            a.lora_b.requires_grad,
+        )
+        for ln, layer in qpeft.lora_layers(model).items()
+        for n, a in layer.adapters.items()
     }
 
 
@@ -59,7 +83,9 @@ def assert_same(a, b, x=X):
     for key in sa:
         assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
     assert adapter_facts(a) == adapter_facts(b)
-    assert [(n, p.requires_grad) for n, p in a.named_parameters()] == [(n, p.requires_grad) for n, p in b.named_parameters()]
+    assert [(n, p.requires_grad) for n, p in a.named_parameters()] == [
+        (n, p.requires_grad) for n, p in b.named_parameters()
+    ]
     assert qpeft.state(a) == qpeft.state(b)
     if x is not None:
         with torch.no_grad():

@@ -14,8 +14,8 @@ from torch import nn
 
 import qpeft
 from qpeft import update_model
-from qpeft.checkpoint.files import read_header
 from qpeft.checkpoint.full import MANIFEST, MODEL_FILE
+from qpeft.checkpoint.tensor_files import read_header
 from tests.checkpoint.helpers import assert_same, randomize_adapters, rich_model
 from tests.models import TinyBlock, tiny_gpt2
 
@@ -25,7 +25,9 @@ def test_tied_and_non_contiguous_tensors(tmp_path):
     update_model(model, {"adapter_cfg": {"*c_attn*": {"rank": 2}}})
     model.register_buffer("strided", torch.arange(12.0).reshape(3, 4).t())
     qpeft.save(model, tmp_path / "ck")
-    assert json.loads((tmp_path / "ck" / MANIFEST).read_text())["aliases"] == {"lm_head.weight": "transformer.wte.weight"}
+    assert json.loads((tmp_path / "ck" / MANIFEST).read_text())["aliases"] == {
+        "lm_head.weight": "transformer.wte.weight"
+    }
     assert "lm_head.weight" not in read_header(tmp_path / "ck" / MODEL_FILE)
     fresh = tiny_gpt2()
     fresh.register_buffer("strided", torch.zeros(4, 3))
@@ -100,7 +102,9 @@ def _numbered(i):
 
 def _child(point, path, **kw):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    return subprocess.Popen([sys.executable, "-c", _CHILD, point, str(path)], cwd=ROOT, env=env, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD, point, str(path)], cwd=ROOT, env=env, **kw
+    )
 
 
 def _which(path):
@@ -113,9 +117,16 @@ def _which(path):
     raise AssertionError("the checkpoint is neither the old nor the new model")
 
 
-@pytest.mark.parametrize(("point", "expected"), [
-    ("write", 0), ("rename1", 0), ("rename2", 0), ("cleanup", 1), ("none", 1),
-])
+@pytest.mark.parametrize(
+    ("point", "expected"),
+    [
+        ("write", 0),
+        ("rename1", 0),
+        ("rename2", 0),
+        ("cleanup", 1),
+        ("none", 1),
+    ],
+)
 def test_save_killed_at_any_moment_leaves_old_or_new(tmp_path, point, expected):
     path = tmp_path / "ck"
     qpeft.save(_numbered(0), path)

@@ -9,8 +9,8 @@ from torch import nn
 
 import qpeft
 from qpeft import update_model
-from qpeft.checkpoint.files import read_header
 from qpeft.checkpoint.full import MANIFEST, MODEL_FILE
+from qpeft.checkpoint.tensor_files import read_header
 from qpeft.core.modes import known_modes
 from qpeft.quant import TensorQuantizer
 from tests.checkpoint.helpers import (
@@ -31,9 +31,13 @@ def test_quantized_two_adapters_with_edits_round_trip_bit_exactly(tmp_path):
     restored = qpeft.restore(TinyBlock(), tmp_path / "ck")
     assert_same(model, restored)
     q, r = model.attn["q_proj"], restored.attn["q_proj"]
-    assert torch.equal(q.weight_quantizer.amax, r.weight_quantizer.amax) and r.weight_quantizer.amax.shape == (16, 1)
+    assert torch.equal(
+        q.weight_quantizer.amax, r.weight_quantizer.amax
+    ) and r.weight_quantizer.amax.shape == (16, 1)
     assert not restored.mlp.down.input_quantizer.is_enabled
-    qpeft.unmerge_adapters(restored)  # the merged state is real: undoing it gives the unmerged model back
+    qpeft.unmerge_adapters(
+        restored
+    )  # the merged state is real: undoing it gives the unmerged model back
     qpeft.unmerge_adapters(model)
     assert_same(model, restored)
 
@@ -49,7 +53,10 @@ def test_restore_returns_the_model_passed_in_and_skips_tensor_init(tmp_path, mon
     fresh = TinyBlock()
     assert qpeft.restore(fresh, tmp_path / "ck") is fresh
     with pytest.raises(AssertionError, match="recomputed"):  # the patch is live outside restore
-        update_model(quantize_tiny(TinyBlock()), {"adapter_cfg": {"*q_proj*": {"rank": 2, "lora_init_method": "svdquant"}}})
+        update_model(
+            quantize_tiny(TinyBlock()),
+            {"adapter_cfg": {"*q_proj*": {"rank": 2, "lora_init_method": "svdquant"}}},
+        )
 
 
 class _Calibrated(nn.Module):
@@ -93,16 +100,25 @@ def _scenario(mode):
     steps = {
         "peft": lambda: update_model(model, {"adapter_cfg": {"*up*": {"scale": 2.0}}}),
         "disable_adapters": lambda: qpeft.disable_adapters(model, "*mlp*", "b"),
-        "enable_adapters": lambda: (qpeft.disable_adapters(model), qpeft.enable_adapters(model, "*q_proj*")),
+        "enable_adapters": lambda: (
+            qpeft.disable_adapters(model),
+            qpeft.enable_adapters(model, "*q_proj*"),
+        ),
         "freeze_lora_weights": lambda: qpeft.freeze_lora_weights(model, adapter_patterns="b"),
-        "unfreeze_lora_weights": lambda: (qpeft.freeze_lora_weights(model), qpeft.unfreeze_lora_weights(model, layer_patterns="mlp*")),
+        "unfreeze_lora_weights": lambda: (
+            qpeft.freeze_lora_weights(model),
+            qpeft.unfreeze_lora_weights(model, layer_patterns="mlp*"),
+        ),
         "delete_adapter": lambda: qpeft.delete_adapter(model, "b"),
         "merge_adapters": lambda: qpeft.merge_adapters(model, ["b"]),
         "unmerge_adapters": lambda: (qpeft.merge_adapters(model), qpeft.unmerge_adapters(model)),
         "export": lambda: (qpeft.disable_adapters(model, "*lm_head*"), qpeft.export(model)),
         "quantize": lambda: None,
         "disable_quantizer": lambda: qpeft.disable_quantizer(model, "*up.input_quantizer"),
-        "enable_quantizer": lambda: (qpeft.disable_quantizer(model, None), qpeft.enable_quantizer(model, "*attn*")),
+        "enable_quantizer": lambda: (
+            qpeft.disable_quantizer(model, None),
+            qpeft.enable_quantizer(model, "*attn*"),
+        ),
         "refine_svdquant": lambda: qpeft.refine_svdquant(model, "b", iters=1),
         "input_sharing": lambda: qpeft.set_input_sharing(model, True),
     }
@@ -173,16 +189,19 @@ def _binary_manifest(ck):
     (ck / MANIFEST).write_bytes(b"\x80\x04\x95 pickle bytes \xff")
 
 
-@pytest.mark.parametrize(("corrupt", "error", "words"), [
-    (_corrupt_json, ValueError, "not a valid JSON"),
-    (_binary_manifest, ValueError, "not a valid JSON"),
-    (_pickle_as_tensors, ValueError, "not a safetensors file"),
-    (_newer_version, ValueError, "newer"),
-    (_truncated, ValueError, "truncated"),
-    (_unknown_mode, ValueError, "from_the_future"),
-    (_missing_tensor_file, FileNotFoundError, MODEL_FILE),
-    (_extra_tensor, ValueError, "'mlp.up.bogus', which the model does not have"),
-])
+@pytest.mark.parametrize(
+    ("corrupt", "error", "words"),
+    [
+        (_corrupt_json, ValueError, "not a valid JSON"),
+        (_binary_manifest, ValueError, "not a valid JSON"),
+        (_pickle_as_tensors, ValueError, "not a safetensors file"),
+        (_newer_version, ValueError, "newer"),
+        (_truncated, ValueError, "truncated"),
+        (_unknown_mode, ValueError, "from_the_future"),
+        (_missing_tensor_file, FileNotFoundError, MODEL_FILE),
+        (_extra_tensor, ValueError, "'mlp.up.bogus', which the model does not have"),
+    ],
+)
 def test_bad_files_are_refused_and_nothing_is_executed(tmp_path, corrupt, error, words):
     ck = _saved(tmp_path)
     corrupt(ck)
@@ -198,7 +217,10 @@ def test_wrong_shapes_name_the_first_mismatching_key(tmp_path):
     ck = _saved(tmp_path)
     model = TinyBlock(d=8)
     unchanged = untouched(model)
-    with pytest.raises(ValueError, match=r"tensor 'attn\.q_proj\.\S+' has shape \[\d+, 16\], the model's has \[\d+, 8\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor 'attn\.q_proj\.\S+' has shape \[\d+, 16\], the model's has \[\d+, 8\]",
+    ):
         qpeft.restore(model, ck)
     unchanged()
 
@@ -230,7 +252,10 @@ def test_uncopyable_model_is_rolled_back_on_failure_and_restored_on_success(tmp_
     with pytest.raises(ValueError, match="no.such.param"):
         qpeft.restore(model, ck)
     assert not qpeft.is_peft_model(model) and qpeft.state(model) == []
-    assert isinstance(model.attn["q_proj"], nn.Linear) and [p.requires_grad for p in model.parameters()] == flags
+    assert (
+        isinstance(model.attn["q_proj"], nn.Linear)
+        and [p.requires_grad for p in model.parameters()] == flags
+    )
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     (ck / MANIFEST).write_text(json.dumps(data))
     with torch.no_grad():
@@ -252,7 +277,9 @@ def test_adapter_files_round_trip_only_the_adapters(tmp_path):
     keys = read_header(tmp_path / "ad" / "adapters.safetensors")
     assert keys and all(".adapters.task2." in k for k in keys)
     torch.manual_seed(0)
-    target = qpeft.disable_quantizer(quantize_tiny(TinyBlock()), "*mlp.down.input_quantizer")  # the same base
+    target = qpeft.disable_quantizer(
+        quantize_tiny(TinyBlock()), "*mlp.down.input_quantizer"
+    )  # the same base
     qpeft.load_adapters(target, tmp_path / "ad")
     qpeft.delete_adapter(model, "default")
     with torch.no_grad():

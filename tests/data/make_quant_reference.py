@@ -111,7 +111,14 @@ def int_cases(gen, d, out):
     amax = calib * 0.75
     g = randn(gen, 32, 64).to(d)
     y, grad = int_ref(w, amax, grad_out=g)
-    out["int8_row"] = {"x": w, "calib_amax": calib, "amax": amax, "y": y, "grad_out": g, "grad": grad}
+    out["int8_row"] = {
+        "x": w,
+        "calib_amax": calib,
+        "amax": amax,
+        "y": y,
+        "grad_out": g,
+        "grad": grad,
+    }
     y_full = calibrate({"num_bits": 8, "axis": 0}, w)(w)
     out["int8_row_calibrated"] = {"y": y_full}
     for name, shape in (("int4_block", (6, 200)), ("int4_block_even", (4, 256))):

@@ -6,17 +6,27 @@ import torch
 from qpeft import ExportPEFTConfig, PEFTAttributeConfig, PEFTConfig
 
 SEED_ATTR_DEFAULT = {
-    "enable": True, "rank": 64, "scale": 1.0, "lora_a_init": None, "lora_b_init": None,
-    "lora_dtype": None, "lora_init_method": "kaiming_zeros",
+    "enable": True,
+    "rank": 64,
+    "scale": 1.0,
+    "lora_a_init": None,
+    "lora_b_init": None,
+    "lora_dtype": None,
+    "lora_init_method": "kaiming_zeros",
 }
 SEED_PEFT_DEFAULT = {
-    "adapter_name": "default", "adapter_cfg": {"*": {"rank": 64}}, "adapter_type": "lora",
-    "freeze_base_model": True, "freeze_lora_weights": False,
+    "adapter_name": "default",
+    "adapter_cfg": {"*": {"rank": 64}},
+    "adapter_type": "lora",
+    "freeze_base_model": True,
+    "freeze_lora_weights": False,
 }
 
 
 def test_defaults_match_the_seed_json():
-    assert PEFTAttributeConfig().model_dump_json() == json.dumps(SEED_ATTR_DEFAULT, separators=(",", ":"))
+    assert PEFTAttributeConfig().model_dump_json() == json.dumps(
+        SEED_ATTR_DEFAULT, separators=(",", ":")
+    )
     assert json.loads(PEFTConfig().model_dump_json()) == SEED_PEFT_DEFAULT
     assert ExportPEFTConfig().model_dump() == {}
 
@@ -51,7 +61,9 @@ def test_validating_an_initializer_string_never_imports_it(monkeypatch):
 
     imported = []
     real_import = builtins.__import__
-    monkeypatch.setattr(builtins, "__import__", lambda n, *a, **k: imported.append(n) or real_import(n, *a, **k))
+    monkeypatch.setattr(
+        builtins, "__import__", lambda n, *a, **k: imported.append(n) or real_import(n, *a, **k)
+    )
     with pytest.raises(ValueError):
         PEFTAttributeConfig(lora_a_init="evil_module_xyz.run_")
     assert "evil_module_xyz" not in imported
@@ -59,8 +71,13 @@ def test_validating_an_initializer_string_never_imports_it(monkeypatch):
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"rank": 0}, "rank"), ({"scale": 0}, "scale"), ({"lora_dtype": "int8"}, "lora_dtype"),
-     ({"lora_init_method": "pissa"}, "lora_init_method"), ({"rnak": 3}, "rnak")],
+    [
+        ({"rank": 0}, "rank"),
+        ({"scale": 0}, "scale"),
+        ({"lora_dtype": "int8"}, "lora_dtype"),
+        ({"lora_init_method": "pissa"}, "lora_init_method"),
+        ({"rnak": 3}, "rnak"),
+    ],
 )
 def test_attribute_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -69,7 +86,10 @@ def test_attribute_errors_name_the_field(kwargs, field):
 
 @pytest.mark.parametrize("dtype", ["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"])
 def test_lora_dtype_strings(dtype):
-    assert PEFTAttributeConfig(lora_dtype=dtype).torch_dtype() == getattr(torch, dtype.replace("bf16", "bfloat16").replace("fp16", "float16").replace("fp32", "float32"))
+    assert PEFTAttributeConfig(lora_dtype=dtype).torch_dtype() == getattr(
+        torch,
+        dtype.replace("bf16", "bfloat16").replace("fp16", "float16").replace("fp32", "float32"),
+    )
 
 
 def test_adapter_cfg_errors_name_the_pattern_and_field():
@@ -82,9 +102,13 @@ def test_adapter_cfg_errors_name_the_pattern_and_field():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"adapter_name": "not valid"}, "adapter_name"), ({"adapter_name": "class"}, "adapter_name"),
-     ({"adapter_name": "keys"}, "reserved"), ({"adapter_type": "dora"}, "adapter_type"),
-     ({"extra": 1}, "extra")],
+    [
+        ({"adapter_name": "not valid"}, "adapter_name"),
+        ({"adapter_name": "class"}, "adapter_name"),
+        ({"adapter_name": "keys"}, "reserved"),
+        ({"adapter_type": "dora"}, "adapter_type"),
+        ({"extra": 1}, "extra"),
+    ],
 )
 def test_peft_config_errors(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -96,7 +120,7 @@ def test_peft_config_keeps_callables_and_explicit_keys():
         return name.endswith("q")
 
     cfg = PEFTConfig(adapter_cfg={pred: {"scale": 2.0}})
-    (key, attrs), = cfg.adapter_cfg.items()
+    ((key, attrs),) = cfg.adapter_cfg.items()
     assert key is pred and attrs.model_fields_set == {"scale"}
 
 

@@ -18,14 +18,20 @@ def _snapshot(model):
 
 def _same(model, snap):
     ref, sd = snap
-    return repr(model) == repr(ref) and model.state_dict().keys() == sd.keys() and all(
-        torch.equal(v, sd[k]) for k, v in model.state_dict().items()
-    ) and qpeft.state(model) == qpeft.state(ref)
+    return (
+        repr(model) == repr(ref)
+        and model.state_dict().keys() == sd.keys()
+        and all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+        and qpeft.state(model) == qpeft.state(ref)
+    )
 
 
 def test_targets_by_ordered_patterns_key_by_key():
     model = TinyBlock()
-    update_model(model, {"adapter_cfg": {"*": {"rank": 8}, "*attn*": {"scale": 2}, "*lm_head*": {"enable": False}}})
+    update_model(
+        model,
+        {"adapter_cfg": {"*": {"rank": 8}, "*attn*": {"scale": 2}, "*lm_head*": {"enable": False}}},
+    )
     layers = qpeft.lora_layers(model)
     assert set(layers) == {"attn.q_proj", "attn.v_proj", "mlp.up", "mlp.down"}
     assert layers["attn.q_proj"].adapters["default"].rank == 8
@@ -61,12 +67,23 @@ def test_forward_is_base_plus_scaled_lora_sum():
     torch.manual_seed(0)
     lin = nn.Linear(6, 5)
     model = nn.Sequential(lin)
-    update_model(model, {"adapter_cfg": {"*": {"rank": 3, "scale": 0.5, "lora_b_init": torch.nn.init.normal_}}})
-    update_model(model, {"adapter_name": "two", "adapter_cfg": {"*": {"rank": 2, "scale": 3.0, "lora_b_init": "torch.nn.init.ones_"}}})
+    update_model(
+        model,
+        {"adapter_cfg": {"*": {"rank": 3, "scale": 0.5, "lora_b_init": torch.nn.init.normal_}}},
+    )
+    update_model(
+        model,
+        {
+            "adapter_name": "two",
+            "adapter_cfg": {"*": {"rank": 2, "scale": 3.0, "lora_b_init": "torch.nn.init.ones_"}},
+        },
+    )
     layer = model[0]
     a1, a2 = layer.adapters["default"], layer.adapters["two"]
     x = torch.randn(4, 6)
-    expected = lin(x) + 0.5 * (x @ a1.lora_a.T @ a1.lora_b.T) + 3.0 * (x @ a2.lora_a.T @ a2.lora_b.T)
+    expected = (
+        lin(x) + 0.5 * (x @ a1.lora_a.T @ a1.lora_b.T) + 3.0 * (x @ a2.lora_a.T @ a2.lora_b.T)
+    )
     torch.testing.assert_close(model(x), expected)
     assert layer.adapter_names == ["default", "two"]
 
@@ -96,12 +113,21 @@ def test_deepcopy_of_a_converted_model():
 
 def test_lora_dtype_sidecar_runs_in_its_dtype_and_returns_base_dtype():
     model = TinyBlock()
-    update_model(model, {"adapter_cfg": {"*": {"rank": 4, "lora_dtype": "bf16", "lora_b_init": "torch.nn.init.ones_"}}})
+    update_model(
+        model,
+        {
+            "adapter_cfg": {
+                "*": {"rank": 4, "lora_dtype": "bf16", "lora_b_init": "torch.nn.init.ones_"}
+            }
+        },
+    )
     layer = model.attn["q_proj"]
     assert layer.adapters["default"].lora_a.dtype == torch.bfloat16
     assert layer.weight.dtype == torch.float32
     seen = []
-    layer.adapters["default"].register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    layer.adapters["default"].register_forward_hook(
+        lambda m, i, o: seen.append((i[0].dtype, o.dtype))
+    )
     assert model(torch.randn(2, 16)).dtype == torch.float32
     assert seen == [(torch.bfloat16, torch.bfloat16)]
 
@@ -111,10 +137,16 @@ def test_freeze_flags():
     update_model(model, {"adapter_cfg": {"*": {"rank": 2}}})
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".adapters.default." in n for n in trainable)
-    update_model(model, {"adapter_name": "frozen", "freeze_lora_weights": True, "adapter_cfg": {"*": {"rank": 2}}})
+    update_model(
+        model,
+        {"adapter_name": "frozen", "freeze_lora_weights": True, "adapter_cfg": {"*": {"rank": 2}}},
+    )
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".frozen." in n)
     assert all(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
-    update_model(model, {"adapter_name": "x", "freeze_base_model": False, "adapter_cfg": {"*q_proj": {"rank": 2}}})
+    update_model(
+        model,
+        {"adapter_name": "x", "freeze_base_model": False, "adapter_cfg": {"*q_proj": {"rank": 2}}},
+    )
     assert model.lm_head.weight.requires_grad and model.attn["q_proj"].base.weight.requires_grad
 
 
@@ -131,8 +163,12 @@ def test_update_existing_adapter_changes_scale_and_enable_keeps_weights():
 
 @pytest.mark.parametrize(
     "change, word",
-    [({"rank": 8}, "rank"), ({"lora_a_init": "torch.nn.init.zeros_"}, "lora_a_init"),
-     ({"lora_init_method": "svdquant"}, "lora_init_method"), ({"lora_dtype": "fp16"}, "lora_dtype")],
+    [
+        ({"rank": 8}, "rank"),
+        ({"lora_a_init": "torch.nn.init.zeros_"}, "lora_a_init"),
+        ({"lora_init_method": "svdquant"}, "lora_init_method"),
+        ({"lora_dtype": "fp16"}, "lora_dtype"),
+    ],
 )
 def test_update_refuses_fixed_changes_and_leaves_model_untouched(change, word):
     model = TinyBlock()
@@ -140,14 +176,21 @@ def test_update_refuses_fixed_changes_and_leaves_model_untouched(change, word):
     snap = _snapshot(model)
     with pytest.raises(ValueError) as err:
         update_model(model, {"adapter_cfg": {"*": {"scale": 2.0}, "*mlp.down": change}})
-    assert word in str(err.value) and "'default'" in str(err.value) and "'mlp.down'" in str(err.value)
+    assert (
+        word in str(err.value) and "'default'" in str(err.value) and "'mlp.down'" in str(err.value)
+    )
     assert _same(model, snap) and model.mlp.up.adapters["default"].scale == 1.0
 
 
 @pytest.mark.parametrize(
     "config",
-    [{"adapter_name": "1bad"}, {"adapter_cfg": {"*": {"rank": 0}}}, {"adapter_cfg": {"nothing*": {"rank": 2}}},
-     {"adapter_type": "ia3"}, {"bogus": True}],
+    [
+        {"adapter_name": "1bad"},
+        {"adapter_cfg": {"*": {"rank": 0}}},
+        {"adapter_cfg": {"nothing*": {"rank": 2}}},
+        {"adapter_type": "ia3"},
+        {"bogus": True},
+    ],
 )
 def test_bad_configs_leave_model_untouched(config):
     model = TinyBlock()
@@ -168,7 +211,9 @@ def test_svdquant_without_quantizer_warns_and_zero_inits():
     x = torch.randn(3, 16)
     y0 = model(x)
     with pytest.warns(UserWarning, match="'mlp.up'"):
-        update_model(model, {"adapter_cfg": {"*mlp.up": {"rank": 4, "lora_init_method": "svdquant"}}})
+        update_model(
+            model, {"adapter_cfg": {"*mlp.up": {"rank": 4, "lora_init_method": "svdquant"}}}
+        )
     adapter = model.mlp.up.adapters["default"]
     assert not adapter.lora_a.any() and not adapter.lora_b.any()
     assert torch.equal(model(x), y0)

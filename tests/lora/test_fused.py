@@ -31,8 +31,14 @@ def _layer(specs, base_trainable=False, bias=True, path="linear"):
         cfg = {"rank": rank, "scale": scale, "lora_b_init": "torch.nn.init.normal_"}
         if dtype:
             cfg["lora_dtype"] = dtype
-        qpeft.update_model(model, {"adapter_name": name, "adapter_cfg": {"*": cfg},
-                                   "freeze_base_model": not base_trainable})
+        qpeft.update_model(
+            model,
+            {
+                "adapter_name": name,
+                "adapter_cfg": {"*": cfg},
+                "freeze_base_model": not base_trainable,
+            },
+        )
     return model[0]
 
 
@@ -68,7 +74,9 @@ def test_several_adapters_fused_with_different_ranks_and_scales(path):
 
 
 def test_scale_one_and_disabled_and_frozen_adapters(path):
-    layer = _layer([("a", 4, 1.0, None), ("b", 3, 1.0, None), ("c", 2, 3.0, None)], bias=False, path=path)
+    layer = _layer(
+        [("a", 4, 1.0, None), ("b", 3, 1.0, None), ("c", 2, 3.0, None)], bias=False, path=path
+    )
     qpeft.disable_adapters(layer_model := nn.Sequential(layer), adapters_to_disable="c")
     qpeft.freeze_lora_weights(layer_model, adapter_patterns="a")
     _, _, grads = _run(layer, torch.randn(4, 24), fast=True)
@@ -140,7 +148,9 @@ def test_non_contiguous_input(path):
     _assert_same(layer, torch.randn(24, 5, 3).transpose(0, 2))
 
 
-@pytest.mark.parametrize("specs", [[("a", 4, 2.0, None)], [("a", 4, 2.0, None), ("b", 3, 0.5, None)]])
+@pytest.mark.parametrize(
+    "specs", [[("a", 4, 2.0, None)], [("a", 4, 2.0, None), ("b", 3, 0.5, None)]]
+)
 def test_without_autograd_the_same_values_come_without_a_graph(specs, path):
     layer = _layer(specs, path=path)
     x = torch.randn(3, 5, 24)

@@ -11,8 +11,6 @@ from tests.models import HF_MODELS, fit_random_target, hf_output, token_ids
 pytest.importorskip("transformers")
 
 
-
-
 @pytest.mark.parametrize("name", sorted(HF_MODELS))
 def test_zero_b_is_bit_identical_and_base_checkpoint_loads(name):
     model = HF_MODELS[name]()
@@ -44,14 +42,18 @@ def test_a_few_steps_on_the_adapters_lower_the_loss(name):
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_generate_still_works(name):
     model = HF_MODELS[name]()
-    qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 4, "lora_b_init": "torch.nn.init.normal_"}}})
+    qpeft.update_model(
+        model, {"adapter_cfg": {"*": {"rank": 4, "lora_b_init": "torch.nn.init.normal_"}}}
+    )
     out = model.generate(token_ids(12)[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 9)
 
 
 def test_gpt2_conv1d_layers_are_wrapped_and_transposed_correctly():
     model = HF_MODELS["gpt2"]()
-    qpeft.update_model(model, {"adapter_cfg": {"*c_attn": {"rank": 3, "lora_b_init": "torch.nn.init.normal_"}}})
+    qpeft.update_model(
+        model, {"adapter_cfg": {"*c_attn": {"rank": 3, "lora_b_init": "torch.nn.init.normal_"}}}
+    )
     layer = model.transformer.h[0].attn.c_attn
     assert type(layer).__name__ == "LoRAConv1D"
     x = torch.randn(2, 5, 32)

@@ -1,4 +1,5 @@
-"""Fusing the base matmul: plain nn.Linear and weight-only QuantLinear bases, equal to the reference."""
+"""Fusing the base matmul: plain nn.Linear and weight-only QuantLinear bases, equal to the
+reference."""
 
 import pytest
 import torch
@@ -12,8 +13,10 @@ from tests.tolerances import FASTPATH_ATOL, FASTPATH_RTOL
 def _model(preset, order, base_trainable=False):
     torch.manual_seed(0)
     model, x = TinyBlock(), torch.randn(5, 16)
-    lora = {"adapter_cfg": {"*": {"rank": 4, "scale": 2.0, "lora_b_init": "torch.nn.init.normal_"}},
-            "freeze_base_model": not base_trainable}
+    lora = {
+        "adapter_cfg": {"*": {"rank": 4, "scale": 2.0, "lora_b_init": "torch.nn.init.normal_"}},
+        "freeze_base_model": not base_trainable,
+    }
     if order == "quant_first":
         qpeft.quantize(model, preset, forward_loop=lambda m: m(x))
         qpeft.update_model(model, lora)
@@ -34,8 +37,10 @@ def _grads(layer, x, fast):
 
 @pytest.mark.parametrize("base_trainable", [False, True])
 @pytest.mark.parametrize("order", ["quant_first", "lora_first"])
-@pytest.mark.parametrize(("preset", "grad_fn"), [("nvfp4_weight_only", "_LinearLoRABackward"),
-                                                   ("int8", "_LoRAAddmmBackward")])
+@pytest.mark.parametrize(
+    ("preset", "grad_fn"),
+    [("nvfp4_weight_only", "_LinearLoRABackward"), ("int8", "_LoRAAddmmBackward")],
+)
 def test_quantized_base_fast_path_equals_reference(preset, grad_fn, order, base_trainable):
     layer = _model(preset, order, base_trainable)
     x = torch.randn(3, 4, 16)
@@ -46,7 +51,9 @@ def test_quantized_base_fast_path_equals_reference(preset, grad_fn, order, base_
     torch.testing.assert_close(gx, gx_ref, atol=FASTPATH_ATOL, rtol=FASTPATH_RTOL)
     assert grads.keys() == grads_ref.keys() and ("base.base.weight" in grads) == base_trainable
     for k in grads:
-        torch.testing.assert_close(grads[k], grads_ref[k], atol=FASTPATH_ATOL, rtol=FASTPATH_RTOL, msg=k)
+        torch.testing.assert_close(
+            grads[k], grads_ref[k], atol=FASTPATH_ATOL, rtol=FASTPATH_RTOL, msg=k
+        )
 
 
 def test_disabling_the_input_quantizer_switches_to_the_fused_path():
@@ -54,5 +61,6 @@ def test_disabling_the_input_quantizer_switches_to_the_fused_path():
     qpeft.disable_quantizer(layer, "*input_quantizer")
     x = torch.randn(2, 16)
     assert type(layer(x).grad_fn).__name__ == "_LinearLoRABackward"
-    torch.testing.assert_close(layer(x), reference_forward(layer, x, layer.base(x)),
-                               atol=FASTPATH_ATOL, rtol=FASTPATH_RTOL)
+    torch.testing.assert_close(
+        layer(x), reference_forward(layer, x, layer.base(x)), atol=FASTPATH_ATOL, rtol=FASTPATH_RTOL
+    )

@@ -20,13 +20,16 @@ def _model():
 def _flags(model, attr="enable"):
     return {
         (layer, name): (getattr(a, attr) if attr == "enable" else a.lora_a.requires_grad)
-        for layer, m in qpeft.lora_layers(model).items() for name, a in m.adapters.items()
+        for layer, m in qpeft.lora_layers(model).items()
+        for name, a in m.adapters.items()
     }
 
 
 def test_disable_and_enable_by_layer_and_adapter_patterns():
     model = _model()
-    qpeft.disable_adapters(model, layers_to_disable=lambda n: n.startswith("mlp"), adapters_to_disable="ext*")
+    qpeft.disable_adapters(
+        model, layers_to_disable=lambda n: n.startswith("mlp"), adapters_to_disable="ext*"
+    )
     flags = _flags(model)
     assert flags[("mlp.up", "extra")] is False and flags[("mlp.up", "default")] is True
     qpeft.disable_adapters(model)
@@ -78,4 +81,7 @@ def test_every_change_is_recorded_as_json():
     qpeft.delete_adapter(model, "extra")
     log = qpeft.state(model)
     assert [e["mode"] for e in log] == ["peft", "peft", "disable_adapters", "delete_adapter"]
-    assert log[2]["config"]["selection"] == {"mlp.up": ["default", "extra"], "mlp.down": ["default", "extra"]}
+    assert log[2]["config"]["selection"] == {
+        "mlp.up": ["default", "extra"],
+        "mlp.down": ["default", "extra"],
+    }

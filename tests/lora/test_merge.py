@@ -1,4 +1,5 @@
-"""merge_adapters / unmerge_adapters / export: folding through delta_weight, round trips, refusals."""
+"""merge_adapters / unmerge_adapters / export: folding through delta_weight, round trips,
+refusals."""
 
 import copy
 import re
@@ -47,7 +48,7 @@ def test_merge_of_a_hand_computed_case_is_exact():
     update_model(model, {"adapter_cfg": {"*": {"rank": 1, "scale": 2.0}}})
     adapter = model[0].adapters["default"]
     with torch.no_grad():
-        adapter.lora_a.copy_(torch.tensor([[1.0, -1.0]]))   # A: [1, 2]
+        adapter.lora_a.copy_(torch.tensor([[1.0, -1.0]]))  # A: [1, 2]
         adapter.lora_b.copy_(torch.tensor([[0.5], [1.0]]))  # B: [2, 1]
     qpeft.merge_adapters(model)
     # W + 2 * B @ A = [[1, 2], [3, 4]] + 2 * [[0.5, -0.5], [1, -1]]
@@ -59,15 +60,23 @@ def test_merge_of_a_hand_computed_case_is_exact():
 def test_merge_keeps_outputs_and_unmerge_restores_weights(build):
     model = build()
     if not qpeft.is_peft_model(model):
-        update_model(model, {"adapter_cfg": {"*": {"rank": 4, "scale": 0.5}, "*lm_head*": {"enable": False}}})
+        update_model(
+            model, {"adapter_cfg": {"*": {"rank": 4, "scale": 0.5}, "*lm_head*": {"enable": False}}}
+        )
         _randomize_adapters(model)
     x = X if isinstance(model, TinyBlock) else torch.randint(0, 64, (2, 6))
     run = (lambda m: m(x)) if isinstance(model, TinyBlock) else (lambda m: m(x).logits)
     with torch.no_grad():
         y0, w0 = run(model), _weights(model)
         qpeft.merge_adapters(model)
-        assert all(a.merged == a.enable for layer in qpeft.lora_layers(model).values() for a in layer.adapters.values())
-        torch.testing.assert_close(run(model), y0, atol=FP32_ATOL, rtol=FP32_RTOL)  # not counted twice
+        assert all(
+            a.merged == a.enable
+            for layer in qpeft.lora_layers(model).values()
+            for a in layer.adapters.values()
+        )
+        torch.testing.assert_close(
+            run(model), y0, atol=FP32_ATOL, rtol=FP32_RTOL
+        )  # not counted twice
         qpeft.unmerge_adapters(model)
         for key, w in _weights(model).items():
             torch.testing.assert_close(w, w0[key], atol=MERGE_ROUNDTRIP_ATOL, rtol=0)
@@ -80,7 +89,10 @@ def test_double_merge_is_refused_and_changes_nothing():
     before, log = _weights(model), qpeft.state(model)
     with pytest.raises(ValueError, match=r"adapter 'default' on layer '[\w.]+' is already merged"):
         qpeft.merge_adapters(model)
-    assert all(torch.equal(v, before[k]) for k, v in _weights(model).items()) and qpeft.state(model) == log
+    assert (
+        all(torch.equal(v, before[k]) for k, v in _weights(model).items())
+        and qpeft.state(model) == log
+    )
     qpeft.merge_adapters(model, ["b"])  # the other one still merges
     qpeft.unmerge_adapters(model)
     with pytest.raises(ValueError, match="no merged adapter"):
@@ -102,8 +114,12 @@ def test_scale_of_a_merged_adapter_cannot_change():
 def test_export_unwraps_to_the_original_objects_with_the_same_outputs(build):
     model = build()
     if not qpeft.is_peft_model(model):
-        originals = {n: m for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")}
-        update_model(model, {"adapter_cfg": {"*": {"rank": 4, "scale": 0.5}, "*lm_head*": {"enable": False}}})
+        originals = {
+            n: m for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")
+        }
+        update_model(
+            model, {"adapter_cfg": {"*": {"rank": 4, "scale": 0.5}, "*lm_head*": {"enable": False}}}
+        )
         _randomize_adapters(model)
     else:
         originals = {n: layer.base for n, layer in qpeft.lora_layers(model).items()}

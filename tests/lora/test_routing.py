@@ -13,8 +13,11 @@ DEFAULT_MARGIN = qpeft.lora.routing.DENSE_MARGIN  # before the fixture below pat
 
 @pytest.fixture(autouse=True, params=["dense", "gathered"])
 def path(request, monkeypatch):
-    """Run every test on both routed paths: the dense masked one (few tokens) and the gathered one."""
-    monkeypatch.setattr(qpeft.lora.routing, "DENSE_MARGIN", 10**9 if request.param == "dense" else -1)
+    """Run every test on both routed paths: the dense masked one (few tokens) and the gathered
+    one."""
+    monkeypatch.setattr(
+        qpeft.lora.routing, "DENSE_MARGIN", 10**9 if request.param == "dense" else -1
+    )
     return request.param
 
 
@@ -23,10 +26,14 @@ def _model():
     model = TinyBlock()
     init = {"lora_b_init": "torch.nn.init.normal_"}
     qpeft.update_model(model, {"adapter_name": "a", "adapter_cfg": {"*": {"rank": 4, **init}}})
-    qpeft.update_model(model, {"adapter_name": "b", "adapter_cfg": {"*": {"rank": 2, "scale": 3.0, **init}}})
+    qpeft.update_model(
+        model, {"adapter_name": "b", "adapter_cfg": {"*": {"rank": 2, "scale": 3.0, **init}}}
+    )
     # "c" only on the attention layers, in bf16
-    qpeft.update_model(model, {"adapter_name": "c",
-                               "adapter_cfg": {"*attn*": {"rank": 3, "lora_dtype": "bf16", **init}}})
+    qpeft.update_model(
+        model,
+        {"adapter_name": "c", "adapter_cfg": {"*attn*": {"rank": 3, "lora_dtype": "bf16", **init}}},
+    )
     return model
 
 
@@ -50,7 +57,9 @@ def test_routed_batch_equals_each_sample_alone():
     with torch.no_grad():
         for i, name in enumerate(NAMES):
             tol = (BF16_ATOL, BF16_RTOL) if name == "c" else (FASTPATH_ATOL, FASTPATH_RTOL)
-            torch.testing.assert_close(y[i:i + 1], _alone(model, x[i:i + 1], name), atol=tol[0], rtol=tol[1])
+            torch.testing.assert_close(
+                y[i : i + 1], _alone(model, x[i : i + 1], name), atol=tol[0], rtol=tol[1]
+            )
         with qpeft.disabled_adapters(model):
             assert torch.equal(y[2], model(x)[2])  # None: the base output, bit for bit
 
@@ -79,17 +88,22 @@ def test_routed_gradients_equal_per_sample_gradients():
     model.zero_grad()
     for i, name in enumerate(names):
         if name is not None:  # a sample with no adapter gives the (frozen) model no gradient
-            _alone(model, x[i:i + 1], name).square().sum().backward()
+            _alone(model, x[i : i + 1], name).square().sum().backward()
     alone = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert routed.keys() == alone.keys() and routed
     for k in routed:  # rounding is relative to the largest partial sums, so scale atol with them
         scale = max(1.0, alone[k].abs().max().item())
-        torch.testing.assert_close(routed[k], alone[k], atol=FASTPATH_ATOL * scale, rtol=FASTPATH_RTOL, msg=k)
+        torch.testing.assert_close(
+            routed[k], alone[k], atol=FASTPATH_ATOL * scale, rtol=FASTPATH_RTOL, msg=k
+        )
 
 
 def test_errors_name_the_problem_and_change_nothing():
     model = _model()
-    with pytest.raises(ValueError, match="unknown adapter.*'zz'"), qpeft.adapter_routing(model, ["a", "zz"]):
+    with (
+        pytest.raises(ValueError, match="unknown adapter.*'zz'"),
+        qpeft.adapter_routing(model, ["a", "zz"]),
+    ):
         pass
     with pytest.raises(TypeError, match="list of adapter names"), qpeft.adapter_routing(model, "a"):
         pass
@@ -97,11 +111,16 @@ def test_errors_name_the_problem_and_change_nothing():
         pass
     with pytest.raises(ValueError, match="empty"), qpeft.adapter_routing(model, []):
         pass
-    with pytest.raises(ValueError, match="no LoRA layers"), qpeft.adapter_routing(torch.nn.Linear(2, 2), ["a"]):
+    with (
+        pytest.raises(ValueError, match="no LoRA layers"),
+        qpeft.adapter_routing(torch.nn.Linear(2, 2), ["a"]),
+    ):
         pass
     assert all(layer._routing is None for layer in qpeft.lora_layers(model).values())
-    with pytest.raises(ValueError, match=r"3 adapter names .*layer 'attn.q_proj'.*batch 2"), \
-            qpeft.adapter_routing(model, ["a", "b", "a"]):
+    with (
+        pytest.raises(ValueError, match=r"3 adapter names .*layer 'attn.q_proj'.*batch 2"),
+        qpeft.adapter_routing(model, ["a", "b", "a"]),
+    ):
         model(torch.randn(2, 16))
     assert all(layer._routing is None for layer in qpeft.lora_layers(model).values())
 
@@ -110,8 +129,16 @@ def test_generate_with_routing_equals_generating_each_sample_alone():
     model = tiny_llama()
     for name, seed in (("a", 1), ("b", 2)):
         torch.manual_seed(seed)
-        qpeft.update_model(model, {"adapter_name": name, "adapter_cfg": {
-            "*": {"rank": 4, "lora_b_init": "torch.nn.init.normal_"}, "*lm_head*": {"enable": False}}})
+        qpeft.update_model(
+            model,
+            {
+                "adapter_name": name,
+                "adapter_cfg": {
+                    "*": {"rank": 4, "lora_b_init": "torch.nn.init.normal_"},
+                    "*lm_head*": {"enable": False},
+                },
+            },
+        )
     ids = torch.randint(0, 64, (3, 6))
     names = ["b", None, "a"]
     kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
@@ -119,7 +146,7 @@ def test_generate_with_routing_equals_generating_each_sample_alone():
         out = model.generate(ids, **kw)
     for i, name in enumerate(names):
         with torch.no_grad(), qpeft.adapter_routing(model, [name]):
-            assert torch.equal(out[i:i + 1], model.generate(ids[i:i + 1], **kw))
+            assert torch.equal(out[i : i + 1], model.generate(ids[i : i + 1], **kw))
 
 
 def test_routing_refuses_merged_adapters():
@@ -144,7 +171,9 @@ def test_reused_factors_follow_in_place_edits_and_scale_changes():
     with torch.no_grad():
         for i, name in enumerate(NAMES):
             tol = (BF16_ATOL, BF16_RTOL) if name == "c" else (FASTPATH_ATOL, FASTPATH_RTOL)
-            torch.testing.assert_close(y[i:i + 1], _alone(model, x[i:i + 1], name), atol=tol[0], rtol=tol[1])
+            torch.testing.assert_close(
+                y[i : i + 1], _alone(model, x[i : i + 1], name), atol=tol[0], rtol=tol[1]
+            )
 
 
 @pytest.mark.parametrize(("tokens", "gathers"), [(1, False), (64, True)])

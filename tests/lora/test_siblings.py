@@ -1,4 +1,5 @@
-"""Sibling LoRA layers reading one input share ``x @ A^T``: same results as computing it per layer."""
+"""Sibling LoRA layers reading one input share ``x @ A^T``: same results as computing it per
+layer."""
 
 import copy
 import io
@@ -27,9 +28,19 @@ class _CountMM(TorchDispatchMode):
 def _llama_two_adapters():
     model = tiny_llama().train()
     normal = "torch.nn.init.normal_"
-    qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 4, "scale": 2.0, "lora_b_init": normal}}})
-    qpeft.update_model(model, {"adapter_name": "two", "adapter_cfg": {
-        "*": {"rank": 2, "scale": 0.5, "lora_b_init": normal}, "*k_proj": {"enable": False}}})
+    qpeft.update_model(
+        model, {"adapter_cfg": {"*": {"rank": 4, "scale": 2.0, "lora_b_init": normal}}}
+    )
+    qpeft.update_model(
+        model,
+        {
+            "adapter_name": "two",
+            "adapter_cfg": {
+                "*": {"rank": 2, "scale": 0.5, "lora_b_init": normal},
+                "*k_proj": {"enable": False},
+            },
+        },
+    )
     return qpeft.set_input_sharing(model, True)
 
 
@@ -50,7 +61,9 @@ def test_shared_low_rank_equals_per_layer_products_and_gradients():
         torch.testing.assert_close(got[0], want[0], atol=FASTPATH_ATOL, rtol=FASTPATH_RTOL)
         assert got[1].keys() == want[1].keys() and any("lora_a" in k for k in got[1])
         for k in got[1]:
-            torch.testing.assert_close(got[1][k], want[1][k], atol=FASTPATH_ATOL, rtol=FASTPATH_RTOL, msg=k)
+            torch.testing.assert_close(
+                got[1][k], want[1][k], atol=FASTPATH_ATOL, rtol=FASTPATH_RTOL, msg=k
+            )
 
 
 def test_sharing_runs_fewer_matmuls_and_learns_q_k_v_and_gate_up():
@@ -70,7 +83,10 @@ def test_sharing_runs_fewer_matmuls_and_learns_q_k_v_and_gate_up():
     assert group is attn.k_proj._siblings is attn.v_proj._siblings is attn.o_proj._siblings
     names = {id(m): n for n, m in attn.named_children()}
     leader = group.members.index(attn.q_proj)
-    assert sorted(names[id(group.members[j])] for j in group._partners[leader]) == ["k_proj", "v_proj"]
+    assert sorted(names[id(group.members[j])] for j in group._partners[leader]) == [
+        "k_proj",
+        "v_proj",
+    ]
 
 
 class _Pair(nn.Module):
@@ -91,8 +107,12 @@ class _Pair(nn.Module):
 def _pair():
     torch.manual_seed(0)
     model = _Pair()
-    qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 2, "lora_b_init": "torch.nn.init.normal_"}}})
-    return qpeft.set_input_sharing(model, True), qpeft.set_input_sharing(copy.deepcopy(model), False)
+    qpeft.update_model(
+        model, {"adapter_cfg": {"*": {"rank": 2, "lora_b_init": "torch.nn.init.normal_"}}}
+    )
+    return qpeft.set_input_sharing(model, True), qpeft.set_input_sharing(
+        copy.deepcopy(model), False
+    )
 
 
 def _same(model, ref, x):
@@ -123,8 +143,16 @@ def test_changed_adapters_between_calls_are_not_served_old_factors():
     _same(model, ref, x)
     _same(model, ref, x)
     for m in (model, ref):  # a second adapter on b only: b's factors differ from the shared block's
-        qpeft.update_model(m, {"adapter_name": "new", "adapter_cfg": {
-            "*": {"enable": False}, "b": {"rank": 3, "lora_b_init": "torch.nn.init.normal_"}}})
+        qpeft.update_model(
+            m,
+            {
+                "adapter_name": "new",
+                "adapter_cfg": {
+                    "*": {"enable": False},
+                    "b": {"rank": 3, "lora_b_init": "torch.nn.init.normal_"},
+                },
+            },
+        )
     _same(model, ref, x)
     _same(model, ref, x)
 
@@ -160,7 +188,9 @@ def test_off_by_default_recorded_and_restored(tmp_path):
     assert not model.a._siblings.enabled  # off unless asked for
     qpeft.set_input_sharing(model, True)
     qpeft.update_model(model, {"adapter_name": "more", "adapter_cfg": {"*": {"rank": 1}}})
-    assert model.a._siblings.enabled and model.a._siblings is model.b._siblings  # kept on re-linking
+    assert (
+        model.a._siblings.enabled and model.a._siblings is model.b._siblings
+    )  # kept on re-linking
     qpeft.save(model, tmp_path / "ck")
     restored = qpeft.restore(_Pair(), tmp_path / "ck")
     assert restored.a._siblings.enabled and restored.a._siblings.members == [restored.a, restored.b]

@@ -100,16 +100,22 @@ def test_gpt2_conv1d_residual_is_taken_in_out_in_layout():
     qpeft.update_model(model, {"adapter_cfg": {"*": {**SVD, "rank": 40}}})
     layer = model[0]
     residual = (layer.weight - layer.weight_quantizer(layer.weight)).detach().T
-    torch.testing.assert_close(layer.adapters["default"].delta_weight(), residual, atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(
+        layer.adapters["default"].delta_weight(), residual, atol=FP32_ATOL, rtol=0
+    )
 
 
 # ------------------------------------------------------------------------------ refine_svdquant
 def _relative_error(layer, w0):
     q = layer.weight_quantizer(layer.weight).float()
-    return ((w0 - layer.to_out_in(q) - layer.adapters["default"].delta_weight()).norm() / w0.norm()).item()
+    return (
+        (w0 - layer.to_out_in(q) - layer.adapters["default"].delta_weight()).norm() / w0.norm()
+    ).item()
 
 
-@pytest.mark.parametrize("preset", ["nvfp4_weight_only", "int4", "int8_weight_only", "fp8_weight_only"])
+@pytest.mark.parametrize(
+    "preset", ["nvfp4_weight_only", "int4", "int8_weight_only", "fp8_weight_only"]
+)
 def test_refine_keeps_the_best_iterate_and_never_gets_worse(preset):
     model = _model(96, 128, preset)
     qpeft.update_model(model, {"adapter_cfg": {"*": {**SVD, "rank": 8}}})
@@ -132,12 +138,16 @@ def test_refine_keeps_the_best_iterate_and_never_gets_worse(preset):
 
 def test_refine_from_zero_factors_is_loftq_and_improves_on_plain_quantization():
     model = _model(96, 128, "nvfp4_weight_only")
-    qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 8, "lora_a_init": "torch.nn.init.zeros_"}}})
+    qpeft.update_model(
+        model, {"adapter_cfg": {"*": {"rank": 8, "lora_a_init": "torch.nn.init.zeros_"}}}
+    )
     w0 = model[0].weight.detach().clone()
     plain = (_residual(model[0]).norm() / w0.norm()).item()
     errors = qpeft.refine_svdquant(model, iters=3)["0"]
     assert errors[0] == pytest.approx(plain, rel=1e-6)  # zero factors: the plain quantization error
-    assert errors[1] < errors[0] and _relative_error(model[0], w0) == pytest.approx(min(errors), rel=1e-4)
+    assert errors[1] < errors[0] and _relative_error(model[0], w0) == pytest.approx(
+        min(errors), rel=1e-4
+    )
 
 
 def test_refine_with_a_bf16_sidecar_and_a_conv1d_layer():
@@ -180,7 +190,10 @@ def test_refine_is_logged_and_replay_plus_strict_load_restores_it():
     qpeft.update_model(model, {"adapter_cfg": {"*": {**SVD, "rank": 4}}})
     qpeft.refine_svdquant(model, iters=2)
     entry = qpeft.state(model)[-1]
-    assert entry == {"mode": "refine_svdquant", "config": {"adapter_name": "default", "iters": 2, "layers": ["0"]}}
+    assert entry == {
+        "mode": "refine_svdquant",
+        "config": {"adapter_name": "default", "iters": 2, "layers": ["0"]},
+    }
     fresh = nn.Sequential(nn.Linear(64, 32))
     qpeft.core.modes.replay(fresh, qpeft.state(model))
     fresh.load_state_dict(model.state_dict(), strict=True)

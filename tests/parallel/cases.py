@@ -44,9 +44,16 @@ def block_model(disable_b: bool = False, quant: str | None = None) -> TinyBlock:
     if quant is not None:
         x = block_batch()[0]
         qpeft.quantize(model, quant, forward_loop=lambda m: m(x))
-    qpeft.update_model(model, {"adapter_name": "a", "adapter_cfg": {"*": {"rank": 4, "lora_b_init": NORMAL}}})
-    qpeft.update_model(model, {"adapter_name": "b",
-                               "adapter_cfg": {"*mlp*": {"rank": 2, "scale": 0.5, "lora_b_init": NORMAL}}})
+    qpeft.update_model(
+        model, {"adapter_name": "a", "adapter_cfg": {"*": {"rank": 4, "lora_b_init": NORMAL}}}
+    )
+    qpeft.update_model(
+        model,
+        {
+            "adapter_name": "b",
+            "adapter_cfg": {"*mlp*": {"rank": 2, "scale": 0.5, "lora_b_init": NORMAL}},
+        },
+    )
     if disable_b:
         qpeft.disable_adapters(model, adapters_to_disable="b")
     return model
@@ -64,7 +71,9 @@ def block_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, 16, generator=gen), torch.randn(BATCH, 10, generator=gen)
 
 
-def block_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def block_loss(
+    model: nn.Module, batch: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = batch
     out = model(x)
     return out, F.mse_loss(out, y)
@@ -74,10 +83,12 @@ def llama_model() -> nn.Module:
     """Tiny Llama with adapter ``a`` on every projection and ``b`` on the MLP projections."""
     model = tiny_llama()
     torch.manual_seed(0)
-    qpeft.update_model(model, {"adapter_name": "a",
-                               "adapter_cfg": {"*proj*": {"rank": 4, "lora_b_init": NORMAL}}})
-    qpeft.update_model(model, {"adapter_name": "b",
-                               "adapter_cfg": {"*mlp*": {"rank": 2, "lora_b_init": NORMAL}}})
+    qpeft.update_model(
+        model, {"adapter_name": "a", "adapter_cfg": {"*proj*": {"rank": 4, "lora_b_init": NORMAL}}}
+    )
+    qpeft.update_model(
+        model, {"adapter_name": "b", "adapter_cfg": {"*mlp*": {"rank": 2, "lora_b_init": NORMAL}}}
+    )
     return model
 
 
@@ -85,7 +96,9 @@ def gpt2_model() -> nn.Module:
     """Tiny GPT-2 (``Conv1D`` layers, weight stored ``[in, out]``) with adapter ``a`` everywhere."""
     model = tiny_gpt2()
     torch.manual_seed(0)
-    return qpeft.update_model(model, {"adapter_name": "a", "adapter_cfg": {"*": {"rank": 4, "lora_b_init": NORMAL}}})
+    return qpeft.update_model(
+        model, {"adapter_name": "a", "adapter_cfg": {"*": {"rank": 4, "lora_b_init": NORMAL}}}
+    )
 
 
 def llama_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +107,9 @@ def llama_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:, :-1], ids[:, 1:]
 
 
-def llama_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def llama_loss(
+    model: nn.Module, batch: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     ids, labels = batch
     logits = model(ids).logits
     return logits, F.cross_entropy(logits.flatten(0, 1), labels.flatten())
@@ -115,17 +130,25 @@ def clean(name: str) -> str:
 
 def placements(model: nn.Module) -> dict[str, tuple[str, ...]]:
     """How each DTensor parameter is laid out on the mesh, e.g. ``("S(0)",)`` for ``Shard(0)``."""
-    return {clean(n): tuple(str(p) for p in t.placements) for n, t in sorted(model.named_parameters())
-            if isinstance(t, DTensor)}
+    return {
+        clean(n): tuple(str(p) for p in t.placements)
+        for n, t in sorted(model.named_parameters())
+        if isinstance(t, DTensor)
+    }
 
 
 def adapter_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {clean(n): full(p) for n, p in sorted(model.named_parameters()) if ".adapters." in clean(n)}
+    return {
+        clean(n): full(p) for n, p in sorted(model.named_parameters()) if ".adapters." in clean(n)
+    }
 
 
 def adapter_grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {clean(n): full(p.grad) for n, p in sorted(model.named_parameters())
-            if ".adapters." in clean(n) and p.grad is not None}
+    return {
+        clean(n): full(p.grad)
+        for n, p in sorted(model.named_parameters())
+        if ".adapters." in clean(n) and p.grad is not None
+    }
 
 
 def train(model: nn.Module, batch, loss_fn, steps: int = STEPS, view=nullcontext) -> dict:

@@ -20,7 +20,10 @@ from tests.parallel import cases
 from tests.parallel.cases import block_batch, block_loss, train
 from tests.parallel.scenarios import _ddp, _fsdp2_block, _local_batch, _to, _tp_block, block_plan
 
-GPT2_PLAN = {"transformer.h.*.mlp.c_fc": ColwiseParallel(), "transformer.h.*.mlp.c_proj": RowwiseParallel()}
+GPT2_PLAN = {
+    "transformer.h.*.mlp.c_fc": ColwiseParallel(),
+    "transformer.h.*.mlp.c_proj": RowwiseParallel(),
+}
 
 
 def _x() -> torch.Tensor:
@@ -30,8 +33,10 @@ def _x() -> torch.Tensor:
 def ck_save_sharded(mesh: DeviceMesh, outdir: Path) -> dict:
     """Train under FSDP2 and under TP, then save and save_adapters on every rank to one path."""
     record = {}
-    for name, model, batch in [("fsdp2", _fsdp2_block(mesh), _local_batch()),
-                               ("tp", _tp_block(mesh), _to(block_batch()))]:
+    for name, model, batch in [
+        ("fsdp2", _fsdp2_block(mesh), _local_batch()),
+        ("tp", _tp_block(mesh), _to(block_batch())),
+    ]:
         train(model, batch, block_loss)
         qpeft.save(model, outdir / f"ck_{name}")
         qpeft.save_adapters(model, outdir / f"ck_{name}_adapters")
@@ -42,9 +47,13 @@ def ck_save_sharded(mesh: DeviceMesh, outdir: Path) -> dict:
 
 def ck_save_tied_and_ddp(mesh: DeviceMesh, outdir: Path) -> dict:
     """GPT-2 (tied embedding and head) saved under TP and FSDP2; a DDP model saved by each rank."""
-    qpeft.save(qpeft.parallelize_lora(cases.gpt2_model().to(cases.device()), mesh, GPT2_PLAN),
-               outdir / "ck_gpt2_tp")
-    qpeft.save(fully_shard(cases.gpt2_model().to(cases.device()), mesh=mesh), outdir / "ck_gpt2_fsdp2")
+    qpeft.save(
+        qpeft.parallelize_lora(cases.gpt2_model().to(cases.device()), mesh, GPT2_PLAN),
+        outdir / "ck_gpt2_tp",
+    )
+    qpeft.save(
+        fully_shard(cases.gpt2_model().to(cases.device()), mesh=mesh), outdir / "ck_gpt2_fsdp2"
+    )
     qpeft.save(_ddp(cases.block_model()), outdir / f"ck_ddp_r{dist.get_rank()}")
     return {}
 
@@ -68,7 +77,9 @@ def ck_rank0_writes(mesh: DeviceMesh, outdir: Path) -> dict:
 def _only_adapter_a(mesh: DeviceMesh) -> torch.nn.Module:
     torch.manual_seed(0)
     model = TinyBlock(16)
-    qpeft.update_model(model, {"adapter_name": "a", "adapter_cfg": {"*": {"rank": 4, "lora_b_init": cases.NORMAL}}})
+    qpeft.update_model(
+        model, {"adapter_name": "a", "adapter_cfg": {"*": {"rank": 4, "lora_b_init": cases.NORMAL}}}
+    )
     return fully_shard(model.to(cases.device()), mesh=mesh)
 
 
@@ -86,12 +97,15 @@ def ck_load_adapters(mesh: DeviceMesh, outdir: Path) -> dict:
     except ValueError as err:
         record["error"] = str(err)
     after = cases.adapter_params(lacking)
-    record["untouched"] = qpeft.state(lacking) == modes and all(torch.equal(after[k], v) for k, v in before.items())
+    record["untouched"] = qpeft.state(lacking) == modes and all(
+        torch.equal(after[k], v) for k, v in before.items()
+    )
     return record
 
 
 def ck_restore_then_shard(mesh: DeviceMesh, outdir: Path) -> dict:
-    """The documented route: restore on every rank, then shard; restoring into a sharded model fails."""
+    """The documented route: restore on every rank, then shard; restoring into a sharded model
+    fails."""
     record = {}
     for name in ("fsdp2", "tp"):
         model = qpeft.restore(TinyBlock(16), outdir / "ref_ckpt").to(cases.device())
@@ -109,4 +123,10 @@ def ck_restore_then_shard(mesh: DeviceMesh, outdir: Path) -> dict:
     return record
 
 
-CHECKPOINT = [ck_save_sharded, ck_save_tied_and_ddp, ck_rank0_writes, ck_load_adapters, ck_restore_then_shard]
+CHECKPOINT = [
+    ck_save_sharded,
+    ck_save_tied_and_ddp,
+    ck_rank0_writes,
+    ck_load_adapters,
+    ck_restore_then_shard,
+]

@@ -1,4 +1,5 @@
-"""Comparisons of a rank's record with the single-process reference (tolerances from tolerances.py)."""
+"""Comparisons of a rank's record with the single-process reference (tolerances from
+tolerances.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ def load(outdir: Path, scenario: str, rank: int) -> dict:
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    torch.testing.assert_close(got, want, atol=DIST_ATOL, rtol=DIST_RTOL, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        got, want, atol=DIST_ATOL, rtol=DIST_RTOL, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def assert_same_tensors(got: dict, want: dict, what: str) -> None:
@@ -23,7 +26,9 @@ def assert_same_tensors(got: dict, want: dict, what: str) -> None:
         assert_close(got[key], want[key], f"{what} {key}")
 
 
-def assert_like_reference(record: dict, ref: dict, what: str, rows: tuple[int, int] | None = None) -> None:
+def assert_like_reference(
+    record: dict, ref: dict, what: str, rows: tuple[int, int] | None = None
+) -> None:
     """Output (rows ``rank`` of ``world`` when data parallel), step-0 grads and trained adapters."""
     want = ref["out"] if rows is None else ref["out"].chunk(rows[1])[rows[0]]
     assert_close(record["out"], want, f"{what} output")

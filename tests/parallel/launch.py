@@ -38,14 +38,19 @@ def run_ranks(group: str, outdir: Path, world_size: int = 2, timeout: float = TI
         log = open(outdir / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
         logs.append(log)
         cmd = [sys.executable, "-m", "tests.parallel.worker", group, str(outdir)]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**env, "RANK": str(rank)}, stdout=log,
-                                      stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env={**env, "RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT
+            )
+        )
     failed = _wait(procs, time.monotonic() + timeout)
     for log in logs:
         log.close()
     if failed:
-        tails = [f"--- rank {r} ---\n" + (outdir / f"rank{r}.log").read_text()[-3000:]
-                 for r in range(world_size)]
+        tails = [
+            f"--- rank {r} ---\n" + (outdir / f"rank{r}.log").read_text()[-3000:]
+            for r in range(world_size)
+        ]
         raise AssertionError(f"ranks {failed} of group {group!r} failed\n" + "\n".join(tails))
 
 

@@ -62,7 +62,9 @@ def llama_plan() -> dict:
 
 # -- data parallel -------------------------------------------------------------------------------
 def ddp_find_unused(mesh: DeviceMesh, outdir: Path) -> dict:
-    return train(_ddp(block_model(disable_b=True), find_unused_parameters=True), _local_batch(), block_loss)
+    return train(
+        _ddp(block_model(disable_b=True), find_unused_parameters=True), _local_batch(), block_loss
+    )
 
 
 def ddp_static_graph(mesh: DeviceMesh, outdir: Path) -> dict:
@@ -107,8 +109,15 @@ def ddp_unused_without_flag(mesh: DeviceMesh, outdir: Path) -> dict:
     return {"error": ""}
 
 
-DATA_PARALLEL = [ddp_find_unused, ddp_static_graph, ddp_unfreeze_after_wrap, fsdp2, fsdp1_orig_params,
-                 fsdp1_without_orig_params, ddp_unused_without_flag]
+DATA_PARALLEL = [
+    ddp_find_unused,
+    ddp_static_graph,
+    ddp_unfreeze_after_wrap,
+    fsdp2,
+    fsdp1_orig_params,
+    fsdp1_without_orig_params,
+    ddp_unused_without_flag,
+]
 
 
 # -- tensor parallel -----------------------------------------------------------------------------
@@ -124,7 +133,10 @@ def tp_llama(mesh: DeviceMesh, outdir: Path) -> dict:
 
 def tp_gpt2_conv1d(mesh: DeviceMesh, outdir: Path) -> dict:
     """GPT-2's MLP: ``Conv1D`` layers (weight ``[in, out]``), column then row parallel."""
-    plan = {"transformer.h.*.mlp.c_fc": ColwiseParallel(), "transformer.h.*.mlp.c_proj": RowwiseParallel()}
+    plan = {
+        "transformer.h.*.mlp.c_fc": ColwiseParallel(),
+        "transformer.h.*.mlp.c_proj": RowwiseParallel(),
+    }
     model = qpeft.parallelize_lora(cases.gpt2_model().to(cases.device()), mesh, plan)
     record = train(model, _to(cases.llama_batch()), cases.llama_loss)
     return {**record, "placements": cases.placements(model)}
@@ -172,7 +184,9 @@ def q_tp_int8(mesh: DeviceMesh, outdir: Path) -> dict:
 
 
 def q_tp_nvfp4(mesh: DeviceMesh, outdir: Path) -> dict:
-    model = qpeft.parallelize_lora(block_model(quant="nvfp4").to(cases.device()), mesh, block_plan())
+    model = qpeft.parallelize_lora(
+        block_model(quant="nvfp4").to(cases.device()), mesh, block_plan()
+    )
     return _record_error(lambda: train(model, _to(block_batch()), block_loss))
 
 
@@ -184,7 +198,10 @@ def q_state_dict(mesh: DeviceMesh, outdir: Path) -> dict:
     fully_shard(fsdp.mlp, mesh=mesh)
     fully_shard(fsdp, mesh=mesh)
     qpeft.load_full_state_dict(fsdp, torch.load(outdir / "ref_nvfp4_sd.pt"))
-    return {"tp_int8": qpeft.full_state_dict(tp), "fsdp2_nvfp4": cases.full(fsdp(_to(block_batch())[0]))}
+    return {
+        "tp_int8": qpeft.full_state_dict(tp),
+        "fsdp2_nvfp4": cases.full(fsdp(_to(block_batch())[0])),
+    }
 
 
 QUANTIZED = [q_ddp_nvfp4, q_fsdp2_nvfp4, q_tp_int8, q_tp_nvfp4, q_state_dict]
@@ -204,9 +221,11 @@ def _tp_block(mesh: DeviceMesh) -> torch.nn.Module:
 def sd_gathered(mesh: DeviceMesh, outdir: Path) -> dict:
     """Full state dicts gathered from trained FSDP2, TP and DDP models."""
     record = {}
-    for name, model, batch in [("fsdp2", _fsdp2_block(mesh), _local_batch()),
-                               ("tp", _tp_block(mesh), _to(block_batch())),
-                               ("ddp", _ddp(block_model()), _local_batch())]:
+    for name, model, batch in [
+        ("fsdp2", _fsdp2_block(mesh), _local_batch()),
+        ("tp", _tp_block(mesh), _to(block_batch())),
+        ("ddp", _ddp(block_model()), _local_batch()),
+    ]:
         train(model, batch, block_loss)
         record[name] = qpeft.full_state_dict(model)
         record[name + "_adapters"] = qpeft.full_state_dict(model, adapters_only=True)
@@ -228,8 +247,10 @@ def sd_load_full(mesh: DeviceMesh, outdir: Path) -> dict:
 def sd_dcp(mesh: DeviceMesh, outdir: Path) -> dict:
     """torch.distributed.checkpoint: save from TP and from FSDP2, load into fresh TP models."""
     record = {}
-    for name, model, batch in [("tp", _tp_block(mesh), _to(block_batch())),
-                               ("fsdp2", _fsdp2_block(mesh), _local_batch())]:
+    for name, model, batch in [
+        ("tp", _tp_block(mesh), _to(block_batch())),
+        ("fsdp2", _fsdp2_block(mesh), _local_batch()),
+    ]:
         train(model, batch, block_loss)
         dcp.save(get_model_state_dict(model), checkpoint_id=outdir / f"dcp_{name}")
         fresh = _tp_block(mesh)

@@ -1,16 +1,21 @@
-"""qpeft.save / save_adapters / load_adapters / restore on sharded models (2 gloo ranks) vs. one process."""
+"""qpeft.save / save_adapters / load_adapters / restore on sharded models (2 gloo ranks) vs. one
+process."""
 
 import pytest
 import torch
 
 import qpeft
-from qpeft.checkpoint.files import read_header, read_json
+from qpeft.checkpoint.files import read_json
+from qpeft.checkpoint.tensor_files import read_header
 from tests.models import TinyBlock, tiny_gpt2
 from tests.parallel.cases import block_batch, block_model, gpt2_model, trained_block
 from tests.parallel.checks import assert_close, assert_same_tensors, load
 
 WORLD = 2
-FILES = {"": ("qpeft.json", "model.safetensors"), "_adapters": ("qpeft.json", "adapters.safetensors")}
+FILES = {
+    "": ("qpeft.json", "model.safetensors"),
+    "_adapters": ("qpeft.json", "adapters.safetensors"),
+}
 
 
 def _adapters(model):
@@ -27,7 +32,10 @@ def test_save_on_sharded_ranks_restores_on_one_process(outdir, engine):
     for rank in range(WORLD):
         record = load(outdir, "ck_save_sharded", rank)[engine]
         assert_close(out, record["out"], f"{engine} rank {rank}: restored vs. sharded output")
-        assert record["seen"] == ["model.safetensors", "qpeft.json"]  # written before any rank returned
+        assert record["seen"] == [
+            "model.safetensors",
+            "qpeft.json",
+        ]  # written before any rank returned
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "tp"])
@@ -55,7 +63,9 @@ def test_tied_weights_are_stored_once_as_on_one_process(outdir, tmp_path, engine
     assert aliases == {"lm_head.weight": "transformer.wte.weight"}
     restored = qpeft.restore(tiny_gpt2(), outdir / f"ck_gpt2_{engine}")
     want = gpt2_model().state_dict()
-    assert all(torch.equal(v, want[k]) for k, v in restored.state_dict().items())  # gathering is exact
+    assert all(
+        torch.equal(v, want[k]) for k, v in restored.state_dict().items()
+    )  # gathering is exact
 
 
 def test_ddp_model_is_saved_locally_by_each_rank(outdir):
@@ -87,7 +97,9 @@ def _with_b_disabled(model):
 def test_load_adapters_into_sharded_models_matches_one_process(outdir, engine):
     ref = _with_b_disabled(trained_block())
     want = ref(block_batch()[0]).detach()
-    assert not torch.allclose(want, _with_b_disabled(block_model())(block_batch()[0]))  # loading matters
+    assert not torch.allclose(
+        want, _with_b_disabled(block_model())(block_batch()[0])
+    )  # loading matters
     for rank in range(WORLD):
         record = load(outdir, "ck_load_adapters", rank)[engine]
         assert_close(record["out"], want, f"{engine} rank {rank} output")  # b disabled as saved
@@ -105,7 +117,9 @@ def test_load_adapters_into_a_sharded_model_refuses_to_add_adapters(outdir):
 def test_restore_then_shard_matches_one_process(outdir, engine):
     want = trained_block()(block_batch()[0]).detach()
     for rank in range(WORLD):
-        assert_close(load(outdir, "ck_restore_then_shard", rank)[engine], want, f"{engine} rank {rank}")
+        assert_close(
+            load(outdir, "ck_restore_then_shard", rank)[engine], want, f"{engine} rank {rank}"
+        )
 
 
 def test_restore_into_a_sharded_model_is_refused(outdir):

@@ -18,19 +18,25 @@ def test_ddp_with_a_disabled_adapter_matches_one_process(outdir, scenario):
     ref = train(block_model(disable_b=True), block_batch(), block_loss)
     assert not any(".adapters.b." in k for k in ref["grads"])  # b is unused in forward
     for rank in range(WORLD):
-        assert_like_reference(load(outdir, scenario, rank), ref, f"{scenario} rank {rank}", (rank, WORLD))
+        assert_like_reference(
+            load(outdir, scenario, rank), ref, f"{scenario} rank {rank}", (rank, WORLD)
+        )
 
 
 def test_ddp_without_unused_flag_fails_on_second_step(outdir):
     for rank in range(WORLD):
-        assert "find_unused_parameters=True" in load(outdir, "ddp_unused_without_flag", rank)["error"]
+        assert (
+            "find_unused_parameters=True" in load(outdir, "ddp_unused_without_flag", rank)["error"]
+        )
 
 
 def test_ddp_unfreezing_after_wrapping_skips_grad_sync(outdir):
     full = train(block_model(), block_batch(), block_loss, steps=1)["grads"]
     grads = [load(outdir, "ddp_unfreeze_after_wrap", r)["grads"] for r in range(WORLD)]
     for rank in range(WORLD):
-        local = train(block_model(), shard(block_batch(), rank, WORLD), block_loss, steps=1)["grads"]
+        local = train(block_model(), shard(block_batch(), rank, WORLD), block_loss, steps=1)[
+            "grads"
+        ]
         for key in sorted(full):
             want = full[key] if ".adapters.a." in key else local[key]  # b: never averaged
             assert_close(grads[rank][key], want, f"rank {rank} {key}")

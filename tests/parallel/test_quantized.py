@@ -13,7 +13,9 @@ WORLD = 2
 def test_data_parallel_on_a_quantized_base_matches_one_process(outdir, scenario):
     ref = train(block_model(quant="nvfp4"), block_batch(), block_loss)
     for rank in range(WORLD):
-        assert_like_reference(load(outdir, scenario, rank), ref, f"{scenario} rank {rank}", (rank, WORLD))
+        assert_like_reference(
+            load(outdir, scenario, rank), ref, f"{scenario} rank {rank}", (rank, WORLD)
+        )
 
 
 @pytest.mark.parametrize("preset", ["int8", "nvfp4"])

@@ -22,7 +22,9 @@ def test_gathered_state_dict_has_single_process_keys_and_values(outdir, engine):
     for rank in range(WORLD):
         record = load(outdir, "sd_gathered", rank)
         assert_same_tensors(record[engine], ref, f"{engine} rank {rank}")
-        assert_same_tensors(record[engine + "_adapters"], adapters, f"{engine} rank {rank} adapters")
+        assert_same_tensors(
+            record[engine + "_adapters"], adapters, f"{engine} rank {rank} adapters"
+        )
         assert record[engine + "_rank0"] == (sorted(ref) if rank == 0 else [])
 
 
@@ -44,7 +46,9 @@ def test_dcp_checkpoint_reloads_across_layouts(outdir, saved_by):
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=outdir / f"dcp_{saved_by}", no_dist=True)
     single.load_state_dict(state)
-    assert_same_tensors(single.state_dict(), trained_block().state_dict(), f"{saved_by} -> one process")
+    assert_same_tensors(
+        single.state_dict(), trained_block().state_dict(), f"{saved_by} -> one process"
+    )
 
 
 def test_qpeft_save_of_a_gathered_sharded_model_restores_on_one_process(outdir):
@@ -67,19 +71,29 @@ def test_load_adapters_only_keeps_the_base():
     model, source = block_model(), trained_block()
     base_before = model.state_dict()["mlp.up.weight"].clone()
     qpeft.load_full_state_dict(model, qpeft.full_state_dict(source, adapters_only=True))
-    assert_same_tensors(qpeft.full_state_dict(model, adapters_only=True),
-                        qpeft.full_state_dict(source, adapters_only=True), "adapters")
+    assert_same_tensors(
+        qpeft.full_state_dict(model, adapters_only=True),
+        qpeft.full_state_dict(source, adapters_only=True),
+        "adapters",
+    )
     assert torch.equal(model.state_dict()["mlp.up.weight"], base_before)
 
 
 @pytest.mark.parametrize(
     ("edit", "error", "match"),
     [
-        (lambda sd: sd.update({"mlp.up.adapters.zz.lora_a": torch.zeros(1)}), KeyError, "adapters.zz"),
+        (
+            lambda sd: sd.update({"mlp.up.adapters.zz.lora_a": torch.zeros(1)}),
+            KeyError,
+            "adapters.zz",
+        ),
         (lambda sd: sd.pop("mlp.up.weight"), KeyError, "lacks keys .*mlp.up.weight"),
         (lambda sd: sd.pop("mlp.up.adapters.b.lora_a"), KeyError, "mlp.up.adapters.b.lora_a"),
-        (lambda sd: sd.update({"mlp.up.adapters.a.lora_b": torch.zeros(3, 4)}), ValueError,
-         r"'mlp.up.adapters.a.lora_b': shape \(3, 4\)"),
+        (
+            lambda sd: sd.update({"mlp.up.adapters.a.lora_b": torch.zeros(3, 4)}),
+            ValueError,
+            r"'mlp.up.adapters.a.lora_b': shape \(3, 4\)",
+        ),
     ],
 )
 def test_bad_state_dict_is_rejected_untouched(edit, error, match):

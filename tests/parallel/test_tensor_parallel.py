@@ -1,4 +1,5 @@
-"""Tensor parallelism of LoRA layers: plan rewriting (one process) and 2 gloo ranks vs. one process."""
+"""Tensor parallelism of LoRA layers: plan rewriting (one process) and 2 gloo ranks vs. one
+process."""
 
 import pytest
 import torch
@@ -31,8 +32,9 @@ def test_plan_swaps_column_and_row_styles_keeping_layouts():
 
 def test_plan_keeps_other_styles_and_wildcards():
     model = cases.llama_model()
-    plan = lora_tp_plan(model, {"model.layers.*.mlp.*_proj": ColwiseParallel(),
-                                "model.norm": SequenceParallel()})
+    plan = lora_tp_plan(
+        model, {"model.layers.*.mlp.*_proj": ColwiseParallel(), "model.norm": SequenceParallel()}
+    )
     assert type(plan["model.layers.*.mlp.*_proj"]) is LoRAColwiseParallel
     assert type(plan["model.norm"]) is SequenceParallel
 
@@ -56,8 +58,14 @@ def test_other_style_on_a_lora_layer_is_an_error():
 S0, S1, R = ("S(0)",), ("S(1)",), ("R",)  # str() of Shard(0), Shard(1), Replicate()
 
 
-def _layout(placements: dict, layer: str, weight: tuple, bias: tuple | None, a: tuple, b: tuple) -> None:
-    want = {f"{layer}.base.weight": weight, f"{layer}.adapters.a.lora_a": a, f"{layer}.adapters.a.lora_b": b}
+def _layout(
+    placements: dict, layer: str, weight: tuple, bias: tuple | None, a: tuple, b: tuple
+) -> None:
+    want = {
+        f"{layer}.base.weight": weight,
+        f"{layer}.adapters.a.lora_a": a,
+        f"{layer}.adapters.a.lora_b": b,
+    }
     if bias is not None:
         want[f"{layer}.base.bias"] = bias
     assert {k: placements[k] for k in want} == want
@@ -70,7 +78,9 @@ def test_adapters_are_sharded_like_their_base(outdir):
         _layout(placements, "mlp.up", S0, S0, R, S0)
         _layout(placements, "mlp.down", S1, R, S1, R)
         _layout(placements, "attn.q_proj", S0, S0, R, S0)
-        assert not any(k.startswith(("lm_head", "attn.v_proj")) for k in placements)  # not in the plan
+        assert not any(
+            k.startswith(("lm_head", "attn.v_proj")) for k in placements
+        )  # not in the plan
         gpt2 = load(outdir, "tp_gpt2_conv1d", rank)["placements"]  # Conv1D stores W as [in, out]
         _layout(gpt2, "transformer.h.0.mlp.c_fc", S1, S0, R, S0)
         _layout(gpt2, "transformer.h.1.mlp.c_proj", S0, R, S1, R)
@@ -100,8 +110,12 @@ def test_parallelize_lora_rejects_a_bad_plan_before_sharding():
     model = block_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="inside LoRA layer"):
-        qpeft.parallelize_lora(model, None, {"mlp.up": ColwiseParallel(), "mlp.down.base": RowwiseParallel()})
-    assert all(type(v) is torch.Tensor and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        qpeft.parallelize_lora(
+            model, None, {"mlp.up": ColwiseParallel(), "mlp.down.base": RowwiseParallel()}
+        )
+    assert all(
+        type(v) is torch.Tensor and torch.equal(v, before[k]) for k, v in model.state_dict().items()
+    )
 
 
 def test_gpt2_conv1d_layers_shard_on_their_stored_layout(outdir):

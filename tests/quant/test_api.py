@@ -45,7 +45,9 @@ def test_layer_output_is_linear_of_quantized_input_and_weight():
     expected = layer.input_quantizer(x) @ layer.weight_quantizer(layer.weight).T + layer.bias
     assert torch.equal(layer(x), expected)
     # weight amax: max |W| per output row; input amax: max |x| seen in the forward loop
-    assert torch.equal(layer.weight_quantizer.amax, layer.weight.detach().abs().amax(1, keepdim=True))
+    assert torch.equal(
+        layer.weight_quantizer.amax, layer.weight.detach().abs().amax(1, keepdim=True)
+    )
     assert layer.input_quantizer.amax.item() == x.abs().max().item()
 
 
@@ -84,12 +86,21 @@ def test_all_quantizers_disabled_is_bit_identical():
     ("config", "match"),
     [
         ("int3", r"unknown quantization preset 'int3'; presets: \['fp8'"),
-        ({"quant_cfg": {"*": {"num_bit": 8}}}, r"quant_cfg\['\*'\]: unknown field\(s\) \['num_bit'\]"),
+        (
+            {"quant_cfg": {"*": {"num_bit": 8}}},
+            r"quant_cfg\['\*'\]: unknown field\(s\) \['num_bit'\]",
+        ),
         ({"quant_cfg": {"*weight*": {"num_bits": 16}}}, r"quant_cfg\['\*weight\*'\]: num_bits"),
         ({"quant_cfg": {"*": {"num_bits": 8}}, "algo": "max"}, "algo"),
         ({"quant_cfg": {"*": {"num_bits": 8}}, "algorithm": "awq"}, "algorithm"),
-        ({"quant_cfg": {"*weight*": {"num_bits": (2, 1)}}}, r"quantizer 'attn\.q_proj\.weight_quantizer': block_sizes"),
-        ({"quant_cfg": {"*nothing*": {"num_bits": 8}}}, r"patterns \['\*nothing\*'\] match no quantizer"),
+        (
+            {"quant_cfg": {"*weight*": {"num_bits": (2, 1)}}},
+            r"quantizer 'attn\.q_proj\.weight_quantizer': block_sizes",
+        ),
+        (
+            {"quant_cfg": {"*nothing*": {"num_bits": 8}}},
+            r"patterns \['\*nothing\*'\] match no quantizer",
+        ),
         ({"quant_cfg": {}}, "quant_cfg"),
     ],
 )
@@ -119,14 +130,19 @@ def test_failing_forward_loop_leaves_the_model_untouched():
 
 def test_config_object_with_callables_and_key_by_key_merge():
     model, x = _model_and_data()
-    cfg = qpeft.QuantizeConfig(quant_cfg={
-        "*weight_quantizer": {"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}},
-        lambda n: n.startswith("mlp.") and n.endswith("weight_quantizer"): {"num_bits": 8},
-        "*lm_head*": {"enable": False},
-    })
+    cfg = qpeft.QuantizeConfig(
+        quant_cfg={
+            "*weight_quantizer": {"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}},
+            lambda n: n.startswith("mlp.") and n.endswith("weight_quantizer"): {"num_bits": 8},
+            "*lm_head*": {"enable": False},
+        }
+    )
     qpeft.quantize(model, cfg)
     qs = model_quantizers(model)
-    assert (qs["mlp.up.weight_quantizer"].num_bits, qs["mlp.up.weight_quantizer"].block_size) == (8, 128)
+    assert (qs["mlp.up.weight_quantizer"].num_bits, qs["mlp.up.weight_quantizer"].block_size) == (
+        8,
+        128,
+    )
     assert qs["attn.q_proj.weight_quantizer"].num_bits == 4
     assert not qs["attn.q_proj.input_quantizer"].is_enabled  # matched by no entry
     assert not qs["lm_head.weight_quantizer"].is_enabled

@@ -1,4 +1,5 @@
-"""quantize() on Hugging Face grouped MoE experts (tiny Qwen3-MoE, Mixtral, GPT-OSS from configs)."""
+"""quantize() on Hugging Face grouped MoE experts (tiny Qwen3-MoE, Mixtral, GPT-OSS from
+configs)."""
 
 import copy
 
@@ -41,11 +42,16 @@ def _matrix(weight, e, transposed):
 
 
 def _quantize_2d(matrix, preset):
-    """The 2-D path: ``quantize`` an ``nn.Linear`` holding ``matrix`` alone, weight quantizer only."""
-    holder = nn.Sequential(nn.Linear(matrix.shape[1], matrix.shape[0], bias=False, dtype=matrix.dtype))
+    """The 2-D path: ``quantize`` an ``nn.Linear`` holding ``matrix`` alone, weight quantizer
+    only."""
+    holder = nn.Sequential(
+        nn.Linear(matrix.shape[1], matrix.shape[0], bias=False, dtype=matrix.dtype)
+    )
     with torch.no_grad():
         holder[0].weight.copy_(matrix)
-    qpeft.quantize(holder, {"quant_cfg": {"*weight_quantizer": qpeft.PRESETS[preset]["*weight_quantizer"]}})
+    qpeft.quantize(
+        holder, {"quant_cfg": {"*weight_quantizer": qpeft.PRESETS[preset]["*weight_quantizer"]}}
+    )
     return holder[0].quantized_weight(), holder[0].weight_quantizer.amax
 
 
@@ -57,7 +63,10 @@ def test_every_expert_quantizes_as_its_own_2d_matrix(arch, preset):
         assert isinstance(layer, QuantExperts)
         inner = innermost(layer)
         for proj in PROJECTIONS:
-            weight, quantizer = getattr(inner, proj).detach(), getattr(layer, f"{proj}_weight_quantizer")
+            weight, quantizer = (
+                getattr(inner, proj).detach(),
+                getattr(layer, f"{proj}_weight_quantizer"),
+            )
             assert quantizer.is_enabled
             quantized = layer.quantized(f"{proj}_weight_quantizer")
             assert quantized.shape == weight.shape and quantized.is_contiguous()
@@ -91,7 +100,11 @@ def test_amax_shapes_are_per_expert_and_per_row():
     assert layer.gate_up_proj_weight_quantizer.amax.shape == (num_e, two_i, 1)
     model, _ = _quantized("mixtral", "fp8")
     layer = next(iter(_experts(model).values()))
-    assert layer.down_proj_weight_quantizer.amax.shape == (innermost(layer).down_proj.shape[0], 1, 1)
+    assert layer.down_proj_weight_quantizer.amax.shape == (
+        innermost(layer).down_proj.shape[0],
+        1,
+        1,
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -103,8 +116,11 @@ def test_names_routers_head_and_no_expert_input_quantizers(arch):
             assert f"model.layers.{layer}.mlp.experts.{proj}_weight_quantizer" in enabled
     assert not [n for n in enabled if "experts" in n and "input" in n]
     assert not [n for n in enabled if "router" in n or "mlp.gate." in n or "lm_head" in n]
-    assert all(type(m).__name__.endswith("TopKRouter") for n, m in model.named_modules()
-               if n.endswith(("mlp.gate", "mlp.router")))  # routers stay plain modules
+    assert all(
+        type(m).__name__.endswith("TopKRouter")
+        for n, m in model.named_modules()
+        if n.endswith(("mlp.gate", "mlp.router"))
+    )  # routers stay plain modules
 
 
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm", "eager"])
@@ -164,7 +180,9 @@ def test_trainable_expert_weights_get_straight_through_gradients(arch):
         torch.testing.assert_close(getattr(inner, proj).grad, grad)
 
 
-@pytest.mark.parametrize(("arch", "preset"), [("qwen3_moe", "nvfp4"), ("gpt_oss", "int8"), ("mixtral", "fp8")])
+@pytest.mark.parametrize(
+    ("arch", "preset"), [("qwen3_moe", "nvfp4"), ("gpt_oss", "int8"), ("mixtral", "fp8")]
+)
 def test_save_restore_gives_identical_logits(tmp_path, arch, preset):
     model, ids = _quantized(arch, preset)
     qpeft.disable_quantizer(model, "*layers.1.mlp.experts.down_proj_weight_quantizer")
@@ -182,14 +200,19 @@ def test_quantizing_again_replaces_the_expert_quantizers():
     qpeft.quantize(model, "int8_weight_only")
     layer = model.model.layers[0].mlp.experts
     assert isinstance(layer.base, nn.Module) and not isinstance(layer.base, QuantExperts)
-    assert layer.gate_up_proj_weight_quantizer.fmt == "int" and layer.gate_up_proj_weight_quantizer.axis == 0
+    assert (
+        layer.gate_up_proj_weight_quantizer.fmt == "int"
+        and layer.gate_up_proj_weight_quantizer.axis == 0
+    )
 
 
 def test_an_axis_an_expert_matrix_lacks_is_refused_and_the_model_kept():
     model = MOE_MODELS["qwen3_moe"]()
     before = copy.deepcopy(model.state_dict())
     cfg = {"quant_cfg": {"*weight_quantizer": {"num_bits": 8, "axis": 2}}}
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj_weight_quantizer.*axis"):
+    with pytest.raises(
+        ValueError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj_weight_quantizer.*axis"
+    ):
         qpeft.quantize(model, cfg)
     assert not qpeft.state(model) and not any(isinstance(m, QuantExperts) for m in model.modules())
     assert model.state_dict().keys() == before.keys()

@@ -1,4 +1,5 @@
-"""quantize() on tiny Hugging Face Llama / GPT-2 / BERT: every preset runs, heads stay unquantized."""
+"""quantize() on tiny Hugging Face Llama / GPT-2 / BERT: every preset runs, heads stay
+unquantized."""
 
 import pytest
 import torch
@@ -8,8 +9,6 @@ from qpeft.quant import model_quantizers
 from tests.models import HF_MODELS, fit_random_target, hf_output, token_ids
 
 pytest.importorskip("transformers")
-
-
 
 
 @pytest.mark.parametrize("preset", sorted(qpeft.PRESETS))

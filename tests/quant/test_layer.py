@@ -120,7 +120,8 @@ def _num_bits(layer):
 
 
 @pytest.mark.parametrize(
-    "change", [_edit_in_place, _load_state, _toggle, _new_amax, _amax_in_place, _replace_data, _num_bits]
+    "change",
+    [_edit_in_place, _load_state, _toggle, _new_amax, _amax_in_place, _replace_data, _num_bits],
 )
 def test_cache_is_invalidated_by_each_trigger(change):
     _, layer = _layer(INT8_ROW)

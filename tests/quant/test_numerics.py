@@ -68,7 +68,9 @@ def test_int_tiny_amax_row_gives_zero():
     y = nq.fake_quant_int(x, amax, num_bits=8)
     assert_bits_equal(y[0], torch.tensor([POS, NEG]))
     assert y[1].tolist() == [
-        (torch.round(torch.tensor(3.0) * (127 / torch.tensor(4.0))) / (127 / torch.tensor(4.0))).item(),
+        (
+            torch.round(torch.tensor(3.0) * (127 / torch.tensor(4.0))) / (127 / torch.tensor(4.0))
+        ).item(),
         -4.0,
     ]
 
@@ -91,7 +93,9 @@ def test_fp8_hand_computed_ties_and_saturation():
 def test_fp8_tiny_amax_behaves_like_amax_one():
     # ModelOpt replaces amax <= 2^-24 by 1, so the scale is 448 (not 1)
     x = torch.linspace(-3, 3, 50)
-    assert_bits_equal(nq.fake_quant_fp8(x, torch.tensor(0.0)), nq.fake_quant_fp8(x, torch.tensor(1.0)))
+    assert_bits_equal(
+        nq.fake_quant_fp8(x, torch.tensor(0.0)), nq.fake_quant_fp8(x, torch.tensor(1.0))
+    )
 
 
 def test_nvfp4_hand_computed_ties_to_even_and_positive_zero():
@@ -148,7 +152,9 @@ def test_pass_through_ste_is_identity_and_forward_exact():
 
 def test_clipped_ste_masks_outside_amax():
     x = torch.tensor([-2.0, -1.0, 0.5, 1.0, 3.0], requires_grad=True)
-    nq.apply_ste(nq.fake_quant_fp8, x, torch.tensor(1.0), clip_amax=torch.tensor(1.0)).sum().backward()
+    nq.apply_ste(
+        nq.fake_quant_fp8, x, torch.tensor(1.0), clip_amax=torch.tensor(1.0)
+    ).sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
 
 

@@ -112,7 +112,11 @@ def test_extra_repr():
 
 
 def test_config_accepts_modelopt_json_layout():
-    cfg = {"num_bits": [2, 1], "effective_bits": 4.5, "block_sizes": {"-1": 16, "type": "dynamic", "scale_bits": [4, 3]}}
+    cfg = {
+        "num_bits": [2, 1],
+        "effective_bits": 4.5,
+        "block_sizes": {"-1": 16, "type": "dynamic", "scale_bits": [4, 3]},
+    }
     assert QuantizerAttributeConfig(**cfg).resolve() == ("nvfp4", 16)
     assert QuantizerAttributeConfig(**MXFP4).resolve() == ("mxfp4", 32)
     assert QuantizerAttributeConfig(**INT4).resolve() == ("int", 128)
@@ -126,7 +130,10 @@ def test_config_accepts_modelopt_json_layout():
         ({"num_bits": (5, 2)}, "num_bits"),
         ({"num_bits": 16}, "num_bits"),
         ({"num_bits": 8, "axis": 0, "block_sizes": {-1: 128}}, "axis"),
-        ({"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (5, 2)}}, "block_sizes"),
+        (
+            {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (5, 2)}},
+            "block_sizes",
+        ),
         ({"num_bits": (2, 1)}, "block_sizes"),
         ({"num_bits": 4, "block_sizes": {-2: 128}}, "block_sizes"),
         ({"num_bits": 8, "unsigned": True}, "unsigned"),

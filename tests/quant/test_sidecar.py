@@ -1,4 +1,5 @@
-"""LoRA on a quantized base, in both orders: structure, names, the sidecar math and dtype, training."""
+"""LoRA on a quantized base, in both orders: structure, names, the sidecar math and dtype,
+training."""
 
 import pytest
 import torch
@@ -8,7 +9,12 @@ from qpeft.quant import QuantLinear, model_quantizers
 from tests.models import TinyBlock
 from tests.tolerances import BF16_ATOL, BF16_RTOL, FP32_ATOL, FP32_RTOL
 
-LORA = {"adapter_cfg": {"*": {"rank": 4, "lora_b_init": "torch.nn.init.normal_"}, "*lm_head*": {"enable": False}}}
+LORA = {
+    "adapter_cfg": {
+        "*": {"rank": 4, "lora_b_init": "torch.nn.init.normal_"},
+        "*lm_head*": {"enable": False},
+    }
+}
 
 
 def _build(order, preset="int8", lora=LORA):
@@ -31,12 +37,18 @@ def test_both_orders_give_lora_over_quant_with_the_same_names(order):
     layer = model.attn.q_proj
     assert type(layer).__name__ == "LoRALinear" and isinstance(layer.base, QuantLinear)
     assert type(layer.base.base) is torch.nn.Linear
-    assert layer.weight is layer.base.base.weight and layer.weight_quantizer is layer.base.weight_quantizer
+    assert (
+        layer.weight is layer.base.base.weight
+        and layer.weight_quantizer is layer.base.weight_quantizer
+    )
     names = set(model_quantizers(model))
     assert "attn.q_proj.weight_quantizer" in names and "mlp.down.input_quantizer" in names
     keys = set(model.state_dict())
-    assert {"attn.q_proj.weight", "attn.q_proj.weight_quantizer._amax",
-            "attn.q_proj.adapters.default.lora_a"} <= keys
+    assert {
+        "attn.q_proj.weight",
+        "attn.q_proj.weight_quantizer._amax",
+        "attn.q_proj.adapters.default.lora_a",
+    } <= keys
     assert not any(".base." in k for k in keys)
 
 
@@ -63,8 +75,12 @@ def test_sidecar_sees_the_unquantized_input(order):
 @pytest.mark.parametrize("preset", ["nvfp4_weight_only", "int4"])
 @pytest.mark.parametrize("order", ["quant_first", "lora_first"])
 def test_bf16_sidecar_on_an_fp32_quantized_base(order, preset):
-    lora = {"adapter_cfg": {"*": {"rank": 4, "lora_dtype": "bf16", "lora_b_init": "torch.nn.init.normal_"},
-                            "*lm_head*": {"enable": False}}}
+    lora = {
+        "adapter_cfg": {
+            "*": {"rank": 4, "lora_dtype": "bf16", "lora_b_init": "torch.nn.init.normal_"},
+            "*lm_head*": {"enable": False},
+        }
+    }
     model, x = _build(order, preset, lora)
     layer = model.mlp.up
     ad = layer.adapters["default"]
@@ -92,7 +108,9 @@ def test_training_on_a_quantized_base_lowers_the_loss(order):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
-    assert model.attn.q_proj.base._weight_caches["weight_quantizer"].is_filled  # frozen base: quantized once
+    assert model.attn.q_proj.base._weight_caches[
+        "weight_quantizer"
+    ].is_filled  # frozen base: quantized once
 
 
 def test_replay_of_lora_then_quant_then_strict_load_is_bit_identical():

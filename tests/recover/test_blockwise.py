@@ -9,20 +9,33 @@ from qpeft.recover.blockwise import find_blocks, reconstruct_blocks
 
 
 def _forward(model, batch):
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
 
 
 def _pair():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     teacher, student = LlamaForCausalLM(cfg).eval(), LlamaForCausalLM(cfg).eval()
     student.load_state_dict(teacher.state_dict())
     qpeft.quantize(student, "int4")
     qpeft.update_model(student, {"adapter_cfg": {"*layers*": {"rank": 4}}})
     g = torch.Generator().manual_seed(1)
-    batches = [{"input_ids": torch.randint(0, 64, (4, 12), generator=g),
-                "attention_mask": torch.ones(4, 12, dtype=torch.long)} for _ in range(3)]
+    batches = [
+        {
+            "input_ids": torch.randint(0, 64, (4, 12), generator=g),
+            "attention_mask": torch.ones(4, 12, dtype=torch.long),
+        }
+        for _ in range(3)
+    ]
     batches[0]["attention_mask"][:, 9:] = 0  # padding must not count
     return teacher, student, batches
 
@@ -42,8 +55,9 @@ def test_reconstruction_lowers_every_block_error_and_trains_only_adapters():
     teacher, student, batches = _pair()
     frozen = {n: p.detach().clone() for n, p in student.named_parameters() if not p.requires_grad}
     steps = []
-    report = reconstruct_blocks(student, teacher, _forward, batches, epochs=8, lr=1e-2, seed=0,
-                                progress=steps.append)
+    report = reconstruct_blocks(
+        student, teacher, _forward, batches, epochs=8, lr=1e-2, seed=0, progress=steps.append
+    )
     assert len(steps) == len(report.losses) == 8 * 3 * 2
     assert all(after < before for before, after in zip(report.before, report.after, strict=True))
     assert all(torch.equal(p, frozen[n]) for n, p in student.named_parameters() if n in frozen)

@@ -8,7 +8,10 @@ from qpeft.recover.data import first_paragraph, read_texts, split_texts, stdlib_
 
 
 def test_first_paragraph_stops_at_blank_line_and_collapses_space():
-    assert first_paragraph("  One line\n   continues here.\n\nSecond paragraph.") == "One line continues here."
+    assert (
+        first_paragraph("  One line\n   continues here.\n\nSecond paragraph.")
+        == "One line continues here."
+    )
 
 
 def test_stdlib_docstrings_are_many_distinct_and_stable():
@@ -40,7 +43,9 @@ def test_split_needs_four_texts():
 def test_read_text_and_jsonl(tmp_path):
     (tmp_path / "a.txt").write_text("first line\n\n  second line  \n")
     assert read_texts(tmp_path / "a.txt") == ["first line", "second line"]
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "hello there"}) + "\n\n" + json.dumps("plain") + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "hello there"}) + "\n\n" + json.dumps("plain") + "\n"
+    )
     assert read_texts(tmp_path / "b.jsonl") == ["hello there", "plain"]
 
 

@@ -47,7 +47,9 @@ def test_distill_stops_early_and_restores_the_best_weights():
     torch.manual_seed(0)
     teacher, student = nn.Linear(4, 4), nn.Linear(4, 4)
     # a huge learning rate makes validation worse after the first check
-    report = distill(student, teacher, _Task, _data(1), _data(2), epochs=50, lr=50.0, seed=0, patience=2)
+    report = distill(
+        student, teacher, _Task, _data(1), _data(2), epochs=50, lr=50.0, seed=0, patience=2
+    )
     assert report.stopped_early
     with torch.no_grad():
         kept = sum(_Task.loss(student(b["x"]), teacher(b["x"]), b) for b in _data(2)) / 4

@@ -10,9 +10,13 @@ from qpeft.recover.inspect import describe
 
 
 def test_hf_peft_files_show_rank_and_scale(tmp_path):
-    save_file({"base_model.model.layers.0.q_proj.lora_A.weight": torch.zeros(4, 8),
-               "base_model.model.layers.0.q_proj.lora_B.weight": torch.zeros(8, 4)},
-              str(tmp_path / "adapter_model.safetensors"))
+    save_file(
+        {
+            "base_model.model.layers.0.q_proj.lora_A.weight": torch.zeros(4, 8),
+            "base_model.model.layers.0.q_proj.lora_B.weight": torch.zeros(8, 4),
+        },
+        str(tmp_path / "adapter_model.safetensors"),
+    )
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
     text = describe(tmp_path)
     assert "layers.0.q_proj  [default]  rank 4  scale 2  F32" in text

@@ -1,4 +1,5 @@
-"""Checkpoints: full save/restore, adapter files, HF PEFT files, validation, atomic files, sharded writes."""
+"""Checkpoints: full save/restore, adapter files, HF PEFT files, validation, atomic files, sharded
+writes."""
 
 from .adapter_files import load_adapters, save_adapters
 from .full import ADAPTER_FILE, FORMAT_VERSION, MODEL_FILE, restore, save

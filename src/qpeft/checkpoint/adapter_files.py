@@ -1,9 +1,11 @@
-"""Adapter files: ``save_adapters`` writes only the adapters of a model, ``load_adapters`` adds them.
+"""Adapter files: ``save_adapters`` writes only the adapters of a model, ``load_adapters`` adds
+them.
 
 An adapter file is a directory with ``qpeft.json`` (``{"format": "qpeft-adapters",
 "format_version": 1, "adapters": {name: {"layers": {layer: attributes}, "trainable": bool,
 "skipped_projections": {experts layer: [projections]}}}}``) and ``adapters.safetensors``
-(``<layer>.adapters.<name>.lora_a`` / ``.lora_b``; grouped experts ``<layer>.adapters.<name>.<projection>.lora_a``).
+(``<layer>.adapters.<name>.lora_a`` / ``.lora_b``; grouped experts
+``<layer>.adapters.<name>.<projection>.lora_a``).
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ from ..lora.convert import candidate_layers, lora_layers, update_model
 from ..lora.manage import disable_selection
 from ..lora.targets import is_target_name, skipped_projections
 from . import sharded as collective
-from .files import read_header, read_tensors
 from .full import ADAPTER_FILE, FORMAT_VERSION, write_checkpoint
 from .sharded import load_adapters_sharded
+from .tensor_files import read_header, read_tensors
 from .validate import MANIFEST, check_tensors, load_checked, read_manifest
 
 __all__ = ["save_adapters", "load_adapters"]
 
 
-def save_adapters(model: nn.Module, path: str | os.PathLike, adapter_names: list[str] | None = None) -> None:
-    """Save only adapters (factors and per-layer attributes) into the directory ``path``, atomically.
+def save_adapters(
+    model: nn.Module, path: str | os.PathLike, adapter_names: list[str] | None = None
+) -> None:
+    """Save only adapters (factors and per-layer attributes) into the directory ``path``,
+    atomically.
 
     On a sharded model this is a collective, as :func:`save`: every rank must call it; only the
     adapter factors are gathered, and rank 0 alone writes.
@@ -57,7 +62,9 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, adapter_names: list
     entries: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
     for name in names:
-        holders = {ln: layer.adapters[name] for ln, layer in layers.items() if name in layer.adapters}
+        holders = {
+            ln: layer.adapters[name] for ln, layer in layers.items() if name in layer.adapters
+        }
         entries[name] = {
             "layers": {ln: a.config.model_dump() for ln, a in holders.items()},
             "trainable": any(p.requires_grad for a in holders.values() for p in a.parameters()),
@@ -69,29 +76,51 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, adapter_names: list
             # lora_a / lora_b, or <projection>.lora_a / .lora_b for grouped experts
             for key, tensor in adapter.state_dict().items():
                 tensors[f"{ln}.adapters.{name}.{key}"] = tensor
-    whole = {k: t.contiguous() for k, t in collective.gather_tensors(tensors).items()}  # same order on every rank
+    whole = {
+        k: t.contiguous() for k, t in collective.gather_tensors(tensors).items()
+    }  # same order on every rank
     manifest = {"format": "qpeft-adapters", "format_version": FORMAT_VERSION, "adapters": entries}
-    collective.write_once(collective.is_sharded(model), lambda: write_checkpoint(path, manifest, whole))
+    collective.write_once(
+        collective.is_sharded(model), lambda: write_checkpoint(path, manifest, whole)
+    )
 
 
-def _adapter_config(name: str, entry: Any, where: Path) -> tuple[dict[str, Any], dict[str, list[str]]]:
-    """The ``update_model`` config that recreates adapter ``name``, and the layers where it is off."""
+def _adapter_config(
+    name: str, entry: Any, where: Path
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The ``update_model`` config that recreates adapter ``name``, and the layers where it is
+    off."""
     if not (isinstance(entry, dict) and isinstance(entry.get("layers"), dict) and entry["layers"]):
         raise ValueError(f"{where}: adapter {name!r} has no 'layers' map")
     layers: dict[str, Any] = {}
     for layer_name, attrs in entry["layers"].items():
         try:
             # created enabled (update_model skips disabled layers), then disabled as recorded
-            layers[layer_name] = PEFTAttributeConfig.model_validate({**attrs, "enable": True}).model_dump()
+            layers[layer_name] = PEFTAttributeConfig.model_validate(
+                {**attrs, "enable": True}
+            ).model_dump()
         except (ValueError, TypeError) as err:
             raise ValueError(f"{where}: adapter {name!r} on layer {layer_name!r}: {err}") from None
     skipped = entry.get("skipped_projections", {})
-    if not isinstance(skipped, dict) or not all(isinstance(v, list) and ln in layers for ln, v in skipped.items()):
-        raise ValueError(f"{where}: adapter {name!r}: 'skipped_projections' must map its layers to projection lists")
+    if not isinstance(skipped, dict) or not all(
+        isinstance(v, list) and ln in layers for ln, v in skipped.items()
+    ):
+        raise ValueError(
+            f"{where}: adapter {name!r}: 'skipped_projections' must map its layers to projection "
+            "lists"
+        )
     for ln, projections in skipped.items():
-        layers.update({f"{ln}.{p}": {"enable": False} for p in projections})  # see qpeft.lora.targets
-    disabled = {ln: [name] for ln, attrs in entry["layers"].items() if not attrs.get("enable", True)}
-    cfg = {"adapter_name": name, "adapter_cfg": layers, "freeze_lora_weights": not entry.get("trainable", True)}
+        layers.update(
+            {f"{ln}.{p}": {"enable": False} for p in projections}
+        )  # see qpeft.lora.targets
+    disabled = {
+        ln: [name] for ln, attrs in entry["layers"].items() if not attrs.get("enable", True)
+    }
+    cfg = {
+        "adapter_name": name,
+        "adapter_cfg": layers,
+        "freeze_lora_weights": not entry.get("trainable", True),
+    }
     return cfg, disabled
 
 
@@ -134,10 +163,15 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     targets = candidate_layers(model)
     for cfg in configs:
         if cfg["adapter_name"] in existing:
-            raise ValueError(f"model already has an adapter named {cfg['adapter_name']!r}; delete it first")
+            raise ValueError(
+                f"model already has an adapter named {cfg['adapter_name']!r}; delete it first"
+            )
         missing = [ln for ln in cfg["adapter_cfg"] if not is_target_name(ln, targets)]
         if missing:
-            raise ValueError(f"{where}: adapter {cfg['adapter_name']!r} targets layer {missing[0]!r}, which the model lacks")
+            raise ValueError(
+                f"{where}: adapter {cfg['adapter_name']!r} targets layer {missing[0]!r}, which the "
+                "model lacks"
+            )
     header = read_header(path / ADAPTER_FILE)
     tensors = read_tensors(path / ADAPTER_FILE)
 
@@ -149,7 +183,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             disable_selection(target, disabled)
         keys = _new_adapter_keys(target, configs)
         check_tensors(target, header, {}, path / ADAPTER_FILE, only=keys, cast=True)
-        load_checked(target, tensors, {}, path / ADAPTER_FILE, strict=False, cast=True, dry_run=dry_run)
+        load_checked(
+            target, tensors, {}, path / ADAPTER_FILE, strict=False, cast=True, dry_run=dry_run
+        )
         return target
 
     return apply_atomically(model, attach)
@@ -160,6 +196,7 @@ def _new_adapter_keys(model: nn.Module, configs: list[dict[str, Any]]) -> set[st
     return {
         f"{ln}.adapters.{name}.{factor}"
         for ln, layer in lora_layers(model).items()
-        for name in layer.adapters if name in names
+        for name in layer.adapters
+        if name in names
         for factor in layer.adapters[name].state_dict()
     }

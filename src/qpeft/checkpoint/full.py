@@ -10,10 +10,13 @@ A full checkpoint (``save``) is a directory with
   tensors stored once.
 
 ``restore`` replays the mode log on a freshly built model with tensor computations skipped
-(:func:`qpeft.core.modes.restoring`), re-applies the saved adapter flags and ``requires_grad`` (which
+(:func:`qpeft.core.modes.restoring`), re-applies the saved adapter flags and ``requires_grad``
+(which
 also captures direct edits such as ``adapter.scale = 2``), checks every key, shape and dtype, then
-copies the tensors. It runs through :func:`qpeft.core.transaction.apply_atomically`, so a failure leaves
-the passed model untouched. An adapter file (:mod:`qpeft.checkpoint.adapter_files`) holds only the adapters.
+copies the tensors. It runs through :func:`qpeft.core.transaction.apply_atomically`, so a failure
+leaves
+the passed model untouched. An adapter file (:mod:`qpeft.checkpoint.adapter_files`) holds only the
+adapters.
 
 On a sharded model (FSDP2, tensor parallelism) ``save`` and ``save_adapters`` are collectives that
 gather and write on rank 0 (:mod:`qpeft.checkpoint.sharded`), and ``load_adapters`` fills the
@@ -34,15 +37,8 @@ from ..core.modes import replay, restoring, state
 from ..core.transaction import apply_atomically
 from ..lora.convert import lora_layers
 from . import sharded as collective
-from .files import (
-    atomic_directory,
-    read_header,
-    read_json,
-    read_tensors,
-    tensor_table,
-    write_json,
-    write_tensors,
-)
+from .files import atomic_directory, read_json, write_json
+from .tensor_files import read_header, read_tensors, tensor_table, write_tensors
 from .validate import (
     FORMAT_VERSION,
     MANIFEST,
@@ -68,8 +64,11 @@ def _is_ours(path: Path) -> bool:
         return False
 
 
-def write_checkpoint(path: str | os.PathLike, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Atomically write a manifest and its tensor file (named by the manifest's format) into ``path``."""
+def write_checkpoint(
+    path: str | os.PathLike, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> None:
+    """Atomically write a manifest and its tensor file (named by the manifest's format) into
+    ``path``."""
     with atomic_directory(path, _is_ours) as tmp:
         write_tensors(tmp / _KINDS[manifest["format"]], tensors)
         write_json(tmp / MANIFEST, manifest)
@@ -138,10 +137,14 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     path = Path(path)
     if collective.is_sharded(model):
-        raise ValueError("restore expects a plain model, this one is sharded (DTensor parameters): "
-                         "restore the freshly built model on every rank, then shard it")
+        raise ValueError(
+            "restore expects a plain model, this one is sharded (DTensor parameters): "
+            "restore the freshly built model on every rank, then shard it"
+        )
     if state(model) or lora_layers(model):
-        raise ValueError("restore expects a freshly built base model; this one already has qpeft modes applied")
+        raise ValueError(
+            "restore expects a freshly built base model; this one already has qpeft modes applied"
+        )
     manifest = read_manifest(path, "qpeft-checkpoint")
     check_full_manifest(manifest, path / MANIFEST)
     modes = manifest["modes"]
@@ -155,7 +158,9 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 try:
                     replay(target, [entry])
                 except (ValueError, TypeError, KeyError, AttributeError) as err:
-                    raise ValueError(f"{path / MANIFEST}: replaying modes[{i}] ({entry['mode']!r}) failed: {err}") from err
+                    raise ValueError(
+                        f"{path / MANIFEST}: replaying modes[{i}] ({entry['mode']!r}) failed: {err}"
+                    ) from err
         apply_flags(target, manifest)
         check_tensors(target, header, aliases, path / MODEL_FILE, lazy_extras=True)
         load_checked(target, tensors, aliases, path / MODEL_FILE, dry_run=dry_run)

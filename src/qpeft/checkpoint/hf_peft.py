@@ -12,7 +12,8 @@ HF PEFT adds ``scaling * B(A(x))`` with ``scaling = lora_alpha / r`` (rsLoRA: ``
 sqrt(r)``), so a qpeft adapter of rank ``r`` and scale ``s`` is written with ``alpha = s * r``; the
 most common rank and alpha become ``r`` / ``lora_alpha`` and the other layers go into the patterns
 (as their full module names). ``target_modules`` lists short names (``q_proj``) when they select
-exactly the adapted layers, full names otherwise. The factors keep their layout for transformers' ``Conv1D`` too (only
+exactly the adapted layers, full names otherwise. The factors keep their layout for transformers'
+``Conv1D`` too (only
 merging transposes), so ``fan_in_fan_out`` is set for HF PEFT's sake alone. DoRA and the other
 variants change the forward, so importing them is an error.
 """
@@ -33,14 +34,8 @@ from ..core.modes import restoring
 from ..core.transaction import apply_atomically
 from ..lora.convert import candidate_layers, lora_layers, update_model
 from ..lora.layer import LoRAModule
-from .files import (
-    atomic_directory,
-    read_header,
-    read_json,
-    read_tensors,
-    write_json,
-    write_tensors,
-)
+from .files import atomic_directory, read_json, write_json
+from .tensor_files import read_header, read_tensors, write_tensors
 from .validate import check_tensors, load_checked
 
 __all__ = ["export_hf_peft", "import_hf_peft"]
@@ -78,18 +73,23 @@ def _stores_in_out(layer: LoRAModule) -> bool:
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
-    """Short names (``q_proj``) when they pick out exactly ``names``, as most tools expect; else full names.
+    """Short names (``q_proj``) when they pick out exactly ``names``, as most tools expect; else
+    full names.
 
     HF PEFT targets every module whose name ends with ``.<target>``, so a short name is used only
     if every module of the model with that last component is in ``names``.
     """
     chosen = set(names)
     short = {n.rsplit(".", 1)[-1] for n in names}
-    clash = any(n.rsplit(".", 1)[-1] in short and n not in chosen for n, _ in model.named_modules() if n)
+    clash = any(
+        n.rsplit(".", 1)[-1] in short and n not in chosen for n, _ in model.named_modules() if n
+    )
     return sorted(chosen) if clash else sorted(short)
 
 
-def _hf_config(model: nn.Module, layers: dict[str, LoRAModule], adapter_name: str) -> dict[str, Any]:
+def _hf_config(
+    model: nn.Module, layers: dict[str, LoRAModule], adapter_name: str
+) -> dict[str, Any]:
     adapters = {n: layers[n].adapters[adapter_name] for n in layers}
     ranks = {n: a.rank for n, a in adapters.items()}
     alphas = {n: _number(a.scale * a.rank) for n, a in adapters.items()}
@@ -114,27 +114,43 @@ def _hf_config(model: nn.Module, layers: dict[str, LoRAModule], adapter_name: st
     }
 
 
-def export_hf_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:
+def export_hf_peft(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"
+) -> None:
     """Write adapter ``adapter_name`` as a HF PEFT LoRA adapter directory, atomically.
 
     Only layers where the adapter is enabled are written (a disabled layer is by-passed in qpeft,
-    and HF PEFT has no per-layer switch). Load it with ``peft.PeftModel.from_pretrained(base, path)``.
+    and HF PEFT has no per-layer switch). Load it with ``peft.PeftModel.from_pretrained(base,
+    path)``.
 
     Raises:
         ValueError: the model has no enabled adapter ``adapter_name``.
         FileExistsError: ``path`` is a file or a non-empty directory that is no HF adapter.
     """
-    layers = {n: layer for n, layer in lora_layers(model).items()
-              if adapter_name in layer.adapters and layer.adapters[adapter_name].enable}
+    layers = {
+        n: layer
+        for n, layer in lora_layers(model).items()
+        if adapter_name in layer.adapters and layer.adapters[adapter_name].enable
+    }
     if not layers:
         known = sorted({a for layer in lora_layers(model).values() for a in layer.adapters})
-        raise ValueError(f"no enabled adapter named {adapter_name!r} to export; the model has {known}")
-    grouped = [n for n, layer in layers.items() if not hasattr(layer.adapters[adapter_name], "lora_a")]
+        raise ValueError(
+            f"no enabled adapter named {adapter_name!r} to export; the model has {known}"
+        )
+    grouped = [
+        n for n, layer in layers.items() if not hasattr(layer.adapters[adapter_name], "lora_a")
+    ]
     if grouped:  # one [E, r, in] pair per projection has no lora_A/lora_B module equivalent here
-        raise ValueError(f"adapter {adapter_name!r} on grouped-experts layer {grouped[0]!r} has no HF PEFT layout")
+        raise ValueError(
+            f"adapter {adapter_name!r} on grouped-experts layer {grouped[0]!r} has no HF PEFT "
+            "layout"
+        )
     config = _hf_config(model, layers, adapter_name)
     tensors = {
-        f"{PREFIX}{name}.{hf}": getattr(layer.adapters[adapter_name], ours).detach().cpu().contiguous()
+        f"{PREFIX}{name}.{hf}": getattr(layer.adapters[adapter_name], ours)
+        .detach()
+        .cpu()
+        .contiguous()
         for name, layer in layers.items()
         for hf, ours in _FACTORS.items()
     }
@@ -147,10 +163,15 @@ def _check_plain_lora(config: Any, where: Path) -> None:
     if not isinstance(config, dict):
         raise ValueError(f"{where} is not a JSON object")
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{where}: peft_type {config.get('peft_type')!r} is not supported; only 'LORA'")
+        raise ValueError(
+            f"{where}: peft_type {config.get('peft_type')!r} is not supported; only 'LORA'"
+        )
     for key, variant in _VARIANTS.items():
         if config.get(key):
-            raise ValueError(f"{where}: {variant} ({key}={config[key]!r}) is not supported; only plain LoRA and rsLoRA")
+            raise ValueError(
+                f"{where}: {variant} ({key}={config[key]!r}) is not supported; only plain LoRA and "
+                "rsLoRA"
+            )
     if config.get("bias", "none") != "none":
         raise ValueError(f"{where}: bias={config['bias']!r} is not supported; only 'none'")
     for key in ("r", "lora_alpha"):
@@ -165,39 +186,56 @@ def _pattern_value(patterns: Any, module: str, default: Any) -> Any:
     return default
 
 
-def _split_keys(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, torch.Tensor]]:
+def _split_keys(
+    tensors: dict[str, torch.Tensor], where: Path
+) -> dict[str, dict[str, torch.Tensor]]:
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         suffix = next((s for s in _FACTORS if key.endswith("." + s)), None)
         if not key.startswith(PREFIX) or suffix is None:
             raise ValueError(
                 f"{where}: tensor {key!r} is not a plain LoRA factor "
-                f"({PREFIX}<module>.lora_A.weight / lora_B.weight); DoRA, embedding or other variants are not supported"
+                f"({PREFIX}<module>.lora_A.weight / lora_B.weight); DoRA, embedding or other "
+                "variants are not supported"
             )
         if tensor.dim() != 2:
-            raise ValueError(f"{where}: tensor {key!r} has shape {list(tensor.shape)}; only linear LoRA factors are supported")
-        modules.setdefault(key[len(PREFIX):-len(suffix) - 1], {})[_FACTORS[suffix]] = tensor
+            raise ValueError(
+                f"{where}: tensor {key!r} has shape {list(tensor.shape)}; only linear LoRA factors "
+                "are supported"
+            )
+        modules.setdefault(key[len(PREFIX) : -len(suffix) - 1], {})[_FACTORS[suffix]] = tensor
     for module, factors in modules.items():
         if set(factors) != {"lora_a", "lora_b"}:
-            raise ValueError(f"{where}: module {module!r} lacks {'lora_B' if 'lora_a' in factors else 'lora_A'}")
+            raise ValueError(
+                f"{where}: module {module!r} lacks {'lora_B' if 'lora_a' in factors else 'lora_A'}"
+            )
     return modules
 
 
-def _adapter_cfg(config: dict[str, Any], modules: dict[str, dict[str, torch.Tensor]], where: Path) -> dict[str, Any]:
+def _adapter_cfg(
+    config: dict[str, Any], modules: dict[str, dict[str, torch.Tensor]], where: Path
+) -> dict[str, Any]:
     cfg: dict[str, Any] = {}
     for module, factors in modules.items():
         rank = _pattern_value(config.get("rank_pattern"), module, config["r"])
         alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
         if factors["lora_a"].shape[0] != rank or factors["lora_b"].shape[1] != rank:
-            raise ValueError(f"{where}: module {module!r} has rank {factors['lora_a'].shape[0]} in its factors, the config says {rank}")
+            raise ValueError(
+                f"{where}: module {module!r} has rank {factors['lora_a'].shape[0]} in its factors, "
+                f"the config says {rank}"
+            )
         scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
         if not scale > 0:
-            raise ValueError(f"{where}: module {module!r} has lora_alpha {alpha!r}; qpeft needs a positive scale")
+            raise ValueError(
+                f"{where}: module {module!r} has lora_alpha {alpha!r}; qpeft needs a positive scale"
+            )
         cfg[module] = {"rank": int(rank), "scale": float(scale)}
     return cfg
 
 
-def import_hf_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
+def import_hf_peft(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"
+) -> nn.Module:
     """Load a HF PEFT LoRA adapter directory into ``model`` as adapter ``adapter_name``.
 
     Plain LoRA and rsLoRA, with ``rank_pattern`` / ``alpha_pattern``, are supported; factors are
@@ -214,7 +252,10 @@ def import_hf_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str 
     """
     path = Path(path)
     if not (path / WEIGHTS_FILE).exists() and (path / "adapter_model.bin").exists():
-        raise ValueError(f"{path} holds adapter_model.bin, a pickle; only {WEIGHTS_FILE} is read (never unpickled)")
+        raise ValueError(
+            f"{path} holds adapter_model.bin, a pickle; only {WEIGHTS_FILE} is read (never "
+            "unpickled)"
+        )
     config = read_json(path / CONFIG_FILE)
     _check_plain_lora(config, path / CONFIG_FILE)
     read_header(path / WEIGHTS_FILE)
@@ -225,17 +266,23 @@ def import_hf_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str 
     targets = candidate_layers(model)
     for module in modules:
         if module not in targets:
-            raise ValueError(f"{path / WEIGHTS_FILE}: module {module!r} is not a LoRA-capable layer of the model")
+            raise ValueError(
+                f"{path / WEIGHTS_FILE}: module {module!r} is not a LoRA-capable layer of the model"
+            )
     if any(adapter_name in layer.adapters for layer in lora_layers(model).values()):
         raise ValueError(f"model already has an adapter named {adapter_name!r}; delete it first")
-    tensors = {f"{m}.adapters.{adapter_name}.{f}": t for m, fs in modules.items() for f, t in fs.items()}
+    tensors = {
+        f"{m}.adapters.{adapter_name}.{f}": t for m, fs in modules.items() for f, t in fs.items()
+    }
     header = {k: (t.dtype, list(t.shape)) for k, t in tensors.items()}
 
     def attach(target: nn.Module, dry_run: bool) -> nn.Module:
         with restoring():
             update_model(target, {"adapter_name": adapter_name, "adapter_cfg": adapter_cfg})
         check_tensors(target, header, {}, path / WEIGHTS_FILE, only=set(tensors), cast=True)
-        load_checked(target, tensors, {}, path / WEIGHTS_FILE, strict=False, cast=True, dry_run=dry_run)
+        load_checked(
+            target, tensors, {}, path / WEIGHTS_FILE, strict=False, cast=True, dry_run=dry_run
+        )
         return target
 
     return apply_atomically(model, attach)

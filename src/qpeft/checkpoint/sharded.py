@@ -1,4 +1,5 @@
-"""Checkpoints of sharded (FSDP2 / tensor-parallel) models: collective saves and sharded adapter loading.
+"""Checkpoints of sharded (FSDP2 / tensor-parallel) models: collective saves and sharded adapter
+loading.
 
 Saving sharded models: gather on every rank, write on rank 0, return together.
 
@@ -44,7 +45,14 @@ from ..lora.manage import disable_selection
 from ..parallel.state_dict import full_state_dict
 from .validate import Header, check_tensors
 
-__all__ = ["unwrap", "is_sharded", "gather_state_dict", "gather_tensors", "write_once", "load_adapters_sharded"]
+__all__ = [
+    "unwrap",
+    "is_sharded",
+    "gather_state_dict",
+    "gather_tensors",
+    "write_once",
+    "load_adapters_sharded",
+]
 
 
 def unwrap(model: nn.Module, what: str) -> nn.Module:
@@ -63,7 +71,8 @@ def unwrap(model: nn.Module, what: str) -> nn.Module:
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         raise TypeError(
             f"{what} does not support FSDP1 (FullyShardedDataParallel) models: shard with FSDP2 "
-            "fully_shard, or load qpeft.full_state_dict(model) into a plain model built the same way"
+            "fully_shard, or load qpeft.full_state_dict(model) into a plain model built the same "
+            "way"
         )
     return model
 
@@ -74,7 +83,8 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state dict of a sharded model on rank 0 (CPU, single-process keys); ``{}`` elsewhere.
+    """The whole state dict of a sharded model on rank 0 (CPU, single-process keys); ``{}``
+    elsewhere.
 
     A collective. Tied keys (one parameter under two names) get one shared tensor again, as in a
     single-process state dict, so the file stores it once.
@@ -89,7 +99,8 @@ def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def gather_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Whole CPU copies of ``tensors``; each ``DTensor`` is gathered (a collective, in dict order)."""
+    """Whole CPU copies of ``tensors``; each ``DTensor`` is gathered (a collective, in dict
+    order)."""
     out = {}
     for key, value in tensors.items():
         whole = value.full_tensor() if isinstance(value, DTensor) else value
@@ -123,11 +134,14 @@ def write_once(sharded: bool, write: Callable[[], None]) -> None:
     if error is not None:
         raise error
     if outcome[0] is not None:
-        raise RuntimeError(f"rank 0 failed to write the checkpoint (nothing was written): {outcome[0]}")
+        raise RuntimeError(
+            f"rank 0 failed to write the checkpoint (nothing was written): {outcome[0]}"
+        )
 
 
 def _check_present(model: nn.Module, configs: list[dict[str, Any]], where: Path) -> set[str]:
-    """The model's state-dict keys of the saved adapters; each must sit on exactly the saved layers."""
+    """The model's state-dict keys of the saved adapters; each must sit on exactly the saved
+    layers."""
     layers = lora_layers(model)
     keys: set[str] = set()
     for cfg in configs:
@@ -135,16 +149,26 @@ def _check_present(model: nn.Module, configs: list[dict[str, Any]], where: Path)
         have = {ln for ln, layer in layers.items() if name in layer.adapters}
         if not have:
             raise ValueError(
-                f"{where}: the model is sharded and has no adapter {name!r}; adapters cannot be added "
-                "after fully_shard / parallelize_lora: call qpeft.load_adapters (or update_model) on "
+                f"{where}: the model is sharded and has no adapter {name!r}; adapters cannot be "
+                "added "
+                "after fully_shard / parallelize_lora: call qpeft.load_adapters (or update_model) "
+                "on "
                 "the model before sharding it"
             )
-        saved = {ln for ln, attrs in cfg["adapter_cfg"].items() if attrs != {"enable": False}}  # not L.<projection>
+        saved = {
+            ln for ln, attrs in cfg["adapter_cfg"].items() if attrs != {"enable": False}
+        }  # not L.<projection>
         for layer_name in sorted(have ^ saved):
             side = "has" if layer_name in have else "lacks"
-            raise ValueError(f"{where}: the sharded model {side} adapter {name!r} on layer {layer_name!r}, "
-                             "unlike the file; create it on the saved layers before sharding")
-        keys |= {f"{ln}.adapters.{name}.{k}" for ln in have for k in layers[ln].adapters[name].state_dict()}
+            raise ValueError(
+                f"{where}: the sharded model {side} adapter {name!r} on layer {layer_name!r}, "
+                "unlike the file; create it on the saved layers before sharding"
+            )
+        keys |= {
+            f"{ln}.adapters.{name}.{k}"
+            for ln in have
+            for k in layers[ln].adapters[name].state_dict()
+        }
     return keys
 
 
@@ -183,7 +207,9 @@ def load_adapters_sharded(
             update_model(target, cfg)  # existing adapters: sets scale / enable, checks the rest
         if disabled:
             disable_selection(target, disabled)
-        set_model_state_dict(target, values, options=StateDictOptions(full_state_dict=True, strict=False))
+        set_model_state_dict(
+            target, values, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
         return target
 
     return apply_atomically(model, change, validate=False)

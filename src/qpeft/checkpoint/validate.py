@@ -25,7 +25,16 @@ from ..core.modes import known_modes
 from ..lora.convert import lora_layers
 from .files import read_json, recover
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "read_manifest", "check_full_manifest", "adapter_flags", "apply_flags", "check_tensors", "load_checked"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "read_manifest",
+    "check_full_manifest",
+    "adapter_flags",
+    "apply_flags",
+    "check_tensors",
+    "load_checked",
+]
 
 
 FORMAT_VERSION = 1
@@ -33,7 +42,8 @@ MANIFEST = "qpeft.json"
 
 
 def read_manifest(path: Path, kind: str) -> dict[str, Any]:
-    """Read ``path/qpeft.json`` (after :func:`qpeft.checkpoint.files.recover`) and check format and version.
+    """Read ``path/qpeft.json`` (after :func:`qpeft.checkpoint.files.recover`) and check format and
+    version.
 
     Raises:
         FileNotFoundError: no directory or manifest. ValueError: not JSON, another kind, a bad or
@@ -51,7 +61,10 @@ def read_manifest(path: Path, kind: str) -> dict[str, Any]:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ValueError(f"{where}: invalid format_version {version!r}")
     if version > FORMAT_VERSION:
-        raise ValueError(f"{where}: format_version {version} is newer than this qpeft supports ({FORMAT_VERSION})")
+        raise ValueError(
+            f"{where}: format_version {version} is newer than this qpeft supports "
+            f"({FORMAT_VERSION})"
+        )
     return manifest
 
 
@@ -63,9 +76,18 @@ def _require(ok: bool, where: Path, what: str) -> None:
 def _check_modes(modes: Any, where: Path) -> None:
     _require(isinstance(modes, list), where, "'modes' must be a list")
     for i, entry in enumerate(modes):
-        _require(isinstance(entry, dict) and isinstance(entry.get("mode"), str) and isinstance(entry.get("config"), dict),
-                 where, f"modes[{i}] is not a {{'mode': str, 'config': dict}} entry")
-        _require(entry["mode"] in known_modes(), where, f"modes[{i}] is mode {entry['mode']!r}, which this qpeft cannot replay")
+        _require(
+            isinstance(entry, dict)
+            and isinstance(entry.get("mode"), str)
+            and isinstance(entry.get("config"), dict),
+            where,
+            f"modes[{i}] is not a {{'mode': str, 'config': dict}} entry",
+        )
+        _require(
+            entry["mode"] in known_modes(),
+            where,
+            f"modes[{i}] is mode {entry['mode']!r}, which this qpeft cannot replay",
+        )
 
 
 def _check_flags(flags: Any, where: Path) -> None:
@@ -73,9 +95,18 @@ def _check_flags(flags: Any, where: Path) -> None:
     for layer_name, adapters in flags.items():
         _require(isinstance(adapters, dict), where, f"adapters[{layer_name!r}] must be a map")
         for name, attrs in adapters.items():
-            ok = (isinstance(attrs, dict) and isinstance(attrs.get("scale"), int | float)
-                  and isinstance(attrs.get("enable"), bool) and isinstance(attrs.get("merged"), bool))
-            _require(ok, where, f"adapter {name!r} on layer {layer_name!r} needs a number 'scale' and bools 'enable', 'merged'")
+            ok = (
+                isinstance(attrs, dict)
+                and isinstance(attrs.get("scale"), int | float)
+                and isinstance(attrs.get("enable"), bool)
+                and isinstance(attrs.get("merged"), bool)
+            )
+            _require(
+                ok,
+                where,
+                f"adapter {name!r} on layer {layer_name!r} needs a number 'scale' and bools "
+                "'enable', 'merged'",
+            )
 
 
 def check_full_manifest(manifest: dict[str, Any], where: Path) -> None:
@@ -86,18 +117,27 @@ def check_full_manifest(manifest: dict[str, Any], where: Path) -> None:
     """
     _check_modes(manifest.get("modes"), where)
     aliases = manifest.get("aliases", {})
-    _require(isinstance(aliases, dict) and all(isinstance(v, str) for v in aliases.values()),
-             where, "'aliases' must map keys to keys")
+    _require(
+        isinstance(aliases, dict) and all(isinstance(v, str) for v in aliases.values()),
+        where,
+        "'aliases' must map keys to keys",
+    )
     _check_flags(manifest.get("adapters", {}), where)
     trainable = manifest.get("trainable", [])
-    _require(isinstance(trainable, list) and all(isinstance(n, str) for n in trainable),
-             where, "'trainable' must be a list of parameter names")
+    _require(
+        isinstance(trainable, list) and all(isinstance(n, str) for n in trainable),
+        where,
+        "'trainable' must be a list of parameter names",
+    )
 
 
 def adapter_flags(model: nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
     """``{layer: {adapter: {"scale", "enable", "merged"}}}`` of every adapter of ``model``."""
     return {
-        layer_name: {n: {"scale": a.scale, "enable": a.enable, "merged": a.merged} for n, a in layer.adapters.items()}
+        layer_name: {
+            n: {"scale": a.scale, "enable": a.enable, "merged": a.merged}
+            for n, a in layer.adapters.items()
+        }
         for layer_name, layer in lora_layers(model).items()
     }
 
@@ -113,18 +153,31 @@ def apply_flags(model: nn.Module, manifest: dict[str, Any]) -> None:
     for layer_name, layer in layers.items():
         extra = sorted(set(layer.adapters) - set(flags.get(layer_name, {})))
         if extra:
-            raise ValueError(f"replaying the log created adapter {extra[0]!r} on layer {layer_name!r}, which the checkpoint lacks")
+            raise ValueError(
+                f"replaying the log created adapter {extra[0]!r} on layer {layer_name!r}, which "
+                "the checkpoint lacks"
+            )
     for layer_name, adapters in flags.items():
         for name, attrs in adapters.items():
             if layer_name not in layers or name not in layers[layer_name].adapters:
-                raise ValueError(f"checkpoint has adapter {name!r} on layer {layer_name!r}, which replaying its log did not create")
+                raise ValueError(
+                    f"checkpoint has adapter {name!r} on layer {layer_name!r}, which replaying its "
+                    "log did not create"
+                )
             adapter = layers[layer_name].adapters[name]
-            adapter.scale, adapter.enable, adapter.merged = float(attrs["scale"]), attrs["enable"], attrs["merged"]
+            adapter.scale, adapter.enable, adapter.merged = (
+                float(attrs["scale"]),
+                attrs["enable"],
+                attrs["merged"],
+            )
     trainable = set(manifest.get("trainable", []))
     params = dict(model.named_parameters())
     unknown = sorted(trainable - set(params))
     if unknown:
-        raise ValueError(f"checkpoint marks parameter {unknown[0]!r} trainable, but the model has no such parameter")
+        raise ValueError(
+            f"checkpoint marks parameter {unknown[0]!r} trainable, but the model has no such "
+            "parameter"
+        )
     for name, param in params.items():
         param.requires_grad_(name in trainable)
 
@@ -132,10 +185,14 @@ def apply_flags(model: nn.Module, manifest: dict[str, Any]) -> None:
 Header = dict[str, tuple[torch.dtype, list[int]]]
 
 
-def _check_one(where: Path, key: str, tensor: torch.Tensor, found: tuple[torch.dtype, list[int]], cast: bool) -> None:
+def _check_one(
+    where: Path, key: str, tensor: torch.Tensor, found: tuple[torch.dtype, list[int]], cast: bool
+) -> None:
     dtype, shape = found
     if list(tensor.shape) != shape:
-        raise ValueError(f"{where}: tensor {key!r} has shape {shape}, the model's has {list(tensor.shape)}")
+        raise ValueError(
+            f"{where}: tensor {key!r} has shape {shape}, the model's has {list(tensor.shape)}"
+        )
     if not cast and dtype != tensor.dtype:
         raise ValueError(f"{where}: tensor {key!r} is {dtype}, the model's is {tensor.dtype}")
 
@@ -149,7 +206,8 @@ def check_tensors(
     cast: bool = False,
     lazy_extras: bool = False,
 ) -> None:
-    """Check that the file described by ``header`` (+ ``aliases``) holds exactly the model's tensors.
+    """Check that the file described by ``header`` (+ ``aliases``) holds exactly the model's
+    tensors.
 
     Args:
         model: the model to load into.
@@ -169,14 +227,23 @@ def check_tensors(
     for key, tensor in expected.items():
         source = aliases.get(key, key)
         if source not in header:
-            raise ValueError(f"{where} has no tensor {key!r}, which the model needs (another architecture or config?)")
+            raise ValueError(
+                f"{where} has no tensor {key!r}, which the model needs (another architecture or "
+                "config?)"
+            )
         _check_one(where, key, tensor, header[source], cast)
     dangling = [k for k, source in aliases.items() if source not in header]
     if dangling:
-        raise ValueError(f"{where}: tied tensor {dangling[0]!r} points to {aliases[dangling[0]]!r}, which the file lacks")
+        raise ValueError(
+            f"{where}: tied tensor {dangling[0]!r} points to {aliases[dangling[0]]!r}, which the "
+            "file lacks"
+        )
     extra = [k for k in [*header, *aliases] if k not in expected]
     if extra and not lazy_extras:
-        raise ValueError(f"{where} has tensor {extra[0]!r}, which the model does not have (another architecture?)")
+        raise ValueError(
+            f"{where} has tensor {extra[0]!r}, which the model does not have (another "
+            "architecture?)"
+        )
 
 
 @torch.no_grad()
@@ -207,9 +274,15 @@ def load_checked(
     # name keys as the file does: load_state_dict reports wrapper-internal names (``.base.``)
     unexpected = [k for k in full if k not in before and k not in state] or result.unexpected_keys
     if unexpected:
-        raise ValueError(f"{where} has tensor {unexpected[0]!r}, which the model does not have (another architecture?)")
+        raise ValueError(
+            f"{where} has tensor {unexpected[0]!r}, which the model does not have (another "
+            "architecture?)"
+        )
     if strict and result.missing_keys:
         raise ValueError(f"{where} has no tensor {result.missing_keys[0]!r}, which the model needs")
     for key, value in full.items():
         if state[key].shape != value.shape or not (cast or state[key].dtype == value.dtype):
-            raise ValueError(f"{where}: tensor {key!r} did not load as saved (its module holds another shape or dtype)")
+            raise ValueError(
+                f"{where}: tensor {key!r} did not load as saved (its module holds another shape or "
+                "dtype)"
+            )

@@ -40,7 +40,8 @@ def restoring() -> Iterator[None]:
 
 
 def is_restoring() -> bool:
-    """Whether the current thread is inside :func:`restoring` (tensor values will be overwritten)."""
+    """Whether the current thread is inside :func:`restoring` (tensor values will be
+    overwritten)."""
     return getattr(_restoring, "depth", 0) > 0
 
 
@@ -85,8 +86,11 @@ def replay(model: nn.Module, log: list[dict[str, Any]]) -> nn.Module:
     Raises:
         ValueError: for an entry of an unknown mode (checked before anything is applied).
     """
-    unknown = [e.get("mode") if isinstance(e, dict) else e for e in log
-               if not isinstance(e, dict) or e.get("mode") not in _REPLAY]
+    unknown = [
+        e.get("mode") if isinstance(e, dict) else e
+        for e in log
+        if not isinstance(e, dict) or e.get("mode") not in _REPLAY
+    ]
     if unknown:
         raise ValueError(f"cannot replay unknown mode {unknown[0]!r}; known: {sorted(_REPLAY)}")
     for entry in log:

@@ -1,4 +1,5 @@
-"""A registry from base layer types to the wrapper class that replaces them, looked up along the MRO.
+"""A registry from base layer types to the wrapper class that replaces them, looked up along the
+MRO.
 
 LoRA layers and quantized layers each keep one. Lookups look through qpeft wrappers (a LoRA layer
 over a quantized layer still answers for ``nn.Linear``). Plugins for optional libraries register
@@ -40,7 +41,8 @@ class WrapperRegistry:
         self.types[base_type] = wrapper
 
     def register_matcher(self, predicate: Callable[[nn.Module], bool], wrapper: type) -> None:
-        """Use ``wrapper`` for modules with ``predicate(module)`` true; TypeError for bad arguments."""
+        """Use ``wrapper`` for modules with ``predicate(module)`` true; TypeError for bad
+        arguments."""
         self._check(wrapper)
         if not callable(predicate):
             raise TypeError(f"predicate {predicate!r} is not callable")

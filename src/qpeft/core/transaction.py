@@ -33,7 +33,9 @@ __all__ = ["apply_atomically", "structural_copy"]
 def _blank(t: torch.Tensor) -> torch.Tensor:
     # on the CPU even for accelerator models, and never written: no copy, next to no memory
     blank = torch.empty(t.shape, dtype=t.dtype, device="cpu")
-    return nn.Parameter(blank, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else blank
+    return (
+        nn.Parameter(blank, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else blank
+    )
 
 
 def structural_copy(model: nn.Module) -> nn.Module | None:
@@ -64,13 +66,16 @@ def _shallow(attrs: dict[str, Any]) -> dict[str, Any]:
     return {k: v.copy() if isinstance(v, dict | list | set) else v for k, v in attrs.items()}
 
 
-def apply_atomically(model: nn.Module, change: Callable[[nn.Module, bool], Any], validate: bool = True) -> Any:
+def apply_atomically(
+    model: nn.Module, change: Callable[[nn.Module, bool], Any], validate: bool = True
+) -> Any:
     """Run ``change(model, False)``; if it raises, ``model`` is left as it was (see module doc).
 
     Args:
         model: the model to change in place.
         change: ``change(target, dry_run)``; it must check everything before writing tensor values.
-        validate: first run ``change(copy, True)`` on a structural copy when the model can be copied.
+        validate: first run ``change(copy, True)`` on a structural copy when the model can be
+        copied.
 
     Returns:
         What ``change(model, False)`` returns.

@@ -50,13 +50,13 @@ class ModuleWrapper(nn.Module):
 def _drop_base_level(module: ModuleWrapper, state_dict: dict, prefix: str, _meta: Any) -> None:
     inner = prefix + _BASE
     for key in [k for k in state_dict if k.startswith(inner)]:
-        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
 
 
 def _add_base_level(module: ModuleWrapper, state_dict: dict, prefix: str, *_args: Any) -> None:
     own = module.own_keys()
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         if rest.split(".", 1)[0] not in own:
             state_dict[prefix + _BASE + rest] = state_dict.pop(key)
 

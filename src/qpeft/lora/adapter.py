@@ -33,8 +33,12 @@ class LoRAAdapter(nn.Module):
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        self.lora_a = nn.Parameter(torch.zeros(config.rank, in_features, dtype=dtype, device=device))
-        self.lora_b = nn.Parameter(torch.zeros(out_features, config.rank, dtype=dtype, device=device))
+        self.lora_a = nn.Parameter(
+            torch.zeros(config.rank, in_features, dtype=dtype, device=device)
+        )
+        self.lora_b = nn.Parameter(
+            torch.zeros(out_features, config.rank, dtype=dtype, device=device)
+        )
         self.scale = float(config.scale)
         self.enable = bool(config.enable)
         self.merged = False
@@ -65,4 +69,7 @@ class LoRAAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         merged = ", merged=True" if self.merged else ""
-        return f"rank={self.rank}, scale={self.scale}, enable={self.enable}{merged}, dtype={self.lora_a.dtype}"
+        return (
+            f"rank={self.rank}, scale={self.scale}, enable={self.enable}{merged}, "
+            f"dtype={self.lora_a.dtype}"
+        )

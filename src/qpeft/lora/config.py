@@ -1,10 +1,12 @@
-"""Configuration classes of the PEFT mode: ``PEFTAttributeConfig``, ``PEFTConfig``, ``ExportPEFTConfig``.
+"""Configuration classes of the PEFT mode: ``PEFTAttributeConfig``, ``PEFTConfig``,
+``ExportPEFTConfig``.
 
 They follow the documented contract field for field (names, defaults, JSON). Beyond it:
 
 - initializer strings are looked up inside ``torch.nn.init`` only, so validating a config from an
   untrusted file never imports anything;
-- ``adapter_cfg`` entries remember which keys they set explicitly, so later patterns override earlier
+- ``adapter_cfg`` entries remember which keys they set explicitly, so later patterns override
+  earlier
   ones key by key (see :func:`qpeft.core.patterns.resolve_attributes`);
 - every error names the field and, inside ``adapter_cfg``, the pattern.
 """
@@ -27,7 +29,13 @@ from pydantic import (
     field_validator,
 )
 
-__all__ = ["ExportPEFTConfig", "PEFTAttributeConfig", "PEFTConfig", "LORA_DTYPES", "resolve_initializer"]
+__all__ = [
+    "ExportPEFTConfig",
+    "PEFTAttributeConfig",
+    "PEFTConfig",
+    "LORA_DTYPES",
+    "resolve_initializer",
+]
 
 INIT_PREFIX = "torch.nn.init."
 
@@ -43,7 +51,8 @@ LORA_DTYPES: dict[str, torch.dtype] = {
 
 
 def _initializer_name(value: Any) -> Any:
-    """Normalize an initializer (callable or dotted name) to ``torch.nn.init.<name>``; never imports."""
+    """Normalize an initializer (callable or dotted name) to ``torch.nn.init.<name>``; never
+    imports."""
     if value is None:
         return None
     if callable(value):
@@ -53,21 +62,26 @@ def _initializer_name(value: Any) -> Any:
     elif isinstance(value, str):
         if not value.startswith(INIT_PREFIX):
             raise ValueError(
-                f"{value!r} is not a fully-qualified torch.nn.init name (e.g. 'torch.nn.init.zeros_')"
+                f"{value!r} is not a fully-qualified torch.nn.init name (e.g. "
+                "'torch.nn.init.zeros_')"
             )
-        name = value[len(INIT_PREFIX):]
+        name = value[len(INIT_PREFIX) :]
         if not name.isidentifier() or not callable(getattr(torch.nn.init, name, None)):
             raise ValueError(f"{value!r} is not a function of torch.nn.init")
     else:
-        raise ValueError(f"an initializer must be a torch.nn.init function or its name, got {value!r}")
+        raise ValueError(
+            f"an initializer must be a torch.nn.init function or its name, got {value!r}"
+        )
     if not name.endswith("_") or name.startswith("_"):
-        raise ValueError(f"initializer {INIT_PREFIX}{name} is not in-place (its name must end with '_')")
+        raise ValueError(
+            f"initializer {INIT_PREFIX}{name} is not in-place (its name must end with '_')"
+        )
     return INIT_PREFIX + name
 
 
 def resolve_initializer(name: str) -> Callable[..., Any]:
     """Return the ``torch.nn.init`` function a validated initializer name refers to."""
-    return getattr(torch.nn.init, _initializer_name(name)[len(INIT_PREFIX):])
+    return getattr(torch.nn.init, _initializer_name(name)[len(INIT_PREFIX) :])
 
 
 _INIT_SCHEMA = {
@@ -75,28 +89,39 @@ _INIT_SCHEMA = {
         {
             "type": "string",
             "title": "torch initializer",
-            "description": "Fully-qualified callable from torch.nn.init. Must be in-place (name ends with \\_).",
+            "description": "Fully-qualified callable from torch.nn.init. "
+            "Must be in-place (name ends with \\_).",
             "examples": ["torch.nn.init.zeros_", "torch.nn.init.kaiming_uniform_"],
         },
         {"type": "null"},
     ]
 }
 
-Initializer = Annotated[str | None, BeforeValidator(_initializer_name), WithJsonSchema(_INIT_SCHEMA)]
+Initializer = Annotated[
+    str | None, BeforeValidator(_initializer_name), WithJsonSchema(_INIT_SCHEMA)
+]
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, arbitrary_types_allowed=True
+    )
 
 
 class PEFTAttributeConfig(_Config):
     """Attributes of one LoRA adapter on one layer."""
 
-    enable: bool = Field(default=True, description="If True, enables the adapter. If False, by-passes it.")
+    enable: bool = Field(
+        default=True, description="If True, enables the adapter. If False, by-passes it."
+    )
     rank: int = Field(default=64, ge=1, description="The rank (dimension) of the LoRA matrices.")
     scale: float = Field(default=1.0, gt=0, description="Scaling factor for the LoRA output.")
-    lora_a_init: Initializer = Field(default=None, description="Initializer of A from torch.nn.init.")
-    lora_b_init: Initializer = Field(default=None, description="Initializer of B from torch.nn.init.")
+    lora_a_init: Initializer = Field(
+        default=None, description="Initializer of A from torch.nn.init."
+    )
+    lora_b_init: Initializer = Field(
+        default=None, description="Initializer of B from torch.nn.init."
+    )
     lora_dtype: str | None = Field(
         default=None,
         description="Dtype of the LoRA factors: bf16, fp16, fp32 (or bfloat16, float16, float32). "
@@ -104,7 +129,8 @@ class PEFTAttributeConfig(_Config):
     )
     lora_init_method: Literal["kaiming_zeros", "svdquant"] = Field(
         default="kaiming_zeros",
-        description="'kaiming_zeros' honours lora_a_init / lora_b_init; 'svdquant' seeds the factors "
+        description="'kaiming_zeros' honours lora_a_init / lora_b_init; "
+        "'svdquant' seeds the factors "
         "from a rank-r SVD of the quantization residual W - Q(W).",
     )
 
@@ -124,7 +150,9 @@ Pattern = str | Callable[[str], bool]
 
 
 def _pattern_label(pattern: Any) -> str:
-    return repr(pattern) if isinstance(pattern, str) else getattr(pattern, "__name__", repr(pattern))
+    return (
+        repr(pattern) if isinstance(pattern, str) else getattr(pattern, "__name__", repr(pattern))
+    )
 
 
 def _validate_entry(pattern: Any, value: Any) -> PEFTAttributeConfig:
@@ -133,7 +161,9 @@ def _validate_entry(pattern: Any, value: Any) -> PEFTAttributeConfig:
     if isinstance(value, PEFTAttributeConfig):
         return value
     if not isinstance(value, dict):
-        raise ValueError(f"adapter_cfg[{_pattern_label(pattern)}] must be a dict or PEFTAttributeConfig")
+        raise ValueError(
+            f"adapter_cfg[{_pattern_label(pattern)}] must be a dict or PEFTAttributeConfig"
+        )
     try:
         return PEFTAttributeConfig.model_validate(value)
     except ValidationError as err:
@@ -144,12 +174,16 @@ def _validate_entry(pattern: Any, value: Any) -> PEFTAttributeConfig:
 
 
 class PEFTConfig(_Config):
-    """Configuration of one ``update_model`` call: which layers get adapter ``adapter_name``, and how."""
+    """Configuration of one ``update_model`` call: which layers get adapter ``adapter_name``, and
+    how."""
 
-    adapter_name: str = Field(default="default", description="Name of the adapter to create or update.")
+    adapter_name: str = Field(
+        default="default", description="Name of the adapter to create or update."
+    )
     adapter_cfg: dict[Any, PEFTAttributeConfig] = Field(
         default_factory=lambda: {"*": PEFTAttributeConfig(rank=64)},
-        description="Ordered map from a module-name pattern (fnmatch wildcard or callable) to adapter "
+        description="Ordered map from a module-name pattern (fnmatch wildcard or callable) "
+        "to adapter "
         "attributes; later patterns override earlier ones key by key.",
     )
     adapter_type: str = Field(default="lora", description="Type of PEFT adapter. Only 'lora'.")
@@ -181,7 +215,8 @@ class PEFTConfig(_Config):
 
     @field_serializer("adapter_cfg")
     def _dump_cfg(self, value: dict[Any, PEFTAttributeConfig]) -> dict[Any, dict[str, Any]]:
-        # Only the keys each entry set explicitly: dumping and reloading keeps the override semantics.
+        # Only the keys each entry set explicitly: dumping and reloading keeps the override
+        # semantics.
         return {pattern: attrs.model_dump(exclude_unset=True) for pattern, attrs in value.items()}
 
 

@@ -30,7 +30,8 @@ _FIXED = ("rank", "lora_a_init", "lora_b_init", "lora_init_method")
 
 
 def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules LoRA can target, by name: LoRA layers and registered base types, outermost wrapper."""
+    """Modules LoRA can target, by name: LoRA layers and registered base types, outermost
+    wrapper."""
     found: dict[str, nn.Module] = {}
     inside: list[str] = []
     for name, module in model.named_modules():
@@ -54,7 +55,9 @@ class _Plan:
 def _check_update(adapter: LoRAAdapter, merged: dict[str, Any], name: str, layer: str) -> None:
     if adapter.merged and "scale" in merged and float(merged["scale"]) != adapter.scale:
         # unmerge subtracts scale * B @ A: the scale must stay what was folded in
-        raise ValueError(f"adapter {name!r} on layer {layer!r} is merged; unmerge it before changing its scale")
+        raise ValueError(
+            f"adapter {name!r} on layer {layer!r} is merged; unmerge it before changing its scale"
+        )
     fixed = adapter.config
     for key in [k for k in _FIXED if k in merged]:
         if getattr(PEFTAttributeConfig(**{key: merged[key]}), key) != getattr(fixed, key):
@@ -71,7 +74,9 @@ def _check_update(adapter: LoRAAdapter, merged: dict[str, Any], name: str, layer
         )
 
 
-def _plan_update(plan: _Plan, name: str, layer_name: str, existing: LoRAAdapter, merged: dict[str, Any]) -> None:
+def _plan_update(
+    plan: _Plan, name: str, layer_name: str, existing: LoRAAdapter, merged: dict[str, Any]
+) -> None:
     _check_update(existing, merged, name, layer_name)
     changes = {k: merged[k] for k in ("scale", "enable") if k in merged}
     attrs = PEFTAttributeConfig(**{**existing.config.model_dump(), **changes})
@@ -79,7 +84,13 @@ def _plan_update(plan: _Plan, name: str, layer_name: str, existing: LoRAAdapter,
     plan.resolved[layer_name] = attrs.model_dump()
 
 
-def _plan_new(plan: _Plan, layer_name: str, module: nn.Module, merged: dict[str, Any], only: list[str] | None = None) -> None:
+def _plan_new(
+    plan: _Plan,
+    layer_name: str,
+    module: nn.Module,
+    merged: dict[str, Any],
+    only: list[str] | None = None,
+) -> None:
     attrs = PEFTAttributeConfig(**merged)
     plan.resolved[layer_name] = attrs.model_dump()
     if not attrs.enable:
@@ -93,12 +104,18 @@ def _plan_new(plan: _Plan, layer_name: str, module: nn.Module, merged: dict[str,
     plan.add[layer_name] = adapter
 
 
-def _plan_experts(plan: _Plan, cfg: PEFTConfig, layer_name: str, module: nn.Module, names: list[str]) -> None:
+def _plan_experts(
+    plan: _Plan, cfg: PEFTConfig, layer_name: str, module: nn.Module, names: list[str]
+) -> None:
     target = resolve_experts(layer_name, names, cfg.adapter_cfg, cfg.adapter_name)
     if target is None:
         return
     name = cfg.adapter_name
-    existing = module.adapters[name] if isinstance(module, LoRAModule) and name in module.adapters else None
+    existing = (
+        module.adapters[name]
+        if isinstance(module, LoRAModule) and name in module.adapters
+        else None
+    )
     if existing is None:
         _plan_new(plan, layer_name, module, target.merged, only=target.enabled)
         have = target.enabled
@@ -112,18 +129,24 @@ def _plan_experts(plan: _Plan, cfg: PEFTConfig, layer_name: str, module: nn.Modu
         if on or off:
             _plan_update(plan, name, layer_name, existing, target.merged)
     if have:  # the replay recreates exactly these projections
-        plan.resolved.update({f"{layer_name}.{p}": {"enable": False} for p in names if p not in have})
+        plan.resolved.update(
+            {f"{layer_name}.{p}": {"enable": False} for p in names if p not in have}
+        )
     elif layer_name not in plan.resolved:
         plan.resolved.update({f"{layer_name}.{p}": {"enable": False} for p in target.disabled})
 
 
-def _check_projections(name: str, layer_name: str, have: list[str], enabled: list[str], dropped: list[str]) -> None:
+def _check_projections(
+    name: str, layer_name: str, have: list[str], enabled: list[str], dropped: list[str]
+) -> None:
     added = [p for p in enabled if p not in have]
     if added or dropped:
         verb, proj = ("add", added[0]) if added else ("drop", dropped[0])
         raise ValueError(
-            f"adapter {name!r} on experts layer {layer_name!r} covers projections {have}: cannot {verb} "
-            f"projection {proj!r} (set enable False on '{layer_name}.<projection>' for the others, or "
+            f"adapter {name!r} on experts layer {layer_name!r} covers projections {have}: cannot "
+            f"{verb} "
+            f"projection {proj!r} (set enable False on '{layer_name}.<projection>' for the others, "
+            "or "
             "use a new adapter name)"
         )
 
@@ -146,18 +169,26 @@ def _plan_layer(plan: _Plan, cfg: PEFTConfig, layer_name: str, module: nn.Module
 def _make_plan(model: nn.Module, cfg: PEFTConfig) -> _Plan:
     layers = candidate_layers(model)
     if not layers:
-        raise ValueError("model has no layer that LoRA supports (nn.Linear, Conv1D, or a registered type)")
+        raise ValueError(
+            "model has no layer that LoRA supports (nn.Linear, Conv1D, or a registered type)"
+        )
     plan = _Plan()
     for layer_name, module in layers.items():
         _plan_layer(plan, cfg, layer_name, module)
     if not plan.resolved:
-        patterns = [p if isinstance(p, str) else getattr(p, "__name__", repr(p)) for p in cfg.adapter_cfg]
-        raise ValueError(f"adapter_cfg patterns {patterns} match none of the {len(layers)} supported layers")
+        patterns = [
+            p if isinstance(p, str) else getattr(p, "__name__", repr(p)) for p in cfg.adapter_cfg
+        ]
+        raise ValueError(
+            f"adapter_cfg patterns {patterns} match none of the {len(layers)} supported layers"
+        )
     return plan
 
 
 def _set_base_trainable(model: nn.Module, trainable: bool) -> None:
-    adapter_params = {id(p) for m in model.modules() if isinstance(m, LoRAAdapter) for p in m.parameters()}
+    adapter_params = {
+        id(p) for m in model.modules() if isinstance(m, LoRAAdapter) for p in m.parameters()
+    }
     for param in model.parameters():
         if id(param) not in adapter_params:
             param.requires_grad_(trainable)
@@ -220,6 +251,8 @@ def _replay_peft(model: nn.Module, config: dict[str, Any]) -> None:
     layers = candidate_layers(model)
     for name in config.get("adapter_cfg", {}):
         if not is_target_name(name, layers):
-            raise ValueError(f"layer {name!r} of the recorded adapter {config.get('adapter_name')!r} "
-                             "is not a LoRA-capable layer of this model")
+            raise ValueError(
+                f"layer {name!r} of the recorded adapter {config.get('adapter_name')!r} "
+                "is not a LoRA-capable layer of this model"
+            )
     update_model(model, config)

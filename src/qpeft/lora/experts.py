@@ -42,7 +42,8 @@ _ALIGN_BYTES = 16  # grouped GEMM strides: pad the rank so the [S, r] intermedia
 
 @dataclass(frozen=True)
 class Projection:
-    """One 3-D projection weight: ``in``/``out`` features and whether it is stored ``[E, in, out]``."""
+    """One 3-D projection weight: ``in``/``out`` features and whether it is stored ``[E, in,
+    out]``."""
 
     in_features: int
     out_features: int
@@ -50,22 +51,32 @@ class Projection:
 
 
 class GroupedLoRA(nn.Module):
-    """The factors of one projection for all experts: ``lora_a [E, r, in]``, ``lora_b [E, out, r]``."""
+    """The factors of one projection for all experts: ``lora_a [E, r, in]``, ``lora_b [E, out,
+    r]``."""
 
-    def __init__(self, experts: int, proj: Projection, rank: int, dtype: torch.dtype, device: Any) -> None:
+    def __init__(
+        self, experts: int, proj: Projection, rank: int, dtype: torch.dtype, device: Any
+    ) -> None:
         super().__init__()
         self.transposed = proj.transposed
-        self.lora_a = nn.Parameter(torch.zeros(experts, rank, proj.in_features, dtype=dtype, device=device))
-        self.lora_b = nn.Parameter(torch.zeros(experts, proj.out_features, rank, dtype=dtype, device=device))
+        self.lora_a = nn.Parameter(
+            torch.zeros(experts, rank, proj.in_features, dtype=dtype, device=device)
+        )
+        self.lora_b = nn.Parameter(
+            torch.zeros(experts, proj.out_features, rank, dtype=dtype, device=device)
+        )
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """``B[e] (A[e] x[s])`` for every row: ``x [S, in] -> [S, out]`` (unscaled, adapter dtype)."""
+        """``B[e] (A[e] x[s])`` for every row: ``x [S, in] -> [S, out]`` (unscaled, adapter
+        dtype)."""
         a, b = self.lora_a, self.lora_b
         pad = -a.shape[1] % max(1, _ALIGN_BYTES // a.element_size())
         if routing.kind == "grouped" and pad:
             # Zero rank padding keeps the grouped GEMM's strides aligned; it adds exact zeros.
             a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
-        return expert_matmul(expert_matmul(x, a.transpose(-2, -1), routing), b.transpose(-2, -1), routing)
+        return expert_matmul(
+            expert_matmul(x, a.transpose(-2, -1), routing), b.transpose(-2, -1), routing
+        )
 
     def delta_weight(self, scale: float) -> torch.Tensor:
         """``scale * B[e] @ A[e]`` for every expert, fp32, in the base weight's own layout."""
@@ -78,7 +89,8 @@ class ExpertsLoRAAdapter(nn.Module):
 
     Its children are named after the projections, so the state_dict keys of adapter ``default``
     are ``<experts>.adapters.default.<projection>.lora_a`` / ``.lora_b``. A projection pattern can
-    leave some projections out (``update_model`` with ``<experts>.<projection>: {"enable": False}``):
+    leave some projections out (``update_model`` with ``<experts>.<projection>: {"enable":
+    False}``):
     those have no child, no parameters and no LoRA term.
 
     ``scale`` and ``enable`` are plain attributes (they change); :attr:`config` gives the
@@ -86,8 +98,12 @@ class ExpertsLoRAAdapter(nn.Module):
     """
 
     def __init__(
-        self, experts: int, projections: dict[str, Projection], config: PEFTAttributeConfig,
-        dtype: torch.dtype, device: Any,
+        self,
+        experts: int,
+        projections: dict[str, Projection],
+        config: PEFTAttributeConfig,
+        dtype: torch.dtype,
+        device: Any,
     ) -> None:
         super().__init__()
         for name, proj in projections.items():  # children named as the base weights they adapt
@@ -99,7 +115,8 @@ class ExpertsLoRAAdapter(nn.Module):
 
     @property
     def active(self) -> bool:
-        """Whether the layer's forward adds this adapter: enabled and not merged into the weights."""
+        """Whether the layer's forward adds this adapter: enabled and not merged into the
+        weights."""
         return self.enable and not self.merged
 
     @property
@@ -125,7 +142,10 @@ class ExpertsLoRAAdapter(nn.Module):
         return {name: f.delta_weight(self.scale) for name, f in self.factors.items()}
 
     def extra_repr(self) -> str:
-        return f"projections={list(self.factors)}, rank={self.rank}, scale={self.scale}, enable={self.enable}"
+        return (
+            f"projections={list(self.factors)}, rank={self.rank}, scale={self.scale}, "
+            f"enable={self.enable}"
+        )
 
 
 class LoRAExperts(LoRAModule):
@@ -150,7 +170,8 @@ class LoRAExperts(LoRAModule):
 
     # -- weights ------------------------------------------------------------------------------
     def expert_weight(self, name: str) -> torch.Tensor:
-        """Projection ``name``'s original 3-D weight ``[E, ...]``: the parameter ``name`` itself here.
+        """Projection ``name``'s original 3-D weight ``[E, ...]``: the parameter ``name`` itself
+        here.
 
         A subclass whose module stores the experts otherwise (e.g. Megatron's 2-D ``weight1``)
         returns a 3-D view of its storage; merge and export write through that view.
@@ -162,11 +183,13 @@ class LoRAExperts(LoRAModule):
         return {name: self.expert_weight(name) for name in self.projections(self._inner())}
 
     def weight_quantizer(self, name: str) -> nn.Module | None:
-        """``<name>_weight_quantizer`` of the wrapped chain (a quantized experts wrapper), or None."""
+        """``<name>_weight_quantizer`` of the wrapped chain (a quantized experts wrapper), or
+        None."""
         return getattr(self.base, f"{name}_weight_quantizer", None)
 
     def effective_weight(self, name: str) -> torch.Tensor:
-        """Projection ``name``'s weight as the forward uses it: fake-quantized when it has a quantizer.
+        """Projection ``name``'s weight as the forward uses it: fake-quantized when it has a
+        quantizer.
 
         Over a quantized experts wrapper (``qpeft.quantize``) this is the wrapper's cached ``Q(W)``.
         """
@@ -181,7 +204,10 @@ class LoRAExperts(LoRAModule):
 
     # -- adapters -----------------------------------------------------------------------------
     def new_adapter(
-        self, config: PEFTAttributeConfig, dtype: torch.dtype | None, only: Collection[str] | None = None
+        self,
+        config: PEFTAttributeConfig,
+        dtype: torch.dtype | None,
+        only: Collection[str] | None = None,
     ) -> ExpertsLoRAAdapter:
         """A zero-filled adapter with one factor pair per projection, on the weights' device.
 
@@ -195,14 +221,20 @@ class LoRAExperts(LoRAModule):
         if only is not None:
             unknown = [p for p in only if p not in projections]
             if unknown or not only:
-                raise ValueError(f"{type(self).__name__}: projections {list(only)} are not a non-empty subset of {list(projections)}")
+                raise ValueError(
+                    f"{type(self).__name__}: projections {list(only)} are not a non-empty subset "
+                    f"of {list(projections)}"
+                )
             projections = {p: proj for p, proj in projections.items() if p in only}
         weight = next(iter(self.base_weights().values()))
-        return ExpertsLoRAAdapter(self.num_experts(inner), projections, config, dtype or weight.dtype, weight.device)
+        return ExpertsLoRAAdapter(
+            self.num_experts(inner), projections, config, dtype or weight.dtype, weight.device
+        )
 
     @torch.no_grad()
     def init_new_adapter(self, adapter: ExpertsLoRAAdapter, layer_name: str) -> None:
-        """Fill a new adapter per expert: ``kaiming_zeros`` (initializers per expert) or ``svdquant``.
+        """Fill a new adapter per expert: ``kaiming_zeros`` (initializers per expert) or
+        ``svdquant``.
 
         Raises:
             ValueError: for ``svdquant`` on non-finite weights (names the layer and projection).
@@ -215,13 +247,17 @@ class LoRAExperts(LoRAModule):
                 _init_per_expert(factors.lora_a, config.lora_a_init, _default_a)
                 _init_per_expert(factors.lora_b, config.lora_b_init, torch.nn.init.zeros_)
 
-    def _init_svdquant(self, name: str, factors: GroupedLoRA, scale: float, layer_name: str) -> None:
+    def _init_svdquant(
+        self, name: str, factors: GroupedLoRA, scale: float, layer_name: str
+    ) -> None:
         quantizer = self.weight_quantizer(name)
         factors.lora_a.zero_()
         factors.lora_b.zero_()
         if quantizer is None or not getattr(quantizer, "is_enabled", True):
             warn_svdquant_fallback(
-                layer_name, f"projection {name!r} has no enabled weight quantizer (quantize the experts first)", 6
+                layer_name,
+                f"projection {name!r} has no enabled weight quantizer (quantize the experts first)",
+                6,
             )
             return
         weight = self.expert_weight(name).detach()
@@ -229,7 +265,9 @@ class LoRAExperts(LoRAModule):
         if factors.transposed:
             residual = residual.transpose(-2, -1)  # -> [E, out, in]
         if not torch.isfinite(residual).all():
-            raise ValueError(f"svdquant init: layer {layer_name!r} projection {name!r} has non-finite weights")
+            raise ValueError(
+                f"svdquant init: layer {layer_name!r} projection {name!r} has non-finite weights"
+            )
         u, s, vh = truncated_svd(residual, factors.lora_a.shape[1])
         root = (s / scale).sqrt()
         k = s.shape[-1]
@@ -250,7 +288,9 @@ class LoRAExperts(LoRAModule):
             view = weight.detach()
             view.copy_((view.float() + sign * delta).to(weight.dtype))
 
-    def lora_delta(self, name: str, x: torch.Tensor, routing: Routing, out: torch.Tensor) -> torch.Tensor:
+    def lora_delta(
+        self, name: str, x: torch.Tensor, routing: Routing, out: torch.Tensor
+    ) -> torch.Tensor:
         """``out`` plus every enabled adapter's ``scale * B[e] A[e] x`` for projection ``name``.
 
         Adapters without factors for ``name`` (projection patterns left it out) add nothing.

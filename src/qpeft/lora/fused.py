@@ -17,7 +17,8 @@ Every ``alpha`` rides on a GEMM's own scaling (``addmm``'s ``alpha``): no pass o
 spent on scales. All tensors share one dtype
 (the caller checks).
 
-:func:`linear_lora` also owns the base matmul of a plain ``nn.Linear`` (``y = x W^T + bias``), so the
+:func:`linear_lora` also owns the base matmul of a plain ``nn.Linear`` (``y = x W^T + bias``), so
+the
 LoRA update is added in place into the fresh base output and, in backward,
 ``dx = addmm(g W, g_b, A)`` needs no separate ``[N, in]`` add. Without autograd (inference, or no
 input requiring grad) both run the same arithmetic directly, with no autograd node at all.
@@ -112,7 +113,11 @@ class _LinearLoRA(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
         g_b = torch.mm(g, b) if need_x or need_a else None
-        dx = torch.mm(g, weight).addmm_(g_b, a, alpha=ctx.alpha).view(ctx.x_shape) if need_x else None
+        dx = (
+            torch.mm(g, weight).addmm_(g_b, a, alpha=ctx.alpha).view(ctx.x_shape)
+            if need_x
+            else None
+        )
         dw = torch.mm(g.t(), x2) if need_w else None
         dbias = g.sum(0) if need_bias else None
         da, db = _factor_grads(need_a, need_b, g, g_b, x2, t, ctx.alpha)
@@ -172,7 +177,11 @@ def linear_lora(
 
 
 def linear_lora_from_t(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t: torch.Tensor, factors: Factors
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    t: torch.Tensor,
+    factors: Factors,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias) + t @ B^T`` (scales applied) with ``t = x @ A^T`` given.
 

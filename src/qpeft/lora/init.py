@@ -74,7 +74,9 @@ def quantization_residual(layer: LoRAModule) -> torch.Tensor | None:
     return layer.to_out_in(residual)
 
 
-def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd(
+    matrix: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-``rank`` truncated SVD ``(U [m, k], S [k], Vh [k, n])`` with ``k = min(rank, m, n)``.
 
     ``matrix`` may carry leading batch dimensions (``[..., m, n]``, e.g. one matrix per expert);
@@ -114,8 +116,11 @@ def _init_svdquant(adapter: LoRAAdapter, layer: LoRAModule, layer_name: str) -> 
     adapter.lora_b.copy_(b)
 
 
-def svd_factors(residual: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 factors ``A: [rank, in]``, ``B: [out, rank]`` with ``scale * B @ A = SVD_rank(residual)``.
+def svd_factors(
+    residual: torch.Tensor, rank: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 factors ``A: [rank, in]``, ``B: [out, rank]`` with ``scale * B @ A =
+    SVD_rank(residual)``.
 
     ``B = U sqrt(S/scale)``, ``A = sqrt(S/scale) V^T``; components beyond ``min(out, in)`` are zero.
     """

@@ -1,6 +1,7 @@
 """LoRA layers: a wrapper by composition around a base layer plus a ``ModuleDict`` of adapters.
 
-``forward(x) = base(x) + sum over active (enabled, not merged) adapters (insertion order) of scale * B(A(x))``; each
+``forward(x) = base(x) + sum over active (enabled, not merged) adapters (insertion order) of scale *
+B(A(x))``; each
 adapter runs in its own dtype and its result is cast to the base output's dtype. The base stays the
 same object (``layer.base``), its ``state_dict`` keys unchanged (see :mod:`qpeft.core.wrapping`).
 
@@ -91,7 +92,8 @@ class LoRAModule(ModuleWrapper):
         return None
 
     def shareable_a(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """The ``A`` factors of the fused base+LoRA path this layer would take for ``x``, or None."""
+        """The ``A`` factors of the fused base+LoRA path this layer would take for ``x``, or
+        None."""
         if self._routing is not None:
             return None
         fused, _ = self._split_active(x)
@@ -110,8 +112,16 @@ class LoRAModule(ModuleWrapper):
         if operands is not None:
             factors = [(a.lora_a, a.lora_b, a.scale) for a in fused]
             group = self._siblings  # sharing is opt-in: skip building its arguments when it is off
-            t = group.low_rank(self, x, tuple(a.lora_a for a in fused)) if group is not None and group.enabled else None
-            y = linear_lora(x, *operands, factors) if t is None else linear_lora_from_t(x, *operands, t, factors)
+            t = (
+                group.low_rank(self, x, tuple(a.lora_a for a in fused))
+                if group is not None and group.enabled
+                else None
+            )
+            y = (
+                linear_lora(x, *operands, factors)
+                if t is None
+                else linear_lora_from_t(x, *operands, t, factors)
+            )
         else:
             y = base(x, *args, **kwargs)
             if fused and y.dtype == x.dtype:

@@ -1,4 +1,5 @@
-"""Bases whose forward is ``F.linear(x, weight, bias)`` of the raw input, so a LoRA layer may fuse it.
+"""Bases whose forward is ``F.linear(x, weight, bias)`` of the raw input, so a LoRA layer may fuse
+it.
 
 A LoRA layer over such a base computes ``x W^T + bias + LoRA(x)`` in one autograd node
 (:func:`qpeft.lora.fused.linear_lora`). Each registered base type maps to a function returning the

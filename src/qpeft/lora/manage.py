@@ -33,7 +33,11 @@ def _select(model: nn.Module, layer_patterns: Any, adapter_patterns: Any) -> dic
     chosen: dict[str, list[str]] = {}
     for name, layer in layers.items():
         if matches_pattern(name, layer_patterns):
-            names = [a for a in layer.adapters if matches_pattern(a, adapter_patterns, allow_callable=False)]
+            names = [
+                a
+                for a in layer.adapters
+                if matches_pattern(a, adapter_patterns, allow_callable=False)
+            ]
             if names:
                 chosen[name] = names
     return chosen
@@ -101,14 +105,16 @@ def disable_adapters(
 def freeze_lora_weights(
     model: nn.Module, *, layer_patterns: Any = None, adapter_patterns: Any = None
 ) -> nn.Module:
-    """Set ``requires_grad=False`` on matching adapters' factors; errors as :func:`enable_adapters`."""
+    """Set ``requires_grad=False`` on matching adapters' factors; errors as
+    :func:`enable_adapters`."""
     return _toggle(model, "freeze_lora_weights", layer_patterns, adapter_patterns)
 
 
 def unfreeze_lora_weights(
     model: nn.Module, *, layer_patterns: Any = None, adapter_patterns: Any = None
 ) -> nn.Module:
-    """Set ``requires_grad=True`` on matching adapters' factors; errors as :func:`enable_adapters`."""
+    """Set ``requires_grad=True`` on matching adapters' factors; errors as
+    :func:`enable_adapters`."""
     return _toggle(model, "unfreeze_lora_weights", layer_patterns, adapter_patterns)
 
 

@@ -59,7 +59,9 @@ def _layers_or_raise(model: nn.Module) -> dict[str, LoRAModule]:
     return layers
 
 
-def _check_selection(layers: dict[str, LoRAModule], selection: dict[str, list[str]], mode: str) -> None:
+def _check_selection(
+    layers: dict[str, LoRAModule], selection: dict[str, list[str]], mode: str
+) -> None:
     for layer_name, names in selection.items():
         for name in names:
             if layer_name not in layers or name not in layers[layer_name].adapters:
@@ -72,7 +74,9 @@ def _merge(model: nn.Module, selection: dict[str, list[str]]) -> None:
     for layer_name, names in selection.items():
         for name in names:
             if layers[layer_name].adapters[name].merged:
-                raise ValueError(f"adapter {name!r} on layer {layer_name!r} is already merged; unmerge first")
+                raise ValueError(
+                    f"adapter {name!r} on layer {layer_name!r} is already merged; unmerge first"
+                )
     for layer_name, names in selection.items():
         for name in names:
             adapter = layers[layer_name].adapters[name]
@@ -125,7 +129,11 @@ def merge_adapters(model: nn.Module, adapter_names: list[str] | str | None = Non
     selection = {
         layer_name: names
         for layer_name, layer in layers.items()
-        if (names := [n for n, a in layer.adapters.items() if a.enable and (wanted is None or n in wanted)])
+        if (
+            names := [
+                n for n, a in layer.adapters.items() if a.enable and (wanted is None or n in wanted)
+            ]
+        )
     }
     if not selection:
         raise ValueError("no enabled adapter to merge")
@@ -155,7 +163,8 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 
 
 def _probe(layer: LoRAModule) -> tuple[torch.Tensor, ...]:
-    """Fixed random inputs: ``x [rows, in]``; an experts layer also routes row ``i`` to expert ``i mod E``."""
+    """Fixed random inputs: ``x [rows, in]``; an experts layer also routes row ``i`` to expert ``i
+    mod E``."""
     gen = torch.Generator().manual_seed(PROBE_SEED)
     inner = innermost(layer)
     if isinstance(layer, LoRAExperts):
@@ -163,14 +172,21 @@ def _probe(layer: LoRAModule) -> tuple[torch.Tensor, ...]:
         hidden = next(iter(layer.projections(inner).values())).in_features
         x = torch.randn(PROBE_ROWS, hidden, generator=gen).to(weight.device, weight.dtype)
         experts = torch.arange(PROBE_ROWS, device=weight.device) % layer.num_experts(inner)
-        return x, experts.unsqueeze(-1), torch.ones(PROBE_ROWS, 1, device=weight.device, dtype=weight.dtype)
+        return (
+            x,
+            experts.unsqueeze(-1),
+            torch.ones(PROBE_ROWS, 1, device=weight.device, dtype=weight.dtype),
+        )
     in_features, _ = layer.features(inner)
     weight = layer.base_weight
     return (torch.randn(PROBE_ROWS, in_features, generator=gen).to(weight.device, weight.dtype),)
 
 
 def _quantized_base(layer: LoRAModule) -> bool:
-    return isinstance(layer.base, QuantModule) or getattr(layer.base, "weight_quantizer", None) is not None
+    return (
+        isinstance(layer.base, QuantModule)
+        or getattr(layer.base, "weight_quantizer", None) is not None
+    )
 
 
 def _export(model: nn.Module, folds: dict[str, list[str]]) -> None:
@@ -186,13 +202,17 @@ def _export(model: nn.Module, folds: dict[str, list[str]]) -> None:
             for name in names if not is_restoring() else []:
                 _fold(layer, layer.adapters[name], 1.0)
             model.set_submodule(layer_name, layer.base)
-        changes = {n: (layers[n].base(*x) - y).abs().max().item() for n, (x, y) in quantized.items()}
+        changes = {
+            n: (layers[n].base(*x) - y).abs().max().item() for n, (x, y) in quantized.items()
+        }
     record(model, "export", {"folded": folds})
     if changes:
         worst = max(changes, key=changes.get)
         warnings.warn(
-            f"export folded adapters into the master weights of {len(changes)} quantized layer(s); the "
-            f"quantizer now rounds W + scale*B@A, so outputs change: max |output change| on a probe "
+            f"export folded adapters into the master weights of {len(changes)} quantized layer(s); "
+            "the "
+            "quantizer now rounds W + scale*B@A, so outputs change: max |output change| on a "
+            "probe "
             f"input is {changes[worst]:.4g} (layer {worst!r})",
             UserWarning,
             stacklevel=3,

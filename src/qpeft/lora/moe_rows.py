@@ -84,7 +84,9 @@ class Routing:
 def _aligned(t: torch.Tensor) -> bool:
     size = t.element_size()
     return t.data_ptr() % _ALIGN_BYTES == 0 and all(
-        (s * size) % _ALIGN_BYTES == 0 for s, n in zip(t.stride(), t.shape, strict=True) if s != 1 and n > 1
+        (s * size) % _ALIGN_BYTES == 0
+        for s, n in zip(t.stride(), t.shape, strict=True)
+        if s != 1 and n > 1
     )
 
 

@@ -41,7 +41,9 @@ class _Best:
     b: torch.Tensor | None = None
 
 
-def _fresh_quantize(quantizer: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fresh_quantize(
+    quantizer: nn.Module, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``Q(weight)`` with an amax calibrated on ``weight`` itself (the quantizer is not touched)."""
     q = copy.deepcopy(quantizer)
     q.reset_amax()
@@ -50,7 +52,9 @@ def _fresh_quantize(quantizer: nn.Module, weight: torch.Tensor) -> tuple[torch.T
     return q(weight), q.amax
 
 
-def _refine_layer(layer: LoRAModule, name: str, adapter_name: str, iters: int) -> tuple[list[float], _Best]:
+def _refine_layer(
+    layer: LoRAModule, name: str, adapter_name: str, iters: int
+) -> tuple[list[float], _Best]:
     adapter, quantizer = layer.adapters[adapter_name], layer.weight_quantizer
     stored = layer.base_weight.detach()
     target = layer.to_out_in(stored).float()
@@ -78,21 +82,27 @@ def _targets(model: nn.Module, adapter_name: str) -> dict[str, LoRAModule]:
     holders = {n: m for n, m in layers.items() if adapter_name in m.adapters}
     if not holders:
         known = sorted({a for m in layers.values() for a in m.adapters})
-        raise ValueError(f"refine_svdquant: no layer has an adapter {adapter_name!r}; adapters: {known}")
+        raise ValueError(
+            f"refine_svdquant: no layer has an adapter {adapter_name!r}; adapters: {known}"
+        )
     chosen = {
-        n: m for n, m in holders.items()
+        n: m
+        for n, m in holders.items()
         if getattr(m.base, "weight_quantizer", None) is not None and m.weight_quantizer.is_enabled
     }
     if not chosen:
         raise ValueError(
-            f"refine_svdquant: none of the {len(holders)} layers with adapter {adapter_name!r} has an "
+            f"refine_svdquant: none of the {len(holders)} layers with adapter {adapter_name!r} has "
+            "an "
             "enabled weight quantizer; call qpeft.quantize first"
         )
     return chosen
 
 
 @torch.no_grad()
-def refine_svdquant(model: nn.Module, adapter_name: str = "default", iters: int = 5) -> dict[str, list[float]]:
+def refine_svdquant(
+    model: nn.Module, adapter_name: str = "default", iters: int = 5
+) -> dict[str, list[float]]:
     """Alternate ``Q <- quant(W - sBA)`` and ``BA <- SVD_r(W - Q)`` on every quantized LoRA layer.
 
     Args:
@@ -113,7 +123,9 @@ def refine_svdquant(model: nn.Module, adapter_name: str = "default", iters: int 
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"refine_svdquant: iters must be a positive integer, got {iters!r}")
     targets = _targets(model, adapter_name)
-    results = {name: _refine_layer(layer, name, adapter_name, iters) for name, layer in targets.items()}
+    results = {
+        name: _refine_layer(layer, name, adapter_name, iters) for name, layer in targets.items()
+    }
     for name, (_, best) in results.items():
         if best.weight is None:
             continue
@@ -123,7 +135,11 @@ def refine_svdquant(model: nn.Module, adapter_name: str = "default", iters: int 
             layer.weight_quantizer.amax = best.amax
         layer.adapters[adapter_name].lora_a.copy_(best.a)
         layer.adapters[adapter_name].lora_b.copy_(best.b)
-    record(model, "refine_svdquant", {"adapter_name": adapter_name, "iters": iters, "layers": sorted(targets)})
+    record(
+        model,
+        "refine_svdquant",
+        {"adapter_name": adapter_name, "iters": iters, "layers": sorted(targets)},
+    )
     return {name: errors for name, (errors, _) in results.items()}
 
 

@@ -37,14 +37,17 @@ def register_lora(base_type: type, wrapper: type[LoRAModule]) -> None:
     REGISTRY.register(base_type, wrapper)
 
 
-def register_lora_matcher(predicate: Callable[[nn.Module], bool], wrapper: type[LoRAModule]) -> None:
+def register_lora_matcher(
+    predicate: Callable[[nn.Module], bool], wrapper: type[LoRAModule]
+) -> None:
     """Register ``wrapper`` for every module ``m`` (innermost) with ``predicate(m)`` true.
 
     Registered types win over matchers; matchers are tried in registration order (e.g.
     transformers' many experts classes, recognised by the attributes their decorator sets).
 
     Raises:
-        TypeError: if ``wrapper`` is not a :class:`LoRAModule` subclass or ``predicate`` not callable.
+        TypeError: if ``wrapper`` is not a :class:`LoRAModule` subclass or ``predicate`` not
+        callable.
     """
     REGISTRY.register_matcher(predicate, wrapper)
 

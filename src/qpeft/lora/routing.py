@@ -6,7 +6,8 @@ flags; ``None`` means no adapter at all for that sample (the base model's output
 lacks the named adapter adds nothing for that sample.
 Works for training, inference and ``generate`` (the batch size must stay ``len(names)``).
 
-The math inside one LoRA layer. With the ``K`` routed adapters of one dtype stacked (ranks zero-padded to ``r = max r_k``, plus one
+The math inside one LoRA layer. With the ``K`` routed adapters of one dtype stacked (ranks
+zero-padded to ``r = max r_k``, plus one
 all-zero adapter at index ``K`` for samples routed to no adapter):
 
     A: [K+1, r, in]   B: [K+1, out, r]   s: [K+1]   idx: [b]   (idx_i = K when sample i has none)
@@ -47,7 +48,9 @@ __all__ = ["adapter_routing", "LayerRoute", "plan_route", "routed_forward", "DEN
 
 def _check_names(model: nn.Module, names: Sequence[str | None]) -> list[str | None]:
     if isinstance(names, str) or not isinstance(names, Sequence):
-        raise TypeError(f"adapter_routing: expected a list of adapter names (or None), got {names!r}")
+        raise TypeError(
+            f"adapter_routing: expected a list of adapter names (or None), got {names!r}"
+        )
     names = list(names)
     if not names:
         raise ValueError("adapter_routing: the list of adapter names is empty")
@@ -60,8 +63,12 @@ def _check_names(model: nn.Module, names: Sequence[str | None]) -> list[str | No
     known = {a for layer in layers.values() for a in layer.adapters}
     unknown = sorted({n for n in names if n is not None} - known)
     if unknown:
-        raise ValueError(f"adapter_routing: unknown adapter(s) {unknown}; the model has {sorted(known)}")
-    merged = sorted({(ln, a) for ln, layer in layers.items() for a, ad in layer.adapters.items() if ad.merged})
+        raise ValueError(
+            f"adapter_routing: unknown adapter(s) {unknown}; the model has {sorted(known)}"
+        )
+    merged = sorted(
+        {(ln, a) for ln, layer in layers.items() for a, ad in layer.adapters.items() if ad.merged}
+    )
     if merged:
         raise ValueError(
             f"adapter_routing: adapter {merged[0][1]!r} is merged into layer {merged[0][0]!r}; "
@@ -80,7 +87,8 @@ def adapter_routing(model: nn.Module, adapter_names: Sequence[str | None]) -> It
 
     Raises:
         TypeError: ``adapter_names`` is not a list of str/None.
-        ValueError: empty list, a name no layer has, a merged adapter, or a model without LoRA layers (checked on
+        ValueError: empty list, a name no layer has, a merged adapter, or a model without LoRA
+        layers (checked on
             entry, nothing changed); inside the block, a forward whose batch size differs from
             ``len(adapter_names)`` (names the layer).
 
@@ -89,10 +97,13 @@ def adapter_routing(model: nn.Module, adapter_names: Sequence[str | None]) -> It
     names = _check_names(model, adapter_names)
     layers = lora_layers(model)
     # layers with their own forward (grouped experts, Megatron) would ignore the routing silently
-    fixed = [n for n, layer in layers.items() if not getattr(layer, "supports_adapter_routing", True)]
+    fixed = [
+        n for n, layer in layers.items() if not getattr(layer, "supports_adapter_routing", True)
+    ]
     if fixed:
         raise ValueError(
-            f"adapter_routing: layer {fixed[0]!r} ({type(layers[fixed[0]]).__name__}) does not support "
+            f"adapter_routing: layer {fixed[0]!r} ({type(layers[fixed[0]]).__name__}) does not "
+            "support "
             "per-sample adapters"
         )
     routes = {n: plan_route(n, layer.adapters, names) for n, layer in layers.items()}
@@ -155,7 +166,9 @@ def plan_route(layer_name: str, adapters: nn.ModuleDict, names: Sequence[str | N
     groups = []
     for group in by_dtype.values():
         slot = {n: i for i, n in enumerate(group)}
-        index = torch.tensor([slot.get(n, len(group)) for n in names], dtype=torch.long, device=device)
+        index = torch.tensor(
+            [slot.get(n, len(group)) for n in names], dtype=torch.long, device=device
+        )
         groups.append(_Group(tuple(group), index))
     return LayerRoute(layer_name, len(names), tuple(groups))
 
@@ -196,10 +209,14 @@ def _dense_update(x, y, adapters: list[nn.Module], group: _Group):
     def concatenated():
         a = torch.cat([m.lora_a for m in adapters], 0)  # [R, in]
         b = torch.cat([m.lora_b for m in adapters], 1)  # [out, R]
-        columns = torch.cat([torch.full((m.rank,), k, device=x.device) for k, m in enumerate(adapters)])
+        columns = torch.cat(
+            [torch.full((m.rank,), k, device=x.device) for k, m in enumerate(adapters)]
+        )
         scales = torch.tensor([m.scale for m in adapters], dtype=dtype, device=x.device)
         index = group.index.to(x.device)
-        mask = torch.where(index[:, None] == columns[None, :], scales[columns][None, :], 0.0)  # [b, R]
+        mask = torch.where(
+            index[:, None] == columns[None, :], scales[columns][None, :], 0.0
+        )  # [b, R]
         return a, b, mask[:, None, :]
 
     a, b, mask = group.reuse("dense", adapters, concatenated)
@@ -220,7 +237,9 @@ def _group_update(x: torch.Tensor, y: torch.Tensor, adapters: list[nn.Module], g
     return _gathered_update(x, y, adapters, group, rank)
 
 
-def routed_forward(layer: nn.Module, route: LayerRoute, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def routed_forward(
+    layer: nn.Module, route: LayerRoute, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """``y`` plus, for every sample, its routed adapter's ``scale * B(A(x))``.
 
     Raises:

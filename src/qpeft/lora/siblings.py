@@ -50,8 +50,12 @@ class _Pending:
     blocks: dict[int, tuple[tuple[torch.Tensor, ...], torch.Tensor]]  # member -> (A parts, block)
 
     def matches(self, x: torch.Tensor) -> bool:
-        return (self.x is x and self.version == x._version and self.thread == threading.get_ident()
-                and self.grad == torch.is_grad_enabled())
+        return (
+            self.x is x
+            and self.version == x._version
+            and self.thread == threading.get_ident()
+            and self.grad == torch.is_grad_enabled()
+        )
 
 
 class SiblingGroup:
@@ -114,8 +118,9 @@ class SiblingGroup:
             return None
         if not pending.matches(x):  # the partners still pending did not come with this tensor
             left = set(pending.blocks)
-            self._partners[pending.leader] = [j for j in self._partners.get(pending.leader, [])
-                                              if j not in left]
+            self._partners[pending.leader] = [
+                j for j in self._partners.get(pending.leader, []) if j not in left
+            ]
             self._pending = None
         return None
 
@@ -139,8 +144,14 @@ class SiblingGroup:
         widths = [sum(a.shape[0] for a in parts)] + [sum(a.shape[0] for a in p) for _, p in shared]
         x2 = x.reshape(-1, x.shape[-1])
         blocks = torch.split(torch.mm(x2, torch.cat(all_parts, 0).t()), widths, 1)
-        self._pending = _Pending(x, x._version, threading.get_ident(), torch.is_grad_enabled(),
-                                 index, {j: (p, blk) for (j, p), blk in zip(shared, blocks[1:], strict=True)})
+        self._pending = _Pending(
+            x,
+            x._version,
+            threading.get_ident(),
+            torch.is_grad_enabled(),
+            index,
+            {j: (p, blk) for (j, p), blk in zip(shared, blocks[1:], strict=True)},
+        )
         return blocks[0]
 
 
@@ -198,7 +209,9 @@ def set_input_sharing(model: nn.Module, enabled: bool) -> nn.Module:
 
 def _apply_sharing(model: nn.Module, enabled: bool) -> None:
     if not any(isinstance(m, LoRAModule) for m in model.modules()):
-        raise ValueError("set_input_sharing: model has no LoRA layers; call qpeft.update_model first")
+        raise ValueError(
+            "set_input_sharing: model has no LoRA layers; call qpeft.update_model first"
+        )
     for module in model.modules():
         group = getattr(module, "_siblings", None)
         if isinstance(group, SiblingGroup):

@@ -22,7 +22,13 @@ from .config import PEFTAttributeConfig
 from .experts import LoRAExperts
 from .registry import lora_class_for
 
-__all__ = ["ExpertsTarget", "resolve_experts", "is_target_name", "experts_class", "skipped_projections"]
+__all__ = [
+    "ExpertsTarget",
+    "resolve_experts",
+    "is_target_name",
+    "experts_class",
+    "skipped_projections",
+]
 
 
 @dataclass
@@ -42,13 +48,16 @@ class ExpertsTarget:
 def resolve_experts(
     layer_name: str, projections: list[str], adapter_cfg: Mapping[Any, Any], adapter_name: str
 ) -> ExpertsTarget | None:
-    """Merge ``adapter_cfg`` per projection of experts layer ``layer_name``; None if nothing matches.
+    """Merge ``adapter_cfg`` per projection of experts layer ``layer_name``; None if nothing
+    matches.
 
     Raises:
         ValueError: two enabled projections differ in an attribute other than ``enable`` (names the
             adapter, layer, field and projections), or an entry's attributes are invalid.
     """
-    per_proj = {p: merge_matching_any((layer_name, f"{layer_name}.{p}"), adapter_cfg) for p in projections}
+    per_proj = {
+        p: merge_matching_any((layer_name, f"{layer_name}.{p}"), adapter_cfg) for p in projections
+    }
     matched = {p: m for p, m in per_proj.items() if m is not None}
     if not matched:
         return None
@@ -63,7 +72,9 @@ def resolve_experts(
     return ExpertsTarget(merged, enabled, [p for p in matched if p not in enabled], explicit)
 
 
-def _check_same(adapter: str, layer: str, enabled: list[str], attrs: dict[str, PEFTAttributeConfig]) -> None:
+def _check_same(
+    adapter: str, layer: str, enabled: list[str], attrs: dict[str, PEFTAttributeConfig]
+) -> None:
     if len(enabled) < 2:
         return
     first = attrs[enabled[0]].model_dump(exclude={"enable"})
@@ -71,14 +82,17 @@ def _check_same(adapter: str, layer: str, enabled: list[str], attrs: dict[str, P
         for key, value in attrs[other].model_dump(exclude={"enable"}).items():
             if value != first[key]:
                 raise ValueError(
-                    f"adapter {adapter!r} on experts layer {layer!r}: projections {enabled[0]!r} and "
-                    f"{other!r} resolve to different {key} ({first[key]!r} vs {value!r}); one adapter "
+                    f"adapter {adapter!r} on experts layer {layer!r}: projections {enabled[0]!r} "
+                    "and "
+                    f"{other!r} resolve to different {key} ({first[key]!r} vs {value!r}); one "
+                    "adapter "
                     "needs the same attributes on all its projections (only enable may differ)"
                 )
 
 
 def is_target_name(name: str, layers: Mapping[str, nn.Module]) -> bool:
-    """Whether ``name`` is a LoRA-capable layer of ``layers`` or ``<experts layer>.<projection>``."""
+    """Whether ``name`` is a LoRA-capable layer of ``layers`` or ``<experts
+    layer>.<projection>``."""
     if name in layers:
         return True
     layer_name, _, proj = name.rpartition(".")
@@ -95,7 +109,9 @@ def experts_class(module: nn.Module) -> type[LoRAExperts] | None:
     return cls if cls is not None and issubclass(cls, LoRAExperts) else None
 
 
-def skipped_projections(layers: Mapping[str, nn.Module], holders: Mapping[str, nn.Module]) -> dict[str, list[str]]:
+def skipped_projections(
+    layers: Mapping[str, nn.Module], holders: Mapping[str, nn.Module]
+) -> dict[str, list[str]]:
     """``{experts layer: [projections without factors]}`` for one adapter's ``{layer: adapter}``.
 
     ``save_adapters`` stores it so ``load_adapters`` recreates the same projections.

@@ -78,7 +78,9 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
                 f"model's {tuple(current[key].shape)}"
             )
     strict = not all(is_adapter_key(k) for k in state_dict)
-    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, strict=strict))
+    set_model_state_dict(
+        model, state_dict, options=StateDictOptions(full_state_dict=True, strict=strict)
+    )
     return model
 
 

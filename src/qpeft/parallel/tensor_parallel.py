@@ -52,7 +52,9 @@ def _weight_dims(layer: LoRAModule) -> tuple[int, int]:
     raise TypeError(f"tensor parallelism does not know the weight layout of {type(layer).__name__}")
 
 
-def _shard_param(module: nn.Module, name: str, mesh: DeviceMesh, placement, src: int | None) -> None:
+def _shard_param(
+    module: nn.Module, name: str, mesh: DeviceMesh, placement, src: int | None
+) -> None:
     param = getattr(module, name, None)
     if param is None:
         return
@@ -91,7 +93,8 @@ def _distribute_lora(style, layer: LoRAModule, mesh: DeviceMesh, column: bool) -
 
 
 class LoRAColwiseParallel(ColwiseParallel):
-    """``ColwiseParallel`` that also shards LoRA layers: ``W`` and ``B`` on ``out``, ``A`` replicated.
+    """``ColwiseParallel`` that also shards LoRA layers: ``W`` and ``B`` on ``out``, ``A``
+    replicated.
 
     Same keyword arguments as ``ColwiseParallel`` (``input_layouts``, ``output_layouts``,
     ``use_local_output``); any other module is handled by ``ColwiseParallel`` itself.
@@ -104,7 +107,8 @@ class LoRAColwiseParallel(ColwiseParallel):
 
 
 class LoRARowwiseParallel(RowwiseParallel):
-    """``RowwiseParallel`` that also shards LoRA layers: ``W`` and ``A`` on ``in``, ``B`` replicated.
+    """``RowwiseParallel`` that also shards LoRA layers: ``W`` and ``A`` on ``in``, ``B``
+    replicated.
 
     The adapter's partial output joins the base's partial sums before the one output reduction.
     Same keyword arguments as ``RowwiseParallel``; any other module is handled by it.
@@ -121,7 +125,9 @@ def _converted(style: ParallelStyle) -> ParallelStyle | None:
     """The LoRA-aware equivalent of a torch column/row style (same layouts), else None."""
     if isinstance(style, (LoRAColwiseParallel, LoRARowwiseParallel)):
         return style
-    cls = {ColwiseParallel: LoRAColwiseParallel, RowwiseParallel: LoRARowwiseParallel}.get(type(style))
+    cls = {ColwiseParallel: LoRAColwiseParallel, RowwiseParallel: LoRARowwiseParallel}.get(
+        type(style)
+    )
     if cls is None:
         return None
     new = cls(

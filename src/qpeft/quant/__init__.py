@@ -1,4 +1,5 @@
-"""Fake quantization: numerics, TensorQuantizer, ModelOpt-style configs, quantized layers, quantize()."""
+"""Fake quantization: numerics, TensorQuantizer, ModelOpt-style configs, quantized layers,
+quantize()."""
 
 from .api import QuantizeConfig, quantize
 from .config import (

@@ -5,7 +5,8 @@
 ``"*input_quantizer"``, ``"*lm_head*"``, or callables) to ModelOpt-style attribute dicts. Each
 quantizer ``<layer>.weight_quantizer`` / ``<layer>.input_quantizer`` (grouped MoE experts:
 ``<layer>.<projection>_weight_quantizer``, no input quantizer) merges every matching entry in
-order, key by key (:func:`qpeft.core.patterns.merge_matching`); one that no entry matches is disabled,
+order, key by key (:func:`qpeft.core.patterns.merge_matching`); one that no entry matches is
+disabled,
 and a layer none of whose quantizers is matched is left alone. Layers whose class is one of
 ModelOpt's ``DISABLED_PARENT_CLASSES`` get disabled quantizers.
 
@@ -47,7 +48,8 @@ _FIELDS = set(QuantizerAttributeConfig.model_fields)
 
 
 class QuantizeConfig(BaseModel):
-    """What :func:`quantize` does: an ordered quantizer pattern map and the calibration algorithm."""
+    """What :func:`quantize` does: an ordered quantizer pattern map and the calibration
+    algorithm."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
@@ -71,10 +73,14 @@ def _check_entry(pattern: Any, attrs: Any) -> None:
     if isinstance(attrs, QuantizerAttributeConfig):
         return
     if not isinstance(attrs, dict):
-        raise ValueError(f"quant_cfg[{label!r}]: attributes must be a dict, got {type(attrs).__name__}")
+        raise ValueError(
+            f"quant_cfg[{label!r}]: attributes must be a dict, got {type(attrs).__name__}"
+        )
     unknown = sorted(set(attrs) - _FIELDS)
     if unknown:
-        raise ValueError(f"quant_cfg[{label!r}]: unknown field(s) {unknown}; known: {sorted(_FIELDS)}")
+        raise ValueError(
+            f"quant_cfg[{label!r}]: unknown field(s) {unknown}; known: {sorted(_FIELDS)}"
+        )
     try:  # field values alone; combinations are checked once merged per quantizer
         QuantizerAttributeConfig(**{**attrs, "enable": False})
     except ValidationError as err:
@@ -100,7 +106,9 @@ def _as_config(config: str | QuantizeConfig | dict[str, Any]) -> QuantizeConfig:
             return QuantizeConfig.model_validate(config)
         except ValidationError as err:
             raise ValueError(f"quantize config: {_first_error(err)}") from None
-    raise TypeError(f"config must be a preset name, a QuantizeConfig or a dict, got {type(config).__name__}")
+    raise TypeError(
+        f"config must be a preset name, a QuantizeConfig or a dict, got {type(config).__name__}"
+    )
 
 
 def _resolve(name: str, pattern_map: dict[Any, Any], off: bool) -> QuantizerAttributeConfig | None:
@@ -112,14 +120,18 @@ def _resolve(name: str, pattern_map: dict[Any, Any], off: bool) -> QuantizerAttr
     try:
         return QuantizerAttributeConfig(**merged)
     except ValidationError as err:
-        raise ValueError(f"quantizer {name!r}: {_first_error(err)} (merged attributes {merged})") from None
+        raise ValueError(
+            f"quantizer {name!r}: {_first_error(err)} (merged attributes {merged})"
+        ) from None
 
 
 def _disabled_parent(raw: nn.Module) -> bool:
     return any(cls.__name__ in DISABLED_PARENT_CLASSES for cls in type(raw).__mro__)
 
 
-def _build(target: Target, attrs: dict[str, QuantizerAttributeConfig | None], name: str) -> QuantModule:
+def _build(
+    target: Target, attrs: dict[str, QuantizerAttributeConfig | None], name: str
+) -> QuantModule:
     quantizers: dict[str, TensorQuantizer] = {}
     for kind, cls in target.wrapper.quantizer_classes(target.raw).items():
         cfg = attrs.get(kind) or QuantizerAttributeConfig(enable=False)
@@ -143,7 +155,9 @@ def _calibrate_weights(layer: QuantModule) -> None:
 def _plan(model: nn.Module, cfg: QuantizeConfig) -> tuple[dict[str, QuantModule], dict[str, Any]]:
     targets = quant_targets(model)
     if not targets:
-        raise ValueError("model has no layer that can be quantized (nn.Linear, Conv1D, or a registered type)")
+        raise ValueError(
+            "model has no layer that can be quantized (nn.Linear, Conv1D, or a registered type)"
+        )
     wrappers: dict[str, QuantModule] = {}
     resolved: dict[str, Any] = {}
     for name, target in targets.items():
@@ -153,14 +167,23 @@ def _plan(model: nn.Module, cfg: QuantizeConfig) -> tuple[dict[str, QuantModule]
         if all(a is None for a in attrs.values()):
             continue
         if not target.slot:
-            raise ValueError("the model itself is a quantizable layer; wrap it in a container module")
+            raise ValueError(
+                "the model itself is a quantizable layer; wrap it in a container module"
+            )
         wrappers[name] = _build(target, attrs, name)
         _calibrate_weights(wrappers[name])
-        resolved[name] = {k: (a or QuantizerAttributeConfig(enable=False)).model_dump(mode="json")
-                          for k, a in attrs.items()}
+        resolved[name] = {
+            k: (a or QuantizerAttributeConfig(enable=False)).model_dump(mode="json")
+            for k, a in attrs.items()
+        }
     if not wrappers:
-        patterns = [p if isinstance(p, str) else getattr(p, "__name__", repr(p)) for p in cfg.quant_cfg]
-        raise ValueError(f"quant_cfg patterns {patterns} match no quantizer of the {len(targets)} quantizable layers")
+        patterns = [
+            p if isinstance(p, str) else getattr(p, "__name__", repr(p)) for p in cfg.quant_cfg
+        ]
+        raise ValueError(
+            f"quant_cfg patterns {patterns} match no quantizer of the {len(targets)} quantizable "
+            "layers"
+        )
     return wrappers, resolved
 
 
@@ -174,21 +197,30 @@ def _amax_shape(quantizer: TensorQuantizer) -> list[int] | None:
     return None if quantizer.amax is None else list(quantizer.amax.shape)
 
 
-def _log_entry(algorithm: str, resolved: dict[str, Any], wrappers: dict[str, QuantModule]) -> dict[str, Any]:
+def _log_entry(
+    algorithm: str, resolved: dict[str, Any], wrappers: dict[str, QuantModule]
+) -> dict[str, Any]:
     layers = {
-        name: {kind: {"attributes": resolved[name][kind], "amax_shape": _amax_shape(q)}
-               for kind, q in w.quantizers().items()}
+        name: {
+            kind: {"attributes": resolved[name][kind], "amax_shape": _amax_shape(q)}
+            for kind, q in w.quantizers().items()
+        }
         for name, w in wrappers.items()
     }
     return {"algorithm": algorithm, "layers": layers}
 
 
 def _warn_uncalibrated(wrappers: dict[str, QuantModule]) -> None:
-    missing = [q.name for w in wrappers.values() for q in w.input_quantizers().values()
-               if q.is_enabled and q.needs_amax and q.amax is None]
+    missing = [
+        q.name
+        for w in wrappers.values()
+        for q in w.input_quantizers().values()
+        if q.is_enabled and q.needs_amax and q.amax is None
+    ]
     if missing:
         warnings.warn(
-            f"{len(missing)} input quantizer(s) need a calibrated amax and have none (no forward_loop "
+            f"{len(missing)} input quantizer(s) need a calibrated amax and have none (no "
+            "forward_loop "
             f"or never reached), e.g. {missing[0]!r}: the first forward through them will raise",
             stacklevel=3,
         )
@@ -205,7 +237,8 @@ def quantize(
         model: any ``nn.Module`` (plain or already converted by :func:`qpeft.update_model`).
         config: a preset name (``int8``, ``int8_weight_only``, ``int4``, ``fp8``,
             ``fp8_weight_only``, ``nvfp4``, ``nvfp4_weight_only``, ``mxfp4``), a
-            :class:`QuantizeConfig`, or a dict ``{"quant_cfg": {pattern: attrs}, "algorithm": "max"}``.
+            :class:`QuantizeConfig`, or a dict ``{"quant_cfg": {pattern: attrs}, "algorithm":
+            "max"}``.
         forward_loop: ``forward_loop(model)`` runs calibration data through the model; it sets the
             input quantizers' amax (max calibration). Without it, static input quantizers stay
             uncalibrated and raise at their first forward (a warning says so).
@@ -216,7 +249,8 @@ def quantize(
     Raises:
         ValueError: unknown preset (lists the presets), invalid config (names the field and
             pattern or quantizer), no quantizable layer or no quantizer matched. TypeError: bad
-            config type. Any exception from ``forward_loop`` propagates. The model is then untouched.
+            config type. Any exception from ``forward_loop`` propagates. The model is then
+            untouched.
     """
     cfg = _as_config(config)
     wrappers, resolved = _plan(model, cfg)

@@ -27,8 +27,16 @@ __all__ = ["WeightCache"]
 
 
 def _settings(q: TensorQuantizer) -> tuple:
-    return (q.is_enabled, q._calibrating, q.fmt, q.num_bits, q.axis, q.block_size,
-            q.narrow_range, q.pass_through_bwd)
+    return (
+        q.is_enabled,
+        q._calibrating,
+        q.fmt,
+        q.num_bits,
+        q.axis,
+        q.block_size,
+        q.narrow_range,
+        q.pass_through_bwd,
+    )
 
 
 @dataclass
@@ -49,8 +57,14 @@ class WeightCache:
         amax = quantizer._amax
         refs = (weight, quantizer, amax)
         values = (
-            weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape),
-            weight.requires_grad, _settings(quantizer), None if amax is None else amax._version,
+            weight.data_ptr(),
+            weight._version,
+            weight.dtype,
+            weight.device,
+            tuple(weight.shape),
+            weight.requires_grad,
+            _settings(quantizer),
+            None if amax is None else amax._version,
         )
         return refs, values
 

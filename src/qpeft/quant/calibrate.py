@@ -51,8 +51,14 @@ def calibrate_inputs(
     targets: dict[str, Target],
     forward_loop: Callable[[nn.Module], Any],
 ) -> None:
-    """Record the input amax of every enabled input quantizer of ``wrappers`` over ``forward_loop``."""
-    todo = [(name, q) for name, w in wrappers.items() for q in w.input_quantizers().values() if q.is_enabled]
+    """Record the input amax of every enabled input quantizer of ``wrappers`` over
+    ``forward_loop``."""
+    todo = [
+        (name, q)
+        for name, w in wrappers.items()
+        for q in w.input_quantizers().values()
+        if q.is_enabled
+    ]
     with ExitStack() as stack:
         stack.enter_context(quantizers_off(model))
         for name, quantizer in todo:

@@ -70,7 +70,9 @@ class QuantizerAttributeConfig(BaseModel):
         if axes != [-1] or not isinstance(out[-1], int) or out[-1] < 1:
             raise ValueError("block_sizes: only a positive block size on the last axis (-1)")
         if out.get("type", "static") not in ("static", "dynamic"):
-            raise ValueError(f"block_sizes: type must be 'static' or 'dynamic', got {out['type']!r}")
+            raise ValueError(
+                f"block_sizes: type must be 'static' or 'dynamic', got {out['type']!r}"
+            )
         return out
 
     @model_validator(mode="after")

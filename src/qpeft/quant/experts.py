@@ -10,7 +10,8 @@ An experts module keeps every expert's weight of projection ``p`` in one tensor
 where ``Q2`` is the ordinary 2-D quantizer with the same attributes on ``W_p[e]`` alone (its own
 amax): ``axis=0`` gives one amax per output row of each expert (``_amax: [E, out, 1]``), a
 per-tensor amax (fp8, int, the nvfp4 global amax) one per expert (``[E, 1, 1]``), and blocks run
-along ``in``. A transposed weight is quantized as ``W_p[e].T`` (:class:`TransposedExpertsTensorQuantizer`),
+along ``in``. A transposed weight is quantized as ``W_p[e].T``
+(:class:`TransposedExpertsTensorQuantizer`),
 like transformers' ``Conv1D``.
 
 The forward is the experts module's own forward (whatever experts implementation the model uses),
@@ -46,15 +47,21 @@ class ExpertsTensorQuantizer(TensorQuantizer):
         """As :class:`TensorQuantizer`; raises ValueError for an axis a 2-D matrix does not have."""
         super().__init__(*args, **kwargs)
         if self.axis is not None and self.axis not in (-2, -1, 0, 1):
-            raise ValueError(f"axis: an expert's weight is 2-D, so axis must be 0 or 1, got {self.axis}")
+            raise ValueError(
+                f"axis: an expert's weight is 2-D, so axis must be 0 or 1, got {self.axis}"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize every expert's matrix; contiguous (block padding is sliced off) for the kernels."""
+        """Fake-quantize every expert's matrix; contiguous (block padding is sliced off) for the
+        kernels."""
         return super().forward(x).contiguous()
 
     def _amax_of(self, xa: torch.Tensor) -> torch.Tensor:
         if xa.dim() != 3:
-            raise ValueError(f"{self._label()}: expected a 3-D [experts, rows, cols] tensor, got {tuple(xa.shape)}")
+            raise ValueError(
+                f"{self._label()}: expected a 3-D [experts, rows, cols] tensor, got "
+                f"{tuple(xa.shape)}"
+            )
         if self.axis is None or self.fmt == "nvfp4":
             return xa.amax(dim=(1, 2), keepdim=True)  # [E, 1, 1]
         kept = 1 + self.axis % 2  # the matrix axis as a dim of [E, rows, cols]
@@ -65,7 +72,8 @@ class TransposedExpertsTensorQuantizer(TransposedTensorQuantizer, ExpertsTensorQ
     """Per-expert quantizer for weights stored ``[E, in, out]``: quantizes every ``W[e].T``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``Q(x^T)^T`` per expert, contiguous like the stored weight; ``x`` itself when disabled."""
+        """``Q(x^T)^T`` per expert, contiguous like the stored weight; ``x`` itself when
+        disabled."""
         return super().forward(x).contiguous()
 
 
@@ -81,18 +89,25 @@ class QuantExperts(QuantModule):
     def quantizer_classes(cls, raw: nn.Module) -> dict[str, type[TensorQuantizer]]:
         """``<projection>_weight_quantizer`` for every projection."""
         return {
-            f"{name}_weight_quantizer": TransposedExpertsTensorQuantizer if transposed else ExpertsTensorQuantizer
+            f"{name}_weight_quantizer": TransposedExpertsTensorQuantizer
+            if transposed
+            else ExpertsTensorQuantizer
             for name, transposed in cls.projections(raw).items()
         }
 
     def weights(self) -> dict[str, torch.Tensor]:
         """``{"<p>_weight_quantizer": W_p}``: the 3-D parameters of the experts module."""
         inner = innermost(self)
-        return {f"{name}_weight_quantizer": getattr(inner, name) for name in self.projections(inner)}
+        return {
+            f"{name}_weight_quantizer": getattr(inner, name) for name in self.projections(inner)
+        }
 
     def quantized_weights(self) -> dict[str, torch.Tensor]:
         """``{projection: Q(W_p)}`` in the stored layout (cached while the weights are frozen)."""
-        return {name: self.quantized(f"{name}_weight_quantizer") for name in self.projections(innermost(self))}
+        return {
+            name: self.quantized(f"{name}_weight_quantizer")
+            for name in self.projections(innermost(self))
+        }
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The experts module's own forward with every ``W_p`` replaced by ``Q(W_p)``."""

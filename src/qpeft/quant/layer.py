@@ -3,7 +3,8 @@
 :class:`QuantModule` is the generic wrapper (the raw layer plus ``TensorQuantizer`` children,
 each weight with its own ``Q(W)`` cache); :class:`QuantDense` is the one-weight, one-input kind
 with ``weight_quantizer`` and ``input_quantizer`` (grouped MoE experts have one weight quantizer
-per projection instead, see :mod:`qpeft.quant.experts`). For ``nn.Linear`` (``W: [out, in]``, ``x: [..., in]``)::
+per projection instead, see :mod:`qpeft.quant.experts`). For ``nn.Linear`` (``W: [out, in]``, ``x:
+[..., in]``)::
 
     y = F.linear(Qin(x), Qw(W), b)                    : [..., out]
 
@@ -46,7 +47,8 @@ class TransposedTensorQuantizer(TensorQuantizer):
 
 
 class QuantModule(ModuleWrapper):
-    """Base class of quantized layers: the raw layer as ``base`` plus named ``TensorQuantizer`` children.
+    """Base class of quantized layers: the raw layer as ``base`` plus named ``TensorQuantizer``
+    children.
 
     A subclass says which quantizers a raw layer gets (:meth:`quantizer_classes`) and which weight
     each weight quantizer reads (:meth:`weights`); the others are input quantizers. Every weight
@@ -55,7 +57,8 @@ class QuantModule(ModuleWrapper):
 
     @classmethod
     def quantizer_classes(cls, raw: nn.Module) -> dict[str, type[TensorQuantizer]]:
-        """``{quantizer name: TensorQuantizer class}`` of the wrapper around ``raw`` (subclasses)."""
+        """``{quantizer name: TensorQuantizer class}`` of the wrapper around ``raw``
+        (subclasses)."""
         raise NotImplementedError
 
     def __init__(self, base: nn.Module, **quantizers: TensorQuantizer | None) -> None:
@@ -69,7 +72,9 @@ class QuantModule(ModuleWrapper):
         classes = self.quantizer_classes(base)
         unknown = sorted(set(quantizers) - set(classes))
         if unknown:
-            raise TypeError(f"{type(self).__name__}: unknown quantizer(s) {unknown}; known: {list(classes)}")
+            raise TypeError(
+                f"{type(self).__name__}: unknown quantizer(s) {unknown}; known: {list(classes)}"
+            )
         super().__init__(base)
         for name, cls in classes.items():
             given = quantizers.get(name)
@@ -90,7 +95,8 @@ class QuantModule(ModuleWrapper):
         return {name: q for name, q in self.quantizers().items() if name not in weights}
 
     def quantized(self, name: str) -> torch.Tensor:
-        """``Q(W)`` of weight quantizer ``name`` in the weight's storage layout (cached while frozen)."""
+        """``Q(W)`` of weight quantizer ``name`` in the weight's storage layout (cached while
+        frozen)."""
         return self._weight_caches[name].get(self.weights()[name], getattr(self, name))
 
     def __getstate__(self) -> dict[str, Any]:

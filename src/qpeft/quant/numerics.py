@@ -128,7 +128,9 @@ def e2m1_magnitude(a: torch.Tensor, ties_to_even: bool = True) -> torch.Tensor:
     """
     if isinstance(a, DTensor):  # elementwise: round each shard (tensor parallelism)
         local = e2m1_magnitude(a.to_local(), ties_to_even)
-        return DTensor.from_local(local, a.device_mesh, a.placements, shape=a.shape, stride=a.stride())
+        return DTensor.from_local(
+            local, a.device_mesh, a.placements, shape=a.shape, stride=a.stride()
+        )
     bounds = torch.tensor(_E2M1_BOUNDS, dtype=torch.float32, device=a.device)
     idx = torch.bucketize(a, bounds)  # number of bounds strictly below a
     if ties_to_even:
@@ -138,9 +140,7 @@ def e2m1_magnitude(a: torch.Tensor, ties_to_even: bool = True) -> torch.Tensor:
     return values[idx]
 
 
-def nvfp4_block_scale(
-    block_amax: torch.Tensor, global_scale: torch.Tensor
-) -> torch.Tensor:
+def nvfp4_block_scale(block_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """NVFP4 per-block scale ``fp32(e4m3(clamp(r, 2^-9, 448))) * g``, ``r = amax / (6 g)``."""
     ratio = block_amax / (E2M1_MAX * global_scale)
     ratio = torch.where(ratio == 0, _const(1.0, ratio), ratio)

@@ -149,7 +149,8 @@ class TensorQuantizer(nn.Module):
         self._amax = amax if self._amax is None else torch.maximum(self._amax, amax)
 
     def _amax_of(self, xa: torch.Tensor) -> torch.Tensor:
-        """The static amax of ``xa = |x|`` (fp32): per tensor (nvfp4's global amax too) or per ``axis``."""
+        """The static amax of ``xa = |x|`` (fp32): per tensor (nvfp4's global amax too) or per
+        ``axis``."""
         if self.axis is None or self.fmt == "nvfp4":
             return xa.amax()
         axis = self.axis % xa.dim()

@@ -34,11 +34,14 @@ def register_quant(base_type: type, wrapper: type[QuantModule]) -> None:
     REGISTRY.register(base_type, wrapper)
 
 
-def register_quant_matcher(predicate: Callable[[nn.Module], bool], wrapper: type[QuantModule]) -> None:
+def register_quant_matcher(
+    predicate: Callable[[nn.Module], bool], wrapper: type[QuantModule]
+) -> None:
     """Register ``wrapper`` for every raw module ``m`` with ``predicate(m)`` true (after the types).
 
     Raises:
-        TypeError: if ``wrapper`` is not a :class:`QuantModule` subclass or ``predicate`` not callable.
+        TypeError: if ``wrapper`` is not a :class:`QuantModule` subclass or ``predicate`` not
+        callable.
     """
     REGISTRY.register_matcher(predicate, wrapper)
 

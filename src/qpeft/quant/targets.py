@@ -32,7 +32,9 @@ def logical_named_modules(model: nn.Module) -> Iterator[tuple[str, str, nn.Modul
     quantizers) are not layers of the model.
     """
 
-    def walk(module: nn.Module, physical: str, logical: str) -> Iterator[tuple[str, str, nn.Module]]:
+    def walk(
+        module: nn.Module, physical: str, logical: str
+    ) -> Iterator[tuple[str, str, nn.Module]]:
         yield physical, logical, module
         wrapper = isinstance(module, ModuleWrapper)
         for name, child in module._modules.items():

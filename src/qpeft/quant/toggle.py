@@ -21,7 +21,8 @@ __all__ = ["enable_quantizer", "disable_quantizer", "model_quantizers"]
 
 
 def model_quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
-    """Every quantizer of ``model`` by logical name (``<layer>.weight_quantizer``, ``<layer>.input_quantizer``...)."""
+    """Every quantizer of ``model`` by logical name (``<layer>.weight_quantizer``,
+    ``<layer>.input_quantizer``...)."""
     return {
         f"{layer_name}.{kind}": quantizer
         for layer_name, layer in quantized_layers(model).items()
@@ -46,7 +47,9 @@ def _toggle(model: nn.Module, pattern: Any, value: bool, mode: str) -> nn.Module
     names = [n for n in quantizers if matches_pattern(n, pattern)]
     if not names:
         label = pattern if isinstance(pattern, str) else getattr(pattern, "__name__", repr(pattern))
-        raise ValueError(f"{mode}: pattern {label!r} matches none of the {len(quantizers)} quantizers")
+        raise ValueError(
+            f"{mode}: pattern {label!r} matches none of the {len(quantizers)} quantizers"
+        )
     _set(model, names, value, mode)
     return model
 
@@ -67,7 +70,8 @@ def enable_quantizer(model: nn.Module, pattern: Any) -> nn.Module:
 
 
 def disable_quantizer(model: nn.Module, pattern: Any) -> nn.Module:
-    """Disable every quantizer whose logical name matches ``pattern``; as :func:`enable_quantizer`."""
+    """Disable every quantizer whose logical name matches ``pattern``; as
+    :func:`enable_quantizer`."""
     return _toggle(model, pattern, False, "disable_quantizer")
 
 

@@ -1,1 +1,2 @@
-"""`qpeft recover`: quantize a pretrained model and win its accuracy back by distillation into LoRA."""
+"""`qpeft recover`: quantize a pretrained model and win its accuracy back by distillation into
+LoRA."""

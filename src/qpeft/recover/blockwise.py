@@ -1,4 +1,5 @@
-"""Block-by-block reconstruction: fit each transformer block's adapters to the teacher's block output.
+"""Block-by-block reconstruction: fit each transformer block's adapters to the teacher's block
+output.
 
 Blocks are the entries of the ``nn.ModuleList`` holding the most LoRA layers (``encoder.layer``,
 ``model.layers``...). One teacher pass records every block's output ``T_i: [b, s, h]`` and the
@@ -35,7 +36,8 @@ class BlockReport:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The name and ``nn.ModuleList`` of the model's transformer blocks (the list with most LoRA layers).
+    """The name and ``nn.ModuleList`` of the model's transformer blocks (the list with most LoRA
+    layers).
 
     Raises:
         ValueError: when no module list holds a LoRA layer.
@@ -56,18 +58,24 @@ def _first(output: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _teacher_trace(teacher: nn.Module, blocks: nn.ModuleList, forward: Callable, batches: list[Batch]):
+def _teacher_trace(
+    teacher: nn.Module, blocks: nn.ModuleList, forward: Callable, batches: list[Batch]
+):
     """Inputs ``(hidden, (other args, kwargs))`` of block 0 and every block's output, per batch."""
     inputs: list[tuple[torch.Tensor, tuple]] = []
     outputs: list[list[torch.Tensor]] = [[] for _ in blocks]
 
     def grab_input(_m, args, kwargs):
         rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        inputs.append((args[0], (args[1:], rest)) if args else (kwargs["hidden_states"], ((), rest)))
+        inputs.append(
+            (args[0], (args[1:], rest)) if args else (kwargs["hidden_states"], ((), rest))
+        )
 
     hooks = [blocks[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
     for i, block in enumerate(blocks):
-        hooks.append(block.register_forward_hook(lambda _m, _a, out, i=i: outputs[i].append(_first(out))))
+        hooks.append(
+            block.register_forward_hook(lambda _m, _a, out, i=i: outputs[i].append(_first(out)))
+        )
     try:
         for batch in batches:
             forward(teacher, batch)
@@ -92,10 +100,14 @@ def _fit_block(block, xs, kwargs, targets, masks, epochs, lr, generator, losses,
     if not params or epochs == 0:
         return
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(xs), pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * len(xs), pct_start=0.1
+    )
     for _ in range(epochs):
         for j in torch.randperm(len(xs), generator=generator).tolist():
-            loss = masked_relative_mse(_first(block(xs[j], *kwargs[j][0], **kwargs[j][1])), targets[j], masks[j])
+            loss = masked_relative_mse(
+                _first(block(xs[j], *kwargs[j][0], **kwargs[j][1])), targets[j], masks[j]
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -139,7 +151,18 @@ def reconstruct_blocks(
     tick = progress or (lambda _n: None)
     for i, block in enumerate(blocks):
         report.before.append(_block_error(block, xs, kwargs, targets[i], masks))
-        _fit_block(block, xs, kwargs, targets[i], masks, epochs, lr, generator, report.losses, lambda: tick(1))
+        _fit_block(
+            block,
+            xs,
+            kwargs,
+            targets[i],
+            masks,
+            epochs,
+            lr,
+            generator,
+            report.losses,
+            lambda: tick(1),
+        )
         report.after.append(_block_error(block, xs, kwargs, targets[i], masks))
         with torch.no_grad():
             xs = [_first(block(x, *kw[0], **kw[1])) for x, kw in zip(xs, kwargs, strict=True)]

@@ -2,7 +2,8 @@
 
 Default corpus: the first paragraph (text up to the first blank line, whitespace collapsed) of the
 docstrings (module, public classes, functions and methods) of every pure-Python standard-library
-module and of the modules one level inside its packages. Sources are parsed with :mod:`ast`, never imported, so harvesting runs no code.
+module and of the modules one level inside its packages. Sources are parsed with :mod:`ast`, never
+imported, so harvesting runs no code.
 The split is deterministic and seed-independent: a text goes to the eval set when the first byte of
 its SHA-1 is below ``eval_fraction * 256``.
 """
@@ -20,7 +21,16 @@ from pathlib import Path
 __all__ = ["TextSplits", "stdlib_docstrings", "read_texts", "split_texts", "load_texts"]
 
 # Packages whose docstrings are test fixtures, GUI demos or generated tables, not prose.
-_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "pydoc_data", "ensurepip", "encodings"}
+_SKIP = {
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "lib2to3",
+    "pydoc_data",
+    "ensurepip",
+    "encodings",
+}
 MIN_WORDS = 4
 
 
@@ -57,7 +67,9 @@ def _module_files() -> list[Path]:
         origin = Path(spec.origin)
         files.append(origin)
         if origin.name == "__init__.py":
-            files.extend(sorted(p for p in origin.parent.glob("*.py") if not p.name.startswith("_")))
+            files.extend(
+                sorted(p for p in origin.parent.glob("*.py") if not p.name.startswith("_"))
+            )
     return files
 
 
@@ -80,7 +92,8 @@ def _docstrings(path: Path) -> list[str]:
 
 
 def stdlib_docstrings() -> list[str]:
-    """First paragraphs of stdlib docstrings (at least ``MIN_WORDS`` words), deduplicated, sorted."""
+    """First paragraphs of stdlib docstrings (at least ``MIN_WORDS`` words), deduplicated,
+    sorted."""
     texts = set()
     for path in _module_files():
         for doc in _docstrings(path):
@@ -103,8 +116,11 @@ def read_texts(path: str | Path) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read data file {str(path)!r}: {err}") from None
-    texts = [_jsonl_text(line, path, i) for i, line in enumerate(lines, 1) if line.strip()] \
-        if path.suffix == ".jsonl" else [line.strip() for line in lines if line.strip()]
+    texts = (
+        [_jsonl_text(line, path, i) for i, line in enumerate(lines, 1) if line.strip()]
+        if path.suffix == ".jsonl"
+        else [line.strip() for line in lines if line.strip()]
+    )
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise ValueError(f"data file {str(path)!r} holds no text")
@@ -120,14 +136,18 @@ def _jsonl_text(line: str, path: Path, number: int) -> str:
         return item
     if isinstance(item, dict) and isinstance(item.get("text"), str):
         return item["text"]
-    raise ValueError(f"{path.name} line {number}: expected a JSON string or an object with a 'text' string")
+    raise ValueError(
+        f"{path.name} line {number}: expected a JSON string or an object with a 'text' string"
+    )
 
 
 def _bucket(text: str) -> float:
     return hashlib.sha1(text.encode("utf-8")).digest()[0] / 256.0
 
 
-def split_texts(texts: list[str], eval_fraction: float = 0.25, valid_fraction: float = 0.1) -> TextSplits:
+def split_texts(
+    texts: list[str], eval_fraction: float = 0.25, valid_fraction: float = 0.1
+) -> TextSplits:
     """Split ``texts`` by content hash into train / valid / eval (independent of order and seed).
 
     Raises:
@@ -139,10 +159,16 @@ def split_texts(texts: list[str], eval_fraction: float = 0.25, valid_fraction: f
     evals, valid, train = [], [], []
     for text in unique:
         b = _bucket(text)
-        (evals if b < eval_fraction else valid if b < eval_fraction + valid_fraction else train).append(text)
+        (
+            evals if b < eval_fraction else valid if b < eval_fraction + valid_fraction else train
+        ).append(text)
     if not train or not evals or not valid:
         # Tiny corpora: fall back to a positional split so every set gets something.
-        evals, valid, train = unique[0::4], unique[1::4], [t for i, t in enumerate(unique) if i % 4 > 1]
+        evals, valid, train = (
+            unique[0::4],
+            unique[1::4],
+            [t for i, t in enumerate(unique) if i % 4 > 1],
+        )
     return TextSplits(train=train, valid=valid, eval=evals)
 
 

@@ -35,7 +35,8 @@ class DistillReport:
 
 
 def warmup_cosine(step: int, total: int) -> float:
-    """LR multiplier: linear warm-up over the first 10% of ``total`` steps, then cosine decay to 0."""
+    """LR multiplier: linear warm-up over the first 10% of ``total`` steps, then cosine decay to
+    0."""
     warm = max(1, int(total * WARMUP_FRACTION))
     if step < warm:
         return (step + 1) / warm
@@ -44,7 +45,10 @@ def warmup_cosine(step: int, total: int) -> float:
 
 @torch.no_grad()
 def _valid_loss(student, task, batches, targets) -> float:
-    losses = [float(task.loss(task.forward(student, b), t, b)) for b, t in zip(batches, targets, strict=True)]
+    losses = [
+        float(task.loss(task.forward(student, b), t, b))
+        for b, t in zip(batches, targets, strict=True)
+    ]
     return sum(losses) / len(losses)
 
 
@@ -88,7 +92,9 @@ def distill(
     best, best_state, waited = _valid_loss(student, task, valid, valid_t), _snapshot(params), 0
     report.valid.append((0, best))
     generator = torch.Generator().manual_seed(seed)
-    order = [j for _ in range(epochs) for j in torch.randperm(len(train), generator=generator).tolist()]
+    order = [
+        j for _ in range(epochs) for j in torch.randperm(len(train), generator=generator).tolist()
+    ]
     for step, j in enumerate(order, 1):
         loss = task.loss(task.forward(student, train[j]), train_t[j], train[j])
         opt.zero_grad(set_to_none=True)

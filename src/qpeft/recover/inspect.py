@@ -97,9 +97,13 @@ def describe(path: str | Path) -> str:
     out += [f"  {i}. {e['mode']}  {_brief(e.get('config', {}))}" for i, e in enumerate(log, 1)]
     out += [f"adapters ({len(adapters)} layer adapters):", *adapters]
     out += [f"quantization ({len(quantizers)} quantizer tensors):"]
-    out += [f"  {what}: {count} layers" for what, count in sorted(formats.items())] or ["  none recorded"]
-    out += ["files:"] + [f"  {f.relative_to(root) if root.is_dir() else f.name}  {_mb(f.stat().st_size)}"
-                         for f in tensors + jsons]
+    out += [f"  {what}: {count} layers" for what, count in sorted(formats.items())] or [
+        "  none recorded"
+    ]
+    out += ["files:"] + [
+        f"  {f.relative_to(root) if root.is_dir() else f.name}  {_mb(f.stat().st_size)}"
+        for f in tensors + jsons
+    ]
     out.append(f"total {_mb(sum(f.stat().st_size for f in files))}")
     return "\n".join(out)
 
@@ -109,7 +113,9 @@ def _format_name(attrs: dict[str, Any]) -> str:
     bits, blocks = attrs.get("num_bits"), attrs.get("block_sizes") or {}
     scale = tuple(blocks.get("scale_bits") or ())
     if isinstance(bits, list):
-        name = {(2, 1, 4, 3): "nvfp4", (2, 1, 8, 0): "mxfp4"}.get((*bits, *scale), "fp8" if bits == [4, 3] else f"e{bits[0]}m{bits[1]}")
+        name = {(2, 1, 4, 3): "nvfp4", (2, 1, 8, 0): "mxfp4"}.get(
+            (*bits, *scale), "fp8" if bits == [4, 3] else f"e{bits[0]}m{bits[1]}"
+        )
     else:
         name = f"int{bits}"
     block = blocks.get("-1", blocks.get(-1))
@@ -117,7 +123,8 @@ def _format_name(attrs: dict[str, Any]) -> str:
 
 
 def _formats(log: list[dict[str, Any]]) -> dict[str, int]:
-    """``{"weight nvfp4": layers, ...}`` over every enabled quantizer in the log's quantize entries."""
+    """``{"weight nvfp4": layers, ...}`` over every enabled quantizer in the log's quantize
+    entries."""
     found: dict[str, int] = {}
     for entry in log:
         if entry["mode"] != "quantize":
@@ -132,9 +139,12 @@ def _formats(log: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def _brief(config: dict[str, Any]) -> str:
-    shown = {k: (f"{len(v)} layers" if k in ("adapter_cfg", "layers") else f"{len(v)} entries")
-             if isinstance(v, dict | list) and len(json.dumps(v)) > 60 else v
-             for k, v in sorted(config.items(), key=lambda kv: kv[0] not in ("adapter_cfg", "layers"))}
+    shown = {
+        k: (f"{len(v)} layers" if k in ("adapter_cfg", "layers") else f"{len(v)} entries")
+        if isinstance(v, dict | list) and len(json.dumps(v)) > 60
+        else v
+        for k, v in sorted(config.items(), key=lambda kv: kv[0] not in ("adapter_cfg", "layers"))
+    }
     text = json.dumps(shown)
     return text if len(text) <= 120 else text[:117] + "..."
 

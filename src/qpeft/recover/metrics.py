@@ -24,7 +24,8 @@ __all__ = [
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Normalised mean of ``hidden: [b, s, h]`` over positions where ``mask: [b, s]`` is 1 -> ``[b, h]``."""
+    """Normalised mean of ``hidden: [b, s, h]`` over positions where ``mask: [b, s]`` is 1 -> ``[b,
+    h]``."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return F.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
 
@@ -43,12 +44,16 @@ def _nearest(emb: torch.Tensor) -> torch.Tensor:
 
 
 def neighbour_agreement(student: torch.Tensor, teacher: torch.Tensor) -> float:
-    """Fraction of rows whose nearest other row is the same in ``student`` and ``teacher`` ([n, h], n >= 2)."""
+    """Fraction of rows whose nearest other row is the same in ``student`` and ``teacher`` ([n, h],
+    n >= 2)."""
     return float((_nearest(student) == _nearest(teacher)).float().mean())
 
 
-def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over masked positions of ``KL(softmax(teacher) || softmax(student))`` (a 0-dim tensor)."""
+def token_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean over masked positions of ``KL(softmax(teacher) || softmax(student))`` (a 0-dim
+    tensor)."""
     log_s = F.log_softmax(student_logits.float(), dim=-1)
     log_t = F.log_softmax(teacher_logits.float(), dim=-1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)
@@ -56,7 +61,9 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: t
     return (kl * m).sum() / m.sum().clamp(min=1)
 
 
-def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+def next_token_nll(
+    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[float, int]:
     """Summed next-token negative log-likelihood and the number of predicted tokens."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     target = input_ids[:, 1:]
@@ -65,7 +72,9 @@ def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Te
     return float((nll * m).sum()), int(m.sum())
 
 
-def masked_relative_mse(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_relative_mse(
+    output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """``sum mask ||o - t||^2 / sum mask ||t||^2`` over ``[b, s, h]`` outputs (a 0-dim tensor)."""
     m = mask.unsqueeze(-1).to(output.dtype)
     return ((output - target).pow(2) * m).sum() / (target.pow(2) * m).sum().clamp(min=1e-12)

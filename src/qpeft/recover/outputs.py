@@ -28,7 +28,9 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"cannot create output folder {str(target.parent)!r}: {err.strerror}") from None
+        raise ValueError(
+            f"cannot create output folder {str(target.parent)!r}: {err.strerror}"
+        ) from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp

@@ -4,7 +4,8 @@
 2. quantize the student (input formats calibrate on the training batches);
 3. attach a rank-``r`` LoRA sidecar to every quantized layer (``svdquant`` by default);
 4. block-by-block reconstruction of each transformer block's output (:mod:`.blockwise`);
-5. end-to-end distillation with a warm-up + cosine schedule and held-out early stopping (:mod:`.distill`);
+5. end-to-end distillation with a warm-up + cosine schedule and held-out early stopping
+   (:mod:`.distill`);
 and the eval metrics after every stage, the per-layer weight error ``||W - Q(W) - sBA|| / ||W||``
 before and after init and after recovery, the time of each stage.
 """
@@ -90,11 +91,18 @@ def _seed(seed: int) -> None:
 
 
 def _bar(opts: RecoverOptions, total: int, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, disable=not opts.progress or total == 0, leave=False, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        disable=not opts.progress or total == 0,
+        leave=False,
+        dynamic_ncols=True,
+    )
 
 
 def _layer_errors(model: nn.Module, names: list[str]) -> dict[str, float]:
-    """``||W - Q(W) - sum scale*B@A|| / ||W||`` per quantized layer (no adapter: ``||W - Q(W)|| / ||W||``)."""
+    """``||W - Q(W) - sum scale*B@A|| / ||W||`` per quantized layer (no adapter: ``||W - Q(W)|| /
+    ||W||``)."""
     errors = {}
     with torch.no_grad():
         for name in names:
@@ -112,8 +120,12 @@ def _layer_errors(model: nn.Module, names: list[str]) -> dict[str, float]:
 
 def _quantized_names(model: nn.Module) -> list[str]:
     """Quantized layers inside the transformer blocks (the module list holding most of them)."""
-    names = [n for n, m in model.named_modules()
-             if isinstance(getattr(m, "weight_quantizer", None), nn.Module) and m.weight_quantizer.is_enabled]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "weight_quantizer", None), nn.Module)
+        and m.weight_quantizer.is_enabled
+    ]
     lists = [n + "." for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     best = max(lists, key=lambda p: sum(n.startswith(p) for n in names), default=None)
     inside = [n for n in names if best and n.startswith(best)]
@@ -125,7 +137,9 @@ def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
     for name in names:
         weight = model.get_submodule(name).weight
         if rank > min(weight.shape):
-            raise ValueError(f"--rank {rank} is above the size of layer {name!r} (weight {tuple(weight.shape)})")
+            raise ValueError(
+                f"--rank {rank} is above the size of layer {name!r} (weight {tuple(weight.shape)})"
+            )
 
 
 def _attach(opts: RecoverOptions, model: nn.Module, names: list[str]) -> None:
@@ -139,12 +153,19 @@ def _attach(opts: RecoverOptions, model: nn.Module, names: list[str]) -> None:
     with _bar(opts, len(names), "init") as bar:
         for group in groups.values():
             chosen = set(group)
-            update_model(model, {"adapter_name": ADAPTER,
-                                 "adapter_cfg": {lambda n, chosen=chosen: n in chosen: attrs}})
+            update_model(
+                model,
+                {
+                    "adapter_name": ADAPTER,
+                    "adapter_cfg": {lambda n, chosen=chosen: n in chosen: attrs},
+                },
+            )
             bar.update(len(group))
 
 
-def _stage(run: RecoverRun, name: str, started: float, evaluate: Callable[[], dict[str, float]]) -> None:
+def _stage(
+    run: RecoverRun, name: str, started: float, evaluate: Callable[[], dict[str, float]]
+) -> None:
     run.seconds[name] = round(time.perf_counter() - started, 2)
     run.stages[name] = evaluate()
 
@@ -160,21 +181,31 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
     splits = load_texts(opts.data)
     teacher, student, tokenizer, task = tasks.load_models(opts.model)
     batch = lambda texts: tasks.make_batches(tokenizer, texts, opts.batch_size, opts.max_length)  # noqa: E731
-    train, valid, evals = batch(splits.train[: opts.train_texts]), batch(splits.valid[: opts.valid_texts]), \
-        batch(splits.eval[: opts.eval_texts])
-    run = RecoverRun(options=asdict(opts), kind=task.kind, headline=task.headline, tokenizer=tokenizer)
-    run.counts = {"train": min(len(splits.train), opts.train_texts), "valid": min(len(splits.valid), opts.valid_texts),
-                  "eval": min(len(splits.eval), opts.eval_texts)}
+    train, valid, evals = (
+        batch(splits.train[: opts.train_texts]),
+        batch(splits.valid[: opts.valid_texts]),
+        batch(splits.eval[: opts.eval_texts]),
+    )
+    run = RecoverRun(
+        options=asdict(opts), kind=task.kind, headline=task.headline, tokenizer=tokenizer
+    )
+    run.counts = {
+        "train": min(len(splits.train), opts.train_texts),
+        "valid": min(len(splits.valid), opts.valid_texts),
+        "eval": min(len(splits.eval), opts.eval_texts),
+    }
     evaluate = lambda: task.evaluate(student, teacher, evals)  # noqa: E731
     _stage(run, "original", t, evaluate)
 
     t = time.perf_counter()
     with _bar(opts, len(train) if quantizes_inputs(opts.format) else 0, "calibrate") as bar:
+
         def forward_loop(model: nn.Module) -> None:
             with torch.no_grad():
                 for b in train:
                     task.forward(model, b)
                     bar.update(1)
+
         quantize_student(student, opts.format, forward_loop)
     names = _quantized_names(student)
     if not names:
@@ -187,21 +218,43 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
     _attach(opts, student, names)
     run.layer_error["init"] = _layer_errors(student, names)
     _stage(run, "init", t, evaluate)
-    say(f"quantized {len(names)} layers to {opts.format}; LoRA rank {opts.rank} ({opts.init}) attached")
+    say(
+        f"quantized {len(names)} layers to {opts.format}; LoRA rank {opts.rank} ({opts.init}) "
+        "attached"
+    )
 
     t = time.perf_counter()
     blocks = len(find_blocks(student)[1])
     with _bar(opts, opts.block_epochs * len(train) * blocks, "blockwise") as bar:
-        report = reconstruct_blocks(student, teacher, task.forward, train, opts.block_epochs,
-                                    opts.block_lr, opts.seed, bar.update)
+        report = reconstruct_blocks(
+            student,
+            teacher,
+            task.forward,
+            train,
+            opts.block_epochs,
+            opts.block_lr,
+            opts.seed,
+            bar.update,
+        )
     run.block_error = {"before": report.before, "after": report.after}
     run.block_losses = report.losses
     _stage(run, "blockwise", t, evaluate)
 
     t = time.perf_counter()
     with _bar(opts, opts.epochs * len(train), "end-to-end") as bar:
-        dreport = distill(student, teacher, task, train, valid, opts.epochs, opts.lr, opts.seed,
-                          patience=opts.patience, eval_every=max(1, len(train) // 2), progress=bar.update)
+        dreport = distill(
+            student,
+            teacher,
+            task,
+            train,
+            valid,
+            opts.epochs,
+            opts.lr,
+            opts.seed,
+            patience=opts.patience,
+            eval_every=max(1, len(train) // 2),
+            progress=bar.update,
+        )
     run.train_losses, run.valid_losses = dreport.losses, dreport.valid
     run.early_stopping = {"best_step": dreport.best_step, "stopped_early": dreport.stopped_early}
     run.layer_error["recovered"] = _layer_errors(student, names)

@@ -1,4 +1,5 @@
-"""Quantize the student with a ``qpeft.quantize`` preset; calibrate inputs only when the format has them."""
+"""Quantize the student with a ``qpeft.quantize`` preset; calibrate inputs only when the format has
+them."""
 
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ def quantizes_inputs(fmt: str) -> bool:
     return bool(PRESETS[fmt].get("*input_quantizer", {}).get("enable", False))
 
 
-def quantize_student(model: nn.Module, fmt: str, forward_loop: Callable[[nn.Module], None]) -> nn.Module:
-    """Fake-quantize ``model`` in place with preset ``fmt``; ``forward_loop`` calibrates input formats.
+def quantize_student(
+    model: nn.Module, fmt: str, forward_loop: Callable[[nn.Module], None]
+) -> nn.Module:
+    """Fake-quantize ``model`` in place with preset ``fmt``; ``forward_loop`` calibrates input
+    formats.
 
     Raises:
         ValueError: unknown format (lists the known ones), or what ``qpeft.quantize`` raises.

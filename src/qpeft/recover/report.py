@@ -15,8 +15,13 @@ from typing import Any
 __all__ = ["summary_table", "write_report", "write_plots", "STAGES"]
 
 STAGES = ("original", "quantized", "init", "blockwise", "recovered")
-_LABELS = {"original": "before quantization", "quantized": "after quantization", "init": "after init",
-           "blockwise": "after block-wise", "recovered": "after recovery"}
+_LABELS = {
+    "original": "before quantization",
+    "quantized": "after quantization",
+    "init": "after init",
+    "blockwise": "after block-wise",
+    "recovered": "after recovery",
+}
 
 
 def summary_table(run: dict[str, Any]) -> str:
@@ -28,13 +33,18 @@ def summary_table(run: dict[str, Any]) -> str:
             values = [f"{run['stages'][stage][n]:.4f}" for n in names]
             rows.append([_LABELS[stage], *values, f"{run['seconds'][stage]:.1f}"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))  # noqa: E731
+
+    def fmt(r: list[str]) -> str:
+        cells = enumerate(zip(r, widths, strict=False))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in cells)
+
     lines = [fmt(rows[0]), "  ".join("-" * w for w in widths), *map(fmt, rows[1:])]
     opts, sizes = run["options"], run["sizes"]
     lines += [
         "",
         f"format {opts['format']}, LoRA rank {opts['rank']} ({opts['init']}), "
-        f"{run['counts']['train']} train / {run['counts']['valid']} valid / {run['counts']['eval']} eval texts",
+        f"{run['counts']['train']} train / {run['counts']['valid']} valid / "
+        f"{run['counts']['eval']} eval texts",
         f"adapter {sizes['adapter_mb']:.2f} MB vs model {sizes['model_mb']:.2f} MB "
         f"({100 * sizes['adapter_mb'] / max(sizes['model_mb'], 1e-9):.1f}%); "
         f"total time {sum(run['seconds'].values()):.1f} s",
@@ -43,7 +53,8 @@ def summary_table(run: dict[str, Any]) -> str:
 
 
 def write_report(run: dict[str, Any], folder: Path) -> Path:
-    """Write ``report.json`` (the whole run, plain JSON) and ``summary.txt``; return the JSON path."""
+    """Write ``report.json`` (the whole run, plain JSON) and ``summary.txt``; return the JSON
+    path."""
     path = folder / "report.json"
     path.write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")
     (folder / "summary.txt").write_text(summary_table(run) + "\n", encoding="utf-8")
@@ -70,9 +81,15 @@ def write_plots(run: dict[str, Any], folder: Path) -> list[Path]:
 def _layer_error(fig, run: dict[str, Any]) -> None:
     ax = fig.add_subplot()
     for when, errors in run["layer_error"].items():
-        ax.plot(range(len(errors)), list(errors.values()), marker=".", label=_LABELS.get(when, when))
-    ax.set(xlabel="quantized layer (model order)", ylabel="||W - Q(W) - sBA|| / ||W||",
-           title="per-layer relative weight error", yscale="log")
+        ax.plot(
+            range(len(errors)), list(errors.values()), marker=".", label=_LABELS.get(when, when)
+        )
+    ax.set(
+        xlabel="quantized layer (model order)",
+        ylabel="||W - Q(W) - sBA|| / ||W||",
+        title="per-layer relative weight error",
+        yscale="log",
+    )
     ax.legend()
 
 
@@ -82,7 +99,9 @@ def _losses(fig, run: dict[str, Any]) -> None:
     if block:
         ax.plot(range(len(block)), block, lw=0.8, label="block-wise (relative MSE)")
     if e2e:
-        ax.plot(range(len(block), len(block) + len(e2e)), e2e, lw=0.8, label="end-to-end (distillation)")
+        ax.plot(
+            range(len(block), len(block) + len(e2e)), e2e, lw=0.8, label="end-to-end (distillation)"
+        )
     if run["valid_losses"]:
         steps, values = zip(*run["valid_losses"], strict=True)
         ax.plot([len(block) + s for s in steps], values, "o-", label="end-to-end validation")
@@ -96,6 +115,8 @@ def _metrics(fig, run: dict[str, Any]) -> None:
     for k, name in enumerate(names, 1):  # one panel per metric: their scales differ
         ax = fig.add_subplot(1, len(names), k)
         ax.plot(range(len(stages)), [run["stages"][s][name] for s in stages], "o-")
-        ax.set_xticks(range(len(stages)), [_LABELS[s] for s in stages], rotation=35, ha="right", fontsize=8)
+        ax.set_xticks(
+            range(len(stages)), [_LABELS[s] for s in stages], rotation=35, ha="right", fontsize=8
+        )
         ax.set(title=name)
     fig.suptitle("eval metric per stage")

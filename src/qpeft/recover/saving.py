@@ -27,4 +27,8 @@ def save_student(student: nn.Module, tokenizer: Any, folder: Path) -> dict[str, 
     save(student, folder / "checkpoint")
     tokenizer.save_pretrained(str(folder / "checkpoint" / "tokenizer"))
     export_hf_peft(student, folder / "hf_adapter", adapter_name=ADAPTER)
-    return {"checkpoint": "checkpoint", "tokenizer": "checkpoint/tokenizer", "hf_adapter": "hf_adapter"}
+    return {
+        "checkpoint": "checkpoint",
+        "tokenizer": "checkpoint/tokenizer",
+        "hf_adapter": "hf_adapter",
+    }

@@ -38,7 +38,9 @@ class Task:
 
 
 def _encoder_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
 
 
 def _encoder_loss(student: torch.Tensor, teacher: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -48,15 +50,27 @@ def _encoder_loss(student: torch.Tensor, teacher: torch.Tensor, batch: Batch) ->
 
 
 @torch.no_grad()
-def _encoder_evaluate(student: nn.Module, teacher: nn.Module, batches: list[Batch]) -> dict[str, float]:
-    emb_s = torch.cat([metrics.mean_pool(_encoder_forward(student, b), b["attention_mask"]) for b in batches])
-    emb_t = torch.cat([metrics.mean_pool(_encoder_forward(teacher, b), b["attention_mask"]) for b in batches])
+def _encoder_evaluate(
+    student: nn.Module, teacher: nn.Module, batches: list[Batch]
+) -> dict[str, float]:
+    emb_s = torch.cat(
+        [metrics.mean_pool(_encoder_forward(student, b), b["attention_mask"]) for b in batches]
+    )
+    emb_t = torch.cat(
+        [metrics.mean_pool(_encoder_forward(teacher, b), b["attention_mask"]) for b in batches]
+    )
     mean, low = metrics.cosine_stats(emb_s, emb_t)
-    return {"cos_mean": mean, "cos_min": low, "nn_agreement": metrics.neighbour_agreement(emb_s, emb_t)}
+    return {
+        "cos_mean": mean,
+        "cos_min": low,
+        "nn_agreement": metrics.neighbour_agreement(emb_s, emb_t),
+    }
 
 
 def _causal_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    )
     return out.logits
 
 
@@ -65,20 +79,33 @@ def _causal_loss(student: torch.Tensor, teacher: torch.Tensor, batch: Batch) -> 
 
 
 @torch.no_grad()
-def _causal_evaluate(student: nn.Module, teacher: nn.Module, batches: list[Batch]) -> dict[str, float]:
+def _causal_evaluate(
+    student: nn.Module, teacher: nn.Module, batches: list[Batch]
+) -> dict[str, float]:
     nll, count, kl, weight = 0.0, 0, 0.0, 0.0
     for b in batches:
         logits_s, logits_t = _causal_forward(student, b), _causal_forward(teacher, b)
         part, n = metrics.next_token_nll(logits_s, b["input_ids"], b["attention_mask"])
         nll, count = nll + part, count + n
         tokens = float(b["attention_mask"].sum())
-        kl, weight = kl + float(metrics.token_kl(logits_s, logits_t, b["attention_mask"])) * tokens, weight + tokens
-    return {"perplexity": float(torch.tensor(nll / max(count, 1)).exp()), "kl": kl / max(weight, 1.0)}
+        kl, weight = (
+            kl + float(metrics.token_kl(logits_s, logits_t, b["attention_mask"])) * tokens,
+            weight + tokens,
+        )
+    return {
+        "perplexity": float(torch.tensor(nll / max(count, 1)).exp()),
+        "kl": kl / max(weight, 1.0),
+    }
 
 
 TASKS: dict[str, Task] = {
-    "encoder": Task("encoder", _encoder_forward, _encoder_loss, _encoder_evaluate,
-                    ("cos_mean", "cos_min", "nn_agreement")),
+    "encoder": Task(
+        "encoder",
+        _encoder_forward,
+        _encoder_loss,
+        _encoder_evaluate,
+        ("cos_mean", "cos_min", "nn_agreement"),
+    ),
     "causal": Task("causal", _causal_forward, _causal_loss, _causal_evaluate, ("perplexity", "kl")),
 }
 
@@ -107,12 +134,18 @@ def load_models(model_dir: str | Path) -> tuple[nn.Module, nn.Module, Any, Task]
     hf_logging.set_verbosity_error()
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        kind = "causal" if any(a.endswith(_CAUSAL_SUFFIXES) for a in config.architectures or []) else "encoder"
+        kind = (
+            "causal"
+            if any(a.endswith(_CAUSAL_SUFFIXES) for a in config.architectures or [])
+            else "encoder"
+        )
         loader = AutoModelForCausalLM if kind == "causal" else AutoModel
         teacher = loader.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"cannot load model from {str(path)!r}: {str(err).splitlines()[0]}") from None
+        raise ValueError(
+            f"cannot load model from {str(path)!r}: {str(err).splitlines()[0]}"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     teacher.eval().requires_grad_(False)
@@ -126,12 +159,21 @@ def make_batches(tokenizer: Any, texts: list[str], batch_size: int, max_length: 
     Raises:
         ValueError: when no text has a token.
     """
-    lengths = [len(tokenizer(t, truncation=True, max_length=max_length)["input_ids"]) for t in texts]
+    lengths = [
+        len(tokenizer(t, truncation=True, max_length=max_length)["input_ids"]) for t in texts
+    ]
     ordered = [t for n, t in sorted(zip(lengths, texts, strict=True)) if n > 0]
     if not ordered:
         raise ValueError("the texts tokenize to nothing")
     return [
-        dict(tokenizer(ordered[i : i + batch_size], padding=True, truncation=True,
-                       max_length=max_length, return_tensors="pt"))
+        dict(
+            tokenizer(
+                ordered[i : i + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+        )
         for i in range(0, len(ordered), batch_size)
     ]

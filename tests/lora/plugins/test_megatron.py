@@ -5,7 +5,8 @@ Both ranks (one spawn, to pay Megatron's import once) build the Megatron MLP
 backward and check their shards against a single-process ``nn.Linear`` MLP holding the gathered
 weights, the same LoRA config and seed; then save/load the adapters with ``dist_checkpointing``,
 check svdquant on shards, the rejection of sequence parallelism, a 2-layer GPTModel (local layer
-spec), and per-expert LoRA on a SequentialMLP with expert parallelism 2. CUDA-only calls are redirected by the test-only ``_cpu_shims``.
+spec), and per-expert LoRA on a SequentialMLP with expert parallelism 2. CUDA-only calls are
+redirected by the test-only ``_cpu_shims``.
 """
 
 import contextlib
@@ -37,9 +38,17 @@ class _MegatronMLP(nn.Module):
 
         super().__init__()
         init = nn.init.xavier_normal_
-        self.fc1 = ColumnParallelLinear(HIDDEN, FFN, config=config, init_method=init, bias=True, gather_output=False)
+        self.fc1 = ColumnParallelLinear(
+            HIDDEN, FFN, config=config, init_method=init, bias=True, gather_output=False
+        )
         self.fc2 = RowParallelLinear(
-            FFN, HIDDEN, config=config, init_method=init, bias=True, input_is_parallel=True, skip_bias_add=False
+            FFN,
+            HIDDEN,
+            config=config,
+            init_method=init,
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=False,
         )
 
     def forward(self, x):
@@ -93,7 +102,11 @@ def _cpu_shims():
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.current_device = lambda: "cpu"
     tracker = _NoCudaRngTracker()
-    tensor_parallel.get_cuda_rng_tracker = tp_random.get_cuda_rng_tracker = lambda *args, **kwargs: tracker
+
+    def get_tracker(*args, **kwargs):
+        return tracker
+
+    tensor_parallel.get_cuda_rng_tracker = tp_random.get_cuda_rng_tracker = get_tracker
 
 
 def _check_dist_checkpoint(tp, config, ckpt_dir):
@@ -112,7 +125,8 @@ def _check_dist_checkpoint(tp, config, ckpt_dir):
 
 
 class _Grid(nn.Module):
-    """Test weight quantizer: round to a fixed 1/16 grid (elementwise, so shards agree with the whole)."""
+    """Test weight quantizer: round to a fixed 1/16 grid (elementwise, so shards agree with the
+    whole)."""
 
     def forward(self, w):
         return (w * 16).round() / 16
@@ -123,12 +137,23 @@ def _check_svdquant(tp, ref, rank):
     for model in (tp, ref):
         for layer in (model.fc1, model.fc2):
             layer.base.weight_quantizer = _Grid()
-        qpeft.update_model(model, {"adapter_name": "sq", "adapter_cfg": {"*": {"rank": 3, "lora_init_method": "svdquant"}}})
+        qpeft.update_model(
+            model,
+            {
+                "adapter_name": "sq",
+                "adapter_cfg": {"*": {"rank": 3, "lora_init_method": "svdquant"}},
+            },
+        )
     shard = slice(rank * FFN // WORLD, (rank + 1) * FFN // WORLD)
     a1, a2 = tp.fc1.adapters["sq"], tp.fc2.adapters["sq"]
     r1, r2 = ref.fc1.adapters["sq"], ref.fc2.adapters["sq"]
     assert r1.lora_b.abs().sum() > 0
-    for got, want in [(a1.lora_a, r1.lora_a), (a1.lora_b, r1.lora_b[shard]), (a2.lora_a, r2.lora_a[:, shard]), (a2.lora_b, r2.lora_b)]:
+    for got, want in [
+        (a1.lora_a, r1.lora_a),
+        (a1.lora_b, r1.lora_b[shard]),
+        (a2.lora_a, r2.lora_a[:, shard]),
+        (a2.lora_b, r2.lora_b),
+    ]:
         torch.testing.assert_close(got, want, atol=DIST_ATOL, rtol=0)
 
 
@@ -136,8 +161,12 @@ def _check_sequence_parallel_is_rejected():
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    config = ModelParallelConfig(tensor_model_parallel_size=WORLD, sequence_parallel=True, use_cpu_initialization=True)
-    model = nn.ModuleDict({"fc": ColumnParallelLinear(HIDDEN, FFN, config=config, init_method=nn.init.zeros_)})
+    config = ModelParallelConfig(
+        tensor_model_parallel_size=WORLD, sequence_parallel=True, use_cpu_initialization=True
+    )
+    model = nn.ModuleDict(
+        {"fc": ColumnParallelLinear(HIDDEN, FFN, config=config, init_method=nn.init.zeros_)}
+    )
     with pytest.raises(ValueError, match="sequence-parallel"):
         qpeft.update_model(model, LORA)
     assert type(model["fc"]) is ColumnParallelLinear  # untouched
@@ -151,15 +180,28 @@ def _check_gpt(rank):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     config = TransformerConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, tensor_model_parallel_size=WORLD,
-        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        tensor_model_parallel_size=WORLD,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
     )
     torch.manual_seed(0)
-    gpt = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=64, max_sequence_length=16)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=64,
+        max_sequence_length=16,
+    )
     torch.manual_seed(3)
     ids = torch.randint(0, 64, (2, 8))
-    inputs = {"input_ids": ids, "position_ids": torch.arange(8).expand(2, 8),
-              "attention_mask": torch.triu(torch.ones(1, 1, 8, 8), diagonal=1).bool()}
+    inputs = {
+        "input_ids": ids,
+        "position_ids": torch.arange(8).expand(2, 8),
+        "attention_mask": torch.triu(torch.ones(1, 1, 8, 8), diagonal=1).bool(),
+    }
     with torch.no_grad():
         before = gpt(**inputs)
     qpeft.update_model(gpt, {"adapter_cfg": {"*": {"rank": 4}, "*output_layer": {"enable": False}}})
@@ -177,8 +219,14 @@ def _check_gpt(rank):
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     for layer in qpeft.lora_layers(gpt).values():
-        replicated = layer.adapters["default"].lora_a if layer.SHARD_AXIS == 0 else layer.adapters["default"].lora_b
-        assert torch.equal(_gather(replicated.detach(), 0).chunk(WORLD)[1 - rank], replicated.detach())
+        replicated = (
+            layer.adapters["default"].lora_a
+            if layer.SHARD_AXIS == 0
+            else layer.adapters["default"].lora_b
+        )
+        assert torch.equal(
+            _gather(replicated.detach(), 0).chunk(WORLD)[1 - rank], replicated.detach()
+        )
     sharded = gpt.sharded_state_dict()
     key = "decoder.layers.0.mlp.linear_fc1.adapters.default.lora_b"
     # The decoder stacks its layers: a leading layer axis (sharded_offsets) precedes the factor's.
@@ -197,29 +245,41 @@ def _sequential_mlp(expert_tp):
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=WORLD, expert_tensor_parallel_size=expert_tp,
+        tensor_model_parallel_size=WORLD,
+        expert_tensor_parallel_size=expert_tp,
         expert_model_parallel_size=WORLD // expert_tp,
     )
     config = TransformerConfig(
-        num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, tensor_model_parallel_size=WORLD,
-        expert_tensor_parallel_size=expert_tp, expert_model_parallel_size=WORLD // expert_tp,
-        num_moe_experts=2 * WORLD // expert_tp, moe_ffn_hidden_size=FFN, use_cpu_initialization=True,
+        num_layers=1,
+        hidden_size=HIDDEN,
+        num_attention_heads=2,
+        tensor_model_parallel_size=WORLD,
+        expert_tensor_parallel_size=expert_tp,
+        expert_model_parallel_size=WORLD // expert_tp,
+        num_moe_experts=2 * WORLD // expert_tp,
+        moe_ffn_hidden_size=FFN,
+        use_cpu_initialization=True,
         add_bias_linear=False,
     )
     torch.manual_seed(0)
     submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    return SequentialMLP(2, config, submodules, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    return SequentialMLP(
+        2, config, submodules, pg_collection=ProcessGroupCollection.use_mpu_process_groups()
+    )
 
 
 def _check_sequential_mlp_experts():
-    """Per-expert LoRA on SequentialMLP (expert parallel 2, expert TP 1); expert TP 2 is rejected."""
+    """Per-expert LoRA on SequentialMLP (expert parallel 2, expert TP 1); expert TP 2 is
+    rejected."""
     with pytest.raises(ValueError, match="expert_tensor_parallel_size=1"):
         qpeft.update_model(_sequential_mlp(expert_tp=WORLD), LORA)
     experts = _sequential_mlp(expert_tp=1)
     x, tokens, probs = torch.randn(7, HIDDEN), torch.tensor([3, 4]), torch.rand(7)
     with torch.no_grad():
         before = experts(x, tokens, probs)[0]
-    qpeft.update_model(experts, {"adapter_cfg": {"*": {"rank": RANK}, "*local_experts.1.*": {"rank": 2}}})
+    qpeft.update_model(
+        experts, {"adapter_cfg": {"*": {"rank": RANK}, "*local_experts.1.*": {"rank": 2}}}
+    )
     assert experts.local_experts[1].linear_fc2.adapters["default"].rank == 2
     with torch.no_grad():
         assert torch.equal(experts(x, tokens, probs)[0], before)  # B = 0
@@ -318,4 +378,6 @@ def _worker(rank, port, ckpt_dir):
 
 
 def test_tensor_parallel_2_on_cpu_gloo(tmp_path):
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    torch.multiprocessing.spawn(
+        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True
+    )

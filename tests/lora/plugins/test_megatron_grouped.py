@@ -21,7 +21,10 @@ from tests.tolerances import BF16_ATOL, BF16_RTOL, FP32_ATOL, FP32_RTOL  # noqa:
 HIDDEN, FFN, EXPERTS, RANK, SCALE = 8, 16, 3, 4, 0.5
 COUNTS = [3, 0, 6]  # rows per expert; expert 1 gets none
 RANDOM_B = {"*experts": {"rank": RANK, "scale": SCALE, "lora_b_init": "torch.nn.init.normal_"}}
-TOL = {torch.float32: {"atol": FP32_ATOL, "rtol": FP32_RTOL}, torch.bfloat16: {"atol": BF16_ATOL, "rtol": BF16_RTOL}}
+TOL = {
+    torch.float32: {"atol": FP32_ATOL, "rtol": FP32_RTOL},
+    torch.bfloat16: {"atol": BF16_ATOL, "rtol": BF16_RTOL},
+}
 
 
 class _Group:
@@ -52,12 +55,23 @@ def _grouped_mlp(gated=True, dtype=torch.float32, expert_tp=1, ep_group=None, **
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     cfg = TransformerConfig(
-        num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, num_moe_experts=EXPERTS,
-        moe_ffn_hidden_size=FFN, use_cpu_initialization=True, add_bias_linear=False,
-        gated_linear_unit=gated, activation_func=F.silu if gated else F.gelu, init_method_std=0.3,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, **config,
+        num_layers=1,
+        hidden_size=HIDDEN,
+        num_attention_heads=2,
+        num_moe_experts=EXPERTS,
+        moe_ffn_hidden_size=FFN,
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+        gated_linear_unit=gated,
+        activation_func=F.silu if gated else F.gelu,
+        init_method_std=0.3,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        **config,
     )
-    groups = ProcessGroupCollection(ep=ep_group or _Group(), expt_tp=_Group(expert_tp), expt_dp=_Group())
+    groups = ProcessGroupCollection(
+        ep=ep_group or _Group(), expt_tp=_Group(expert_tp), expt_dp=_Group()
+    )
     torch.manual_seed(0)
     return _Model(experts.GroupedMLP(EXPERTS, cfg, pg_collection=groups))
 
@@ -84,7 +98,7 @@ def _reference(model, x, counts, probs, with_lora=True):
     adapter = layer.adapters["default"] if with_lora else None
     out, start = [], 0
     for e, n in enumerate(counts.tolist()):
-        xs, ps = x[start:start + n].float(), probs[start:start + n, None].float()
+        xs, ps = x[start : start + n].float(), probs[start : start + n, None].float()
         start += n
         h = xs @ w1[e]
         if adapter is not None and "fc1" in adapter.factors:
@@ -160,7 +174,9 @@ def test_zero_tokens_keep_every_parameter_in_the_graph():
 
 
 def test_probs_on_input_and_its_topk_check():
-    model = _grouped_mlp(moe_apply_probs_on_input=True, moe_router_topk=1, moe_router_pre_softmax=True)
+    model = _grouped_mlp(
+        moe_apply_probs_on_input=True, moe_router_topk=1, moe_router_pre_softmax=True
+    )
     qpeft.update_model(model, {"adapter_cfg": RANDOM_B})
     x, counts, probs = _inputs()
     with torch.no_grad():
@@ -195,7 +211,9 @@ def test_merge_and_export_fold_per_expert_into_the_storage_layout():
         want = w1.view(EXPERTS, HIDDEN, -1) + SCALE * (f1.lora_b @ f1.lora_a).transpose(-2, -1)
     qpeft.merge_adapters(model)
     assert layer.weight1.shape == (HIDDEN, EXPERTS * 2 * FFN)
-    torch.testing.assert_close(layer.weight1.view(EXPERTS, HIDDEN, -1), want, atol=FP32_ATOL, rtol=FP32_RTOL)
+    torch.testing.assert_close(
+        layer.weight1.view(EXPERTS, HIDDEN, -1), want, atol=FP32_ATOL, rtol=FP32_RTOL
+    )
     with torch.no_grad():
         torch.testing.assert_close(model(x, counts, probs), ref, atol=FP32_ATOL, rtol=FP32_RTOL)
     qpeft.unmerge_adapters(model)
@@ -230,8 +248,12 @@ def test_an_fc2_pattern_adapts_only_fc2(tmp_path):
     x, counts, probs = _inputs()
     with torch.no_grad():
         ref = model(x, counts, probs)
-        torch.testing.assert_close(ref, _reference(model, x, counts, probs), atol=FP32_ATOL, rtol=FP32_RTOL)
-        assert not torch.allclose(ref, _reference(model, x, counts, probs, with_lora=False), atol=10 * FP32_ATOL)
+        torch.testing.assert_close(
+            ref, _reference(model, x, counts, probs), atol=FP32_ATOL, rtol=FP32_RTOL
+        )
+        assert not torch.allclose(
+            ref, _reference(model, x, counts, probs, with_lora=False), atol=10 * FP32_ATOL
+        )
     qpeft.save(model, tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(qpeft.restore(_grouped_mlp(), tmp_path / "ckpt")(x, counts, probs), ref)
@@ -239,7 +261,12 @@ def test_an_fc2_pattern_adapts_only_fc2(tmp_path):
     qpeft.export(model)
     assert torch.equal(model.experts.weight1, w1) and not torch.equal(model.experts.weight2, w2)
     with torch.no_grad():
-        torch.testing.assert_close(_reference(model, x, counts, probs, with_lora=False), ref, atol=FP32_ATOL, rtol=FP32_RTOL)
+        torch.testing.assert_close(
+            _reference(model, x, counts, probs, with_lora=False),
+            ref,
+            atol=FP32_ATOL,
+            rtol=FP32_RTOL,
+        )
 
 
 def test_every_product_is_one_grouped_mm_on_cpu(monkeypatch):
@@ -248,7 +275,9 @@ def test_every_product_is_one_grouped_mm_on_cpu(monkeypatch):
     x, counts, probs = _inputs()
     calls = []
     grouped_mm = F.grouped_mm
-    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(k["offs"].tolist()) or grouped_mm(*a, **k))
+    monkeypatch.setattr(
+        F, "grouped_mm", lambda *a, **k: calls.append(k["offs"].tolist()) or grouped_mm(*a, **k)
+    )
     model(x, counts, probs)
     assert calls == [[3, 3, 9]] * 6  # fc1, its A and B, fc2, its A and B; offsets = cumsum(counts)
 
@@ -282,10 +311,16 @@ def _dist_checkpoint_worker(rank, store, ckpt_dir):
         qpeft.update_model(fresh, {"adapter_cfg": RANDOM_B})
         with torch.no_grad():
             fresh.experts.weight1.add_(1.0)
-        assert not torch.equal(fresh.experts.adapters["default"].factors["fc2"].lora_b,
-                               model.experts.adapters["default"].factors["fc2"].lora_b)
-        fresh.load_state_dict(dist_checkpointing.load(fresh.experts.sharded_state_dict(prefix="experts."), ckpt_dir))
-        for (name, got), want in zip(fresh.state_dict().items(), model.state_dict().values(), strict=True):
+        assert not torch.equal(
+            fresh.experts.adapters["default"].factors["fc2"].lora_b,
+            model.experts.adapters["default"].factors["fc2"].lora_b,
+        )
+        fresh.load_state_dict(
+            dist_checkpointing.load(fresh.experts.sharded_state_dict(prefix="experts."), ckpt_dir)
+        )
+        for (name, got), want in zip(
+            fresh.state_dict().items(), model.state_dict().values(), strict=True
+        ):
             assert torch.equal(got, want), name
     finally:
         dist.destroy_process_group()
@@ -294,4 +329,6 @@ def _dist_checkpoint_worker(rank, store, ckpt_dir):
 def test_dist_checkpointing_round_trip(tmp_path):
     ckpt = tmp_path / "ckpt"
     os.makedirs(ckpt)
-    torch.multiprocessing.spawn(_dist_checkpoint_worker, args=(str(tmp_path / "store"), str(ckpt)), nprocs=1, join=True)
+    torch.multiprocessing.spawn(
+        _dist_checkpoint_worker, args=(str(tmp_path / "store"), str(ckpt)), nprocs=1, join=True
+    )

@@ -113,7 +113,13 @@ def test_forward_equals_per_expert_merged_weights(arch, impl):
     base = _logits(model, ids)
     cfg = {"*experts": {"rank": 3, "scale": 0.5, "lora_b_init": RANDOM_B}}
     qpeft.update_model(model, {"adapter_cfg": cfg})
-    qpeft.update_model(model, {"adapter_name": "second", "adapter_cfg": {"*experts": {"rank": 8, "lora_b_init": RANDOM_B}}})
+    qpeft.update_model(
+        model,
+        {
+            "adapter_name": "second",
+            "adapter_cfg": {"*experts": {"rank": 8, "lora_b_init": RANDOM_B}},
+        },
+    )
     out = _logits(model, ids)
     assert not torch.allclose(out, base, atol=1e-3)
     torch.testing.assert_close(out, _merged_reference(model, ids), atol=FP32_ATOL, rtol=FP32_RTOL)
@@ -122,7 +128,9 @@ def test_forward_equals_per_expert_merged_weights(arch, impl):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_adapter_gradients_match_merged_weight_autograd(arch):
     model = MOE_MODELS[arch]()
-    qpeft.update_model(model, {"adapter_cfg": {"*experts": {"rank": 4, "scale": 2.0, "lora_b_init": RANDOM_B}}})
+    qpeft.update_model(
+        model, {"adapter_cfg": {"*experts": {"rank": 4, "scale": 2.0, "lora_b_init": RANDOM_B}}}
+    )
     layer = next(iter(_experts(model).values()))
     inner, adapter = innermost(layer), layer.adapters["default"]
     torch.manual_seed(3)
@@ -135,8 +143,12 @@ def test_adapter_gradients_match_merged_weight_autograd(arch):
     layer(hidden, idx, weights).square().sum().backward()
     params = {n: getattr(inner, n) + d for n, d in _differentiable_deltas(adapter).items()}
     ref = torch.func.functional_call(inner, params, (hidden, idx, weights))
-    grads = torch.autograd.grad(ref.square().sum(), [p for f in adapter.factors.values() for p in f.parameters()])
-    for got, want in zip([p.grad for f in adapter.factors.values() for p in f.parameters()], grads, strict=True):
+    grads = torch.autograd.grad(
+        ref.square().sum(), [p for f in adapter.factors.values() for p in f.parameters()]
+    )
+    for got, want in zip(
+        [p.grad for f in adapter.factors.values() for p in f.parameters()], grads, strict=True
+    ):
         torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
@@ -187,9 +199,13 @@ def test_disable_delete_and_base_checkpoint():
 
 def test_mode_log_replays_onto_a_fresh_model():
     model = MOE_MODELS["mixtral"]()
-    qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 2}, "*layers.0.mlp.experts": {"rank": 6}}})
+    qpeft.update_model(
+        model, {"adapter_cfg": {"*": {"rank": 2}, "*layers.0.mlp.experts": {"rank": 6}}}
+    )
     fresh = replay(MOE_MODELS["mixtral"](), qpeft.state(model))
-    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {
+        k: v.shape for k, v in model.state_dict().items()
+    }
 
 
 def test_updating_an_experts_adapter_keeps_weights_and_rejects_rank_change():
@@ -226,7 +242,10 @@ def test_bf16_model_and_bf16_adapters(arch):
     qpeft.update_model(model, {"adapter_cfg": {"*experts": {"rank": 3}}})
     assert torch.equal(_logits(model, ids), ref)
     fp32 = MOE_MODELS[arch]()
-    qpeft.update_model(fp32, {"adapter_cfg": {"*experts": {"rank": 4, "lora_dtype": "bf16", "lora_b_init": RANDOM_B}}})
+    qpeft.update_model(
+        fp32,
+        {"adapter_cfg": {"*experts": {"rank": 4, "lora_dtype": "bf16", "lora_b_init": RANDOM_B}}},
+    )
     out = _logits(fp32, ids)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, _merged_reference(fp32, ids), atol=BF16_ATOL, rtol=BF16_RTOL)
@@ -250,7 +269,10 @@ def test_svdquant_seeds_every_expert_from_its_own_residual(arch):
     ids = _ids()
     full = _logits(model, ids)
     _quantize_experts(model)
-    qpeft.update_model(model, {"adapter_cfg": {"*experts": {"rank": 12, "scale": 2.0, "lora_init_method": "svdquant"}}})
+    qpeft.update_model(
+        model,
+        {"adapter_cfg": {"*experts": {"rank": 12, "scale": 2.0, "lora_init_method": "svdquant"}}},
+    )
     with qpeft.disabled_adapters(model):
         quant_only = _logits(model, ids)
     seeded = _logits(model, ids)
@@ -273,7 +295,9 @@ def test_svdquant_without_quantizer_warns_and_keeps_output():
     ids = _ids()
     ref = _logits(model, ids)
     with pytest.warns(UserWarning, match="no enabled weight quantizer"):
-        qpeft.update_model(model, {"adapter_cfg": {"*experts": {"rank": 2, "lora_init_method": "svdquant"}}})
+        qpeft.update_model(
+            model, {"adapter_cfg": {"*experts": {"rank": 2, "lora_init_method": "svdquant"}}}
+        )
     assert torch.equal(_logits(model, ids), ref)
 
 
@@ -299,7 +323,9 @@ def test_save_restore_and_adapter_files(tmp_path):
     ids = _ids()
     ref = _logits(model, ids)
     qpeft.save(model, tmp_path / "ckpt")
-    assert torch.equal(_logits(qpeft.restore(MOE_MODELS["qwen3_moe"](), tmp_path / "ckpt"), ids), ref)
+    assert torch.equal(
+        _logits(qpeft.restore(MOE_MODELS["qwen3_moe"](), tmp_path / "ckpt"), ids), ref
+    )
     qpeft.save_adapters(model, tmp_path / "adapters")
     fresh = MOE_MODELS["qwen3_moe"]()
     qpeft.load_adapters(fresh, tmp_path / "adapters")
@@ -311,5 +337,8 @@ def test_save_restore_and_adapter_files(tmp_path):
 def test_per_sample_adapter_routing_is_refused_clearly():
     model = MOE_MODELS["qwen3_moe"]()
     qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 2}}})
-    with pytest.raises(ValueError, match="does not support per-sample adapters"), qpeft.adapter_routing(model, ["default", None]):
+    with (
+        pytest.raises(ValueError, match="does not support per-sample adapters"),
+        qpeft.adapter_routing(model, ["default", None]),
+    ):
         pass

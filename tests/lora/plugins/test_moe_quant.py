@@ -55,14 +55,22 @@ def test_both_orders_build_the_same_layers(arch):
     assert torch.equal(_logits(first, ids), _logits(second, ids))  # B = 0 in both
 
 
-@pytest.mark.parametrize(("arch", "preset"), [("mixtral", "int4"), ("gpt_oss", "nvfp4_weight_only")])
+@pytest.mark.parametrize(
+    ("arch", "preset"), [("mixtral", "int4"), ("gpt_oss", "nvfp4_weight_only")]
+)
 def test_svdquant_lowers_every_experts_residual(arch, preset):
     weights = qpeft.PRESETS[preset]["*weight_quantizer"]  # the experts alone: their error shows
-    model, ids = qpeft.quantize(MOE_MODELS[arch](), {"quant_cfg": {"*experts.*": weights}}), token_ids()
+    model, ids = (
+        qpeft.quantize(MOE_MODELS[arch](), {"quant_cfg": {"*experts.*": weights}}),
+        token_ids(),
+    )
     full = _logits(MOE_MODELS[arch](), ids)
     quant_only = _logits(model, ids)
     rank = 6
-    qpeft.update_model(model, {"adapter_cfg": {"*experts": {"rank": rank, "scale": 2.0, "lora_init_method": "svdquant"}}})
+    qpeft.update_model(
+        model,
+        {"adapter_cfg": {"*experts": {"rank": rank, "scale": 2.0, "lora_init_method": "svdquant"}}},
+    )
     assert (_logits(model, ids) - full).abs().mean() < (quant_only - full).abs().mean()
     for layer in _experts(model).values():
         inner = innermost(layer)
@@ -83,21 +91,29 @@ def test_svdquant_on_disabled_expert_quantizers_warns_and_zeroes():
     qpeft.disable_quantizer(model, "*experts.*")
     ref = _logits(model, ids)
     with pytest.warns(UserWarning, match="no enabled weight quantizer"):
-        qpeft.update_model(model, {"adapter_cfg": {"*experts": {"rank": 2, "lora_init_method": "svdquant"}}})
+        qpeft.update_model(
+            model, {"adapter_cfg": {"*experts": {"rank": 2, "lora_init_method": "svdquant"}}}
+        )
     assert torch.equal(_logits(model, ids), ref)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
 def test_training_adapters_on_a_quantized_base_lowers_the_loss(arch):
     model, ids = _quantized(arch), token_ids()
-    qpeft.update_model(model, {"adapter_cfg": {"*experts": {"rank": 4, "lora_init_method": "svdquant"}}})
+    qpeft.update_model(
+        model, {"adapter_cfg": {"*experts": {"rank": 4, "lora_init_method": "svdquant"}}}
+    )
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     losses = fit_random_target(model, ids, steps=6)
     assert losses[-1] < losses[0]
     for name, param in model.named_parameters():
         if name in base:
             assert torch.equal(param, base[name]), name  # the base and its cached Q(W) stay
-    assert model.model.layers[0].mlp.experts.base._weight_caches["down_proj_weight_quantizer"].is_filled
+    assert (
+        model.model.layers[0]
+        .mlp.experts.base._weight_caches["down_proj_weight_quantizer"]
+        .is_filled
+    )
 
 
 def test_export_folds_per_expert_into_the_quantized_base():
@@ -118,8 +134,21 @@ def test_export_folds_per_expert_into_the_quantized_base():
 
 
 def test_save_restore_of_a_quantized_lora_moe_model(tmp_path):
-    model, ids = qpeft.quantize(MOE_MODELS["mixtral"](), "nvfp4", forward_loop=lambda m: m(input_ids=token_ids())), token_ids()
-    qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 4, "lora_init_method": "svdquant"}, "*lm_head*": {"enable": False}}})
+    model, ids = (
+        qpeft.quantize(
+            MOE_MODELS["mixtral"](), "nvfp4", forward_loop=lambda m: m(input_ids=token_ids())
+        ),
+        token_ids(),
+    )
+    qpeft.update_model(
+        model,
+        {
+            "adapter_cfg": {
+                "*": {"rank": 4, "lora_init_method": "svdquant"},
+                "*lm_head*": {"enable": False},
+            }
+        },
+    )
     fit_random_target(model, ids, steps=2)
     qpeft.save(model, tmp_path / "ck")
     restored = qpeft.restore(MOE_MODELS["mixtral"](), tmp_path / "ck")

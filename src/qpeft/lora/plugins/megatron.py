@@ -64,7 +64,9 @@ class _LoRAParallel(LoRAModule):
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
         if getattr(base, "sequence_parallel", False):
-            raise ValueError(f"{type(base).__name__}: LoRA does not support sequence-parallel layers")
+            raise ValueError(
+                f"{type(base).__name__}: LoRA does not support sequence-parallel layers"
+            )
         if getattr(base, "explicit_expert_comm", False) and self.tp_size > 1:
             # The MoE token dispatcher then reduces partial outputs itself; the adapters' own
             # communication would double it.
@@ -181,7 +183,8 @@ class LoRAColumnParallelLinear(_LoRAParallel):
         return copy_to_tensor_model_parallel_region(h, group=self.base.tp_group)
 
     def forward(self, input_: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        """``(output, bias)`` as the base returns them, the LoRA term added (gathered if the base gathers)."""
+        """``(output, bias)`` as the base returns them, the LoRA term added (gathered if the base
+        gathers)."""
         output, bias = self.base(input_, *args, **kwargs)
         lora = self._lora(input_)
         if lora is None:
@@ -207,8 +210,10 @@ class LoRARowParallelLinear(_LoRAParallel):
         output, bias = self.base(input_)
         if not any(a.enable for a in self.adapters.values()):
             return output, bias
-        x = input_ if self.base.input_is_parallel else scatter_to_tensor_model_parallel_region(
-            input_, group=self.base.tp_group
+        x = (
+            input_
+            if self.base.input_is_parallel
+            else scatter_to_tensor_model_parallel_region(input_, group=self.base.tp_group)
         )
         return output + self._lora(x).to(output.dtype), bias
 

@@ -41,7 +41,8 @@ _STORAGE = {"fc1": "weight1", "fc2": "weight2"}  # projection -> GroupedMLP para
 
 
 class LoRAGroupedMLP(LoRAExperts):
-    """LoRA around Megatron's ``GroupedMLP``: projections ``fc1`` and ``fc2``, ``[E, in, out]`` layout.
+    """LoRA around Megatron's ``GroupedMLP``: projections ``fc1`` and ``fc2``, ``[E, in, out]``
+    layout.
 
     Raises:
         ValueError: at wrapping, when the experts are split by expert tensor parallelism.
@@ -73,20 +74,27 @@ class LoRAGroupedMLP(LoRAExperts):
         weight = getattr(inner, _STORAGE[name])
         return weight.view(inner.num_local_experts, proj.in_features, proj.out_features)
 
-    def _matmul(self, x: torch.Tensor, weight: torch.Tensor, routing: Routing, counts: torch.Tensor) -> torch.Tensor:
+    def _matmul(
+        self, x: torch.Tensor, weight: torch.Tensor, routing: Routing, counts: torch.Tensor
+    ) -> torch.Tensor:
         if routing.kind == "grouped" and x.is_cuda and gg.grouped_gemm_is_available():
             return gg.ops.gmm(x, weight, counts, trans_b=False)  # as GroupedMLP.forward
         return expert_matmul(x, weight, routing)
 
-    def _project(self, name: str, x: torch.Tensor, routing: Routing, counts: torch.Tensor) -> torch.Tensor:
+    def _project(
+        self, name: str, x: torch.Tensor, routing: Routing, counts: torch.Tensor
+    ) -> torch.Tensor:
         out = self._matmul(x, self.effective_weight(name), routing, counts)
         return self.lora_delta(name, x, routing, out)
 
     def forward(
-        self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
+        self,
+        permuted_local_hidden_states: torch.Tensor,
+        tokens_per_expert: torch.Tensor,
         permuted_probs: torch.Tensor,
     ) -> tuple[torch.Tensor, None]:
-        """``(output [S, H], None)`` for rows ``[S, H]`` sorted by expert, ``[E]`` counts, ``[S]`` probs.
+        """``(output [S, H], None)`` for rows ``[S, H]`` sorted by expert, ``[E]`` counts, ``[S]``
+        probs.
 
         Raises:
             ValueError: for ``moe_apply_probs_on_input`` with ``moe_router_topk != 1``.
@@ -100,13 +108,16 @@ class LoRAGroupedMLP(LoRAExperts):
             probs = torch.ones_like(probs)
         routing = _routing(tokens_per_expert, probs, x)
         h = self._project("fc1", x, routing, tokens_per_expert)
-        out = self._project("fc2", _activation(config, h, probs.unsqueeze(-1)), routing, tokens_per_expert)
+        out = self._project(
+            "fc2", _activation(config, h, probs.unsqueeze(-1)), routing, tokens_per_expert
+        )
         return out, None
 
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
     ) -> dict[str, Any]:
-        """GroupedMLP's own sharded state dict plus every adapter factor, for ``dist_checkpointing``.
+        """GroupedMLP's own sharded state dict plus every adapter factor, for
+        ``dist_checkpointing``.
 
         A factor ``[E_local, ...]`` is this rank's slice of the global ``[E_global, ...]`` tensor
         on the expert axis (expert-parallel rank ``p`` holds experts ``p * E_local ...``), as the
@@ -117,10 +128,16 @@ class LoRAGroupedMLP(LoRAExperts):
         axis = len(sharded_offsets)
         expert_shard = (axis, inner.ep_group.rank(), inner.ep_group.size())
         for name, adapter in self.adapters.items():
-            for key, factor in adapter.state_dict(prefix=f"{prefix}adapters.{name}.", keep_vars=True).items():
+            for key, factor in adapter.state_dict(
+                prefix=f"{prefix}adapters.{name}.", keep_vars=True
+            ).items():
                 out[key] = ShardedTensor.from_rank_offsets(
-                    key, factor, *sharded_offsets, expert_shard,
-                    replica_id=(0, 0, inner.dp_group.rank()), prepend_axis_num=axis,
+                    key,
+                    factor,
+                    *sharded_offsets,
+                    expert_shard,
+                    replica_id=(0, 0, inner.dp_group.rank()),
+                    prepend_axis_num=axis,
                 )
         return out
 
@@ -138,8 +155,13 @@ def _routing(tokens_per_expert: torch.Tensor, probs: torch.Tensor, x: torch.Tens
     if rows != x.shape[0]:
         raise ValueError(f"tokens_per_expert sums to {rows} but there are {x.shape[0]} rows")
     return Routing(
-        "grouped" if rows else "batched", experts.repeat_interleave(counts), torch.arange(rows, device=device), probs,
-        torch.cumsum(counts, 0, dtype=torch.int32), rows, 1,
+        "grouped" if rows else "batched",
+        experts.repeat_interleave(counts),
+        torch.arange(rows, device=device),
+        probs,
+        torch.cumsum(counts, 0, dtype=torch.int32),
+        rows,
+        1,
     )
 
 

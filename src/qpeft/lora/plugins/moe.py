@@ -6,7 +6,8 @@ records the layout on each instance:
 
 - ``gate_up_proj: [E, 2I, H]`` (gate and up fused; ``is_concatenated``: ``[gate; up]``, else
   interleaved) or ``up_proj`` when ``has_gate`` is False; ``down_proj: [E, H, I]``;
-- ``is_transposed``: the same weights stored ``[E, in, out]`` (GPT-OSS: ``gate_up_proj [E, H, 2I]``);
+- ``is_transposed``: the same weights stored ``[E, in, out]`` (GPT-OSS: ``gate_up_proj [E, H,
+  2I]``);
 - ``has_bias``: ``<p>_bias: [E, out]``; ``_apply_gate`` / ``act_fn`` between the projections.
 
 The module's forward is ``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``.
@@ -41,13 +42,16 @@ _ROW_LAYOUT = {"grouped_mm": "grouped", "batched_mm": "batched"}
 
 
 class LoRAHFExperts(LoRAExperts):
-    """LoRA around a transformers experts module (fused or separate, ``[E, out, in]`` or transposed)."""
+    """LoRA around a transformers experts module (fused or separate, ``[E, out, in]`` or
+    transposed)."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
         inner = self._inner()
         if getattr(inner, "_is_expert_parallel", False):
-            raise ValueError(f"{type(inner).__name__}: expert-parallel experts are not supported by LoRA")
+            raise ValueError(
+                f"{type(inner).__name__}: expert-parallel experts are not supported by LoRA"
+            )
 
     @staticmethod
     def projections(base: nn.Module) -> dict[str, Projection]:
@@ -62,9 +66,13 @@ class LoRAHFExperts(LoRAExperts):
         weight = self.effective_weight(name)
         bias = getattr(inner, f"{name}_bias")[routing.expert_ids] if inner.has_bias else None
         if routing.kind == "grouped":
-            out = _grouped_linear(x, weight, routing.offsets, bias=bias, is_transposed=inner.is_transposed)
+            out = _grouped_linear(
+                x, weight, routing.offsets, bias=bias, is_transposed=inner.is_transposed
+            )
         else:
-            out = _batched_linear(x, weight[routing.expert_ids], bias=bias, is_transposed=inner.is_transposed)
+            out = _batched_linear(
+                x, weight[routing.expert_ids], bias=bias, is_transposed=inner.is_transposed
+            )
         return self.lora_delta(name, x, routing, out)
 
     def forward(
@@ -82,7 +90,10 @@ class LoRAHFExperts(LoRAExperts):
             return self.base(hidden_states, top_k_index, top_k_weights)
         implementation = getattr(getattr(inner, "config", None), "_experts_implementation", None)
         routing = Routing.build(
-            _ROW_LAYOUT.get(implementation, "grouped"), top_k_index, top_k_weights, self.num_experts(inner)
+            _ROW_LAYOUT.get(implementation, "grouped"),
+            top_k_index,
+            top_k_weights,
+            self.num_experts(inner),
         )
         h = self._project(names[0], routing.rows(hidden_states), routing)
         h = inner._apply_gate(h) if inner.has_gate else inner.act_fn(h)

@@ -1,4 +1,5 @@
-"""qpeft.quant plugin: a weight-only ``QuantLinear`` is ``F.linear(x, Qw(W), bias)``, fusable with LoRA."""
+"""qpeft.quant plugin: a weight-only ``QuantLinear`` is ``F.linear(x, Qw(W), bias)``, fusable with
+LoRA."""
 
 from ...core.wrapping import innermost
 from ...quant.layer import QuantLinear

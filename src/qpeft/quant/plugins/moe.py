@@ -42,7 +42,8 @@ def hf_expert_projections(module: nn.Module) -> dict[str, tuple[int, int, bool]]
 
 
 class QuantHFExperts(QuantExperts):
-    """A transformers experts module with ``gate_up_proj_weight_quantizer`` / ``down_proj_weight_quantizer``."""
+    """A transformers experts module with ``gate_up_proj_weight_quantizer`` /
+    ``down_proj_weight_quantizer``."""
 
     @staticmethod
     def projections(raw: nn.Module) -> dict[str, bool]:
