@@ -6,8 +6,6 @@ import copy
 
 import torch
 
-import qpeft
-
 from ..harness import interleaved
 from ..models import base_model, hf_model, qpeft_model, token_batch
 from ..report import Section
@@ -30,7 +28,6 @@ def run(repeats: int) -> Section:
     models = {
         "base": copy.deepcopy(base),
         "qpeft": qpeft_model(base, RANK).eval(),
-        "qpeft-shared": qpeft.set_input_sharing(qpeft_model(base, RANK).eval(), True),
     }
     if has_peft():
         models["hf-peft"] = hf_model(base, RANK).eval()
@@ -39,11 +36,5 @@ def run(repeats: int) -> Section:
     if has_peft():
         section.rows.append(ratio_row(f"rank {RANK}: HF PEFT / base", t, "hf-peft", "base"))
         section.rows.append(ratio_row(f"rank {RANK}: qpeft / HF PEFT", t, "qpeft", "hf-peft"))
-    section.rows.append(
-        ratio_row(f"rank {RANK}: qpeft with input sharing / qpeft", t, "qpeft-shared", "qpeft")
-    )
     section.notes += timing_lines(t)
-    section.notes.append(
-        "qpeft-shared = qpeft with `set_input_sharing(model, True)` (off by default)."
-    )
     return section

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-import qpeft
-
 from ..harness import interleaved
 from ..models import (
     base_model,
@@ -54,7 +52,6 @@ def run(repeats: int) -> Section:
         models = {
             "floor": floor_model(base),
             "qpeft": qpeft_model(base, rank),
-            "qpeft-shared": qpeft.set_input_sharing(qpeft_model(base, rank), True),
         }
         if (
             rank == 16
@@ -71,9 +68,6 @@ def run(repeats: int) -> Section:
         section.rows.append(ratio_row(f"rank {rank}: qpeft / floor", t, "qpeft", "floor", vs_floor))
         if has_peft():
             section.rows.append(ratio_row(f"rank {rank}: HF PEFT / floor", t, "hf-peft", "floor"))
-        section.rows.append(
-            ratio_row(f"rank {rank}: qpeft with input sharing / qpeft", t, "qpeft-shared", "qpeft")
-        )
         if "qpeft-simple" in t:
             section.rows.append(
                 ratio_row(f"rank {rank}: simple path / floor", t, "qpeft-simple", "floor")
@@ -83,9 +77,7 @@ def run(repeats: int) -> Section:
             section.notes.append("same result check, " + _check_same(base, ids, rank))
     section.notes.append(
         "floor = the same model, weights frozen, no adapters, input activations "
-        "requiring grad; qpeft-simple = qpeft's reference path (a plain wrapper); "
-        "qpeft-shared = qpeft with `set_input_sharing(model, True)` (q/k/v and gate/up "
-        "share one x @ A^T; off by default)."
+        "requiring grad; qpeft-simple = qpeft's reference path (a plain wrapper)."
     )
     section.notes.append(
         "At rank 64 the adapters' own matmuls (3 x tokens x rank x (in + out) multiply-adds "

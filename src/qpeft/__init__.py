@@ -29,7 +29,6 @@ from .lora.manage import (
 from .lora.merge import export, merge_adapters, unmerge_adapters
 from .lora.refine import refine_svdquant
 from .lora.routing import adapter_routing
-from .lora.siblings import set_input_sharing
 from .parallel import (
     LoRAColwiseParallel,
     LoRARowwiseParallel,
@@ -113,7 +112,6 @@ __all__ = [
     "restore",
     "save",
     "save_adapters",
-    "set_input_sharing",
     "state",
     "unfreeze_lora_weights",
     "unmerge_adapters",

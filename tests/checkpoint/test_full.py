@@ -120,7 +120,6 @@ def _scenario(mode):
             qpeft.enable_quantizer(model, "*attn*"),
         ),
         "refine_svdquant": lambda: qpeft.refine_svdquant(model, "b", iters=1),
-        "input_sharing": lambda: qpeft.set_input_sharing(model, True),
     }
     assert mode in steps, f"mode {mode!r} has no save/restore scenario: add one here"
     steps[mode]()
@@ -304,3 +303,16 @@ def test_load_adapters_refusals_leave_modeluntouched(tmp_path):
     with pytest.raises(ValueError, match="no adapter named 'nope'"):
         qpeft.save_adapters(model, tmp_path / "ad2", ["nope"])
     assert not (tmp_path / "ad2").exists()
+
+
+def test_a_checkpoint_with_the_removed_input_sharing_mode_is_refused_naming_it(tmp_path):
+    model = TinyBlock()
+    qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 2}}})
+    qpeft.save(model, tmp_path / "ck")
+    manifest = json.loads((tmp_path / "ck" / MANIFEST).read_text())
+    manifest["modes"].append({"mode": "input_sharing", "config": {"enabled": True}})
+    (tmp_path / "ck" / MANIFEST).write_text(json.dumps(manifest))
+    fresh = TinyBlock()
+    with pytest.raises(ValueError, match="'input_sharing'.*set_input_sharing was removed"):
+        qpeft.restore(fresh, tmp_path / "ck")
+    assert not qpeft.is_peft_model(fresh) and qpeft.state(fresh) == []

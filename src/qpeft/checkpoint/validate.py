@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.modes import known_modes
+from ..core.modes import known_modes, unknown_mode_message
 from ..lora.convert import lora_layers
 from .files import read_json, recover
 
@@ -86,7 +86,7 @@ def _check_modes(modes: Any, where: Path) -> None:
         _require(
             entry["mode"] in known_modes(),
             where,
-            f"modes[{i}] is mode {entry['mode']!r}, which this qpeft cannot replay",
+            f"modes[{i}]: {unknown_mode_message(entry['mode'])}",
         )
 
 

@@ -21,7 +21,16 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["record", "state", "register_mode", "replay", "restoring", "is_restoring"]
+__all__ = [
+    "record",
+    "state",
+    "register_mode",
+    "replay",
+    "restoring",
+    "is_restoring",
+    "known_modes",
+    "unknown_mode_message",
+]
 
 _LOG_ATTR = "_qpeft_modes"
 _REPLAY: dict[str, Callable[[nn.Module, dict[str, Any]], Any]] = {}
@@ -80,6 +89,20 @@ def known_modes() -> list[str]:
     return sorted(_REPLAY)
 
 
+#: Modes older qpeft versions recorded and this one no longer has: name -> why.
+REMOVED_MODES = {
+    "input_sharing": "qpeft.set_input_sharing was removed (its measured speed-up was noise); "
+    "delete this entry from the log to load the checkpoint, which then computes the same values",
+}
+
+
+def unknown_mode_message(mode: Any) -> str:
+    """Why ``mode`` cannot be replayed: removed (and why) or unknown (with the known modes)."""
+    if mode in REMOVED_MODES:
+        return f"mode {mode!r} cannot be replayed: {REMOVED_MODES[mode]}"
+    return f"cannot replay unknown mode {mode!r}; known: {known_modes()}"
+
+
 def replay(model: nn.Module, log: list[dict[str, Any]]) -> nn.Module:
     """Re-apply every entry of ``log`` to ``model`` in order (each re-records itself).
 
@@ -92,7 +115,7 @@ def replay(model: nn.Module, log: list[dict[str, Any]]) -> nn.Module:
         if not isinstance(e, dict) or e.get("mode") not in _REPLAY
     ]
     if unknown:
-        raise ValueError(f"cannot replay unknown mode {unknown[0]!r}; known: {sorted(_REPLAY)}")
+        raise ValueError(unknown_mode_message(unknown[0]))
     for entry in log:
         _REPLAY[entry["mode"]](model, entry["config"])
     return model

@@ -21,7 +21,6 @@ from .config import PEFTAttributeConfig, PEFTConfig
 from .init import init_adapter
 from .layer import LoRAModule, is_peft_model, lora_layers
 from .registry import lora_class_for
-from .siblings import link_siblings
 from .targets import experts_class, is_target_name, resolve_experts
 
 __all__ = ["update_model", "is_peft_model", "lora_layers", "candidate_layers"]
@@ -203,7 +202,6 @@ def _apply(model: nn.Module, cfg: PEFTConfig, plan: _Plan) -> None:
     for layer_name, attrs in plan.update.items():
         adapter = layers[layer_name].adapters[cfg.adapter_name]
         adapter.scale, adapter.enable = float(attrs.scale), bool(attrs.enable)
-    link_siblings(model)
     _set_base_trainable(model, not cfg.freeze_base_model)
     for layer_name in [*plan.add, *plan.update]:
         layers[layer_name].adapters[cfg.adapter_name].requires_grad_(not cfg.freeze_lora_weights)

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lora_addmm", "linear_lora", "linear_lora_from_t", "concat_factors"]
+__all__ = ["lora_addmm", "linear_lora", "concat_factors"]
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor, float]]
 
@@ -174,29 +174,3 @@ def linear_lora(
     if _needs_graph(x, weight, bias, a, b):
         return _LinearLoRA.apply(x, weight, bias, a, b, alpha)
     return _linear_lora_values(x, weight, bias, a, b, alpha)
-
-
-def linear_lora_from_t(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    t: torch.Tensor,
-    factors: Factors,
-) -> torch.Tensor:
-    """``F.linear(x, weight, bias) + t @ B^T`` (scales applied) with ``t = x @ A^T`` given.
-
-    For a ``t`` computed elsewhere (a column block of a product shared by layers reading the same
-    ``x``, see :mod:`qpeft.lora.siblings`). Plain autograd ops: the update is added in place into
-    the fresh base output; gradients reach ``t`` (and through it ``A`` and ``x``) and every ``B``.
-
-    Args:
-        x: the layer input ``[..., in]``.
-        weight, bias: the ``nn.Linear`` base's weight ``[out, in]`` and bias (or None).
-        t: ``x @ cat(A_i)^T`` flattened to ``[N, R]`` (may be a strided column block).
-        factors: the ``(A_i, B_i, s_i)`` of ``t``'s columns, in order.
-    """
-    b, alpha = _concat_b(factors)
-    x2 = x.reshape(-1, x.shape[-1])
-    y2 = F.linear(x2, weight, bias)
-    y2.addmm_(t, b.t(), alpha=alpha)
-    return y2.view(*x.shape[:-1], y2.shape[-1])

@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from ..core.wrapping import ModuleWrapper, innermost
 from .adapter import LoRAAdapter
-from .fused import linear_lora, linear_lora_from_t, lora_addmm
+from .fused import linear_lora, lora_addmm
 from .linear_bases import linear_operands
 
 __all__ = ["LoRAModule", "LoRALinear", "reference_forward", "lora_layers", "is_peft_model"]
@@ -55,7 +55,6 @@ class LoRAModule(ModuleWrapper):
         super().__init__(base)
         self.adapters = nn.ModuleDict()
         self._routing = None  # set only inside qpeft.adapter_routing (per-sample adapters)
-        self._siblings = None  # a SiblingGroup sharing ``x @ A^T`` (see qpeft.lora.siblings)
 
     # -- what a subclass provides -------------------------------------------------------------
     @staticmethod
@@ -87,20 +86,6 @@ class LoRAModule(ModuleWrapper):
                 (fused if _fusable(adapter, x) else rest).append(adapter)
         return fused, rest
 
-    def shareable_in_features(self) -> int | None:
-        """``in_features`` when this layer type can share ``x @ A^T`` with siblings, else None."""
-        return None
-
-    def shareable_a(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """The ``A`` factors of the fused base+LoRA path this layer would take for ``x``, or
-        None."""
-        if self._routing is not None:
-            return None
-        fused, _ = self._split_active(x)
-        if not fused or linear_operands(self.base, x) is None:
-            return None
-        return tuple(a.lora_a for a in fused)
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.base
         if self._routing is not None:
@@ -110,18 +95,7 @@ class LoRAModule(ModuleWrapper):
         if fused and not args and not kwargs:
             operands = linear_operands(base, x)
         if operands is not None:
-            factors = [(a.lora_a, a.lora_b, a.scale) for a in fused]
-            group = self._siblings  # sharing is opt-in: skip building its arguments when it is off
-            t = (
-                group.low_rank(self, x, tuple(a.lora_a for a in fused))
-                if group is not None and group.enabled
-                else None
-            )
-            y = (
-                linear_lora(x, *operands, factors)
-                if t is None
-                else linear_lora_from_t(x, *operands, t, factors)
-            )
+            y = linear_lora(x, *operands, [(a.lora_a, a.lora_b, a.scale) for a in fused])
         else:
             y = base(x, *args, **kwargs)
             if fused and y.dtype == x.dtype:
@@ -145,9 +119,6 @@ class LoRALinear(LoRAModule):
     @staticmethod
     def features(base: nn.Module) -> tuple[int, int]:
         return base.in_features, base.out_features
-
-    def shareable_in_features(self) -> int | None:
-        return self.features(innermost(self))[0]
 
 
 class LoRAConv1D(LoRAModule):
