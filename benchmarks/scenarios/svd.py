@@ -16,7 +16,6 @@ import itertools
 import torch
 
 import qpeft
-from qpeft.lora.init import quantization_residual
 
 from ..harness import interleaved
 from ..models import PROJECTIONS, base_model
@@ -42,7 +41,7 @@ def _config(name: str) -> dict:
 def _error_ratios(model) -> list[float]:
     ratios = []
     for layer in qpeft.lora_layers(model).values():
-        residual = quantization_residual(layer)
+        residual = layer.quantization_residual()
         approx = layer.adapters["svd"].delta_weight()
         s = torch.linalg.svdvals(residual)
         optimum = s[RANK:].square().sum().sqrt()
@@ -63,7 +62,7 @@ def run(repeats: int) -> Section:
         qpeft.update_model(model, _config(name))
         qpeft.delete_adapter(model, name)
 
-    residuals = [quantization_residual(layer) for layer in qpeft.lora_layers(checked).values()]
+    residuals = [layer.quantization_residual() for layer in qpeft.lora_layers(checked).values()]
 
     def exact_svd():
         for residual in residuals:

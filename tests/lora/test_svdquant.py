@@ -166,12 +166,12 @@ def test_refine_with_a_bf16_sidecar_and_a_conv1d_layer():
 
 def test_refine_errors_leave_the_model_unchanged():
     model = _model(16, 32)
-    with pytest.raises(ValueError, match="no layer has an adapter 'default'"):
+    with pytest.raises(ValueError, match="refine_svdquant: model has no LoRA layers"):
         qpeft.refine_svdquant(model)
     qpeft.update_model(model, {"adapter_cfg": {"*": {**SVD, "rank": 4}}})
     with pytest.raises(ValueError, match="iters must be a positive integer"):
         qpeft.refine_svdquant(model, iters=0)
-    with pytest.raises(ValueError, match="adapters: \\['default'\\]"):
+    with pytest.raises(ValueError, match="no adapter named 'other'; the model has \\['default'\\]"):
         qpeft.refine_svdquant(model, adapter_name="other")
     qpeft.disable_quantizer(model, "*")
     with pytest.raises(ValueError, match="enabled weight quantizer; call qpeft.quantize first"):

@@ -12,11 +12,11 @@ from torch import nn
 
 from .config import PEFTAttributeConfig
 
-__all__ = ["LoRAAdapter"]
+__all__ = ["AdapterState", "LoRAAdapter"]
 
 
-class LoRAAdapter(nn.Module):
-    """Factors ``lora_a: [rank, in]`` and ``lora_b: [out, rank]`` plus ``scale`` and ``enable``.
+class AdapterState(nn.Module):
+    """What every kind of adapter holds besides its factors: ``scale``, ``enable``, ``merged``.
 
     ``scale`` and ``enable`` are plain attributes (they change); the attributes fixed at creation
     (rank, initializers, init method, dtype) live in :attr:`config`. ``merged`` is True while the
@@ -24,30 +24,12 @@ class LoRAAdapter(nn.Module):
     skips it so the update is not counted twice.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        config: PEFTAttributeConfig,
-        dtype: torch.dtype,
-        device: torch.device | None = None,
-    ) -> None:
+    def __init__(self, config: PEFTAttributeConfig) -> None:
         super().__init__()
-        self.lora_a = nn.Parameter(
-            torch.zeros(config.rank, in_features, dtype=dtype, device=device)
-        )
-        self.lora_b = nn.Parameter(
-            torch.zeros(out_features, config.rank, dtype=dtype, device=device)
-        )
         self.scale = float(config.scale)
         self.enable = bool(config.enable)
         self.merged = False
         self._fixed = config.model_dump(exclude={"scale", "enable"})
-
-    @property
-    def rank(self) -> int:
-        """The adapter's rank ``r``."""
-        return self.lora_a.shape[0]
 
     @property
     def active(self) -> bool:
@@ -58,6 +40,28 @@ class LoRAAdapter(nn.Module):
     def config(self) -> PEFTAttributeConfig:
         """The adapter's current attributes as a :class:`PEFTAttributeConfig`."""
         return PEFTAttributeConfig(**self._fixed, scale=self.scale, enable=self.enable)
+
+
+class LoRAAdapter(AdapterState):
+    """Factors ``lora_a: [rank, in]`` and ``lora_b: [out, rank]`` plus the :class:`AdapterState`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: PEFTAttributeConfig,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__(config)
+        rank = config.rank
+        self.lora_a = nn.Parameter(torch.zeros(rank, in_features, dtype=dtype, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+
+    @property
+    def rank(self) -> int:
+        """The adapter's rank ``r``."""
+        return self.lora_a.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``scale * B(A(x))`` in the adapter dtype; ``x`` must already be in that dtype."""

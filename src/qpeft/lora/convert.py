@@ -16,7 +16,7 @@ from torch import nn
 from ..core.modes import record, register_mode
 from ..core.patterns import merge_matching
 from ..core.wrapping import ModuleWrapper, innermost
-from .adapter import LoRAAdapter
+from .adapter import AdapterState, LoRAAdapter
 from .config import PEFTAttributeConfig, PEFTConfig
 from .init import init_adapter
 from .layer import LoRAModule, is_peft_model, lora_layers
@@ -186,7 +186,7 @@ def _make_plan(model: nn.Module, cfg: PEFTConfig) -> _Plan:
 
 def _set_base_trainable(model: nn.Module, trainable: bool) -> None:
     adapter_params = {
-        id(p) for m in model.modules() if isinstance(m, LoRAAdapter) for p in m.parameters()
+        id(p) for m in model.modules() if isinstance(m, AdapterState) for p in m.parameters()
     }
     for param in model.parameters():
         if id(param) not in adapter_params:

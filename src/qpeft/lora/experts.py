@@ -19,7 +19,6 @@ every expert's pair from the rank-r SVD of its own residual ``W_p[e] - Q(W_p)[e]
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.wrapping import innermost
-from ..quant.layer import QuantModule
-from .config import PEFTAttributeConfig, resolve_initializer
-from .init import truncated_svd, warn_svdquant_fallback
+from ..quant.layer import QuantModule, find_weight_quantizer
+from .adapter import AdapterState
+from .config import PEFTAttributeConfig
+from .init import init_factors, svdquant_factors
 from .layer import LoRAModule
 from .moe_rows import Routing, expert_matmul
 
@@ -84,17 +84,17 @@ class GroupedLoRA(nn.Module):
         return delta.transpose(-2, -1) if self.transposed else delta
 
 
-class ExpertsLoRAAdapter(nn.Module):
+class ExpertsLoRAAdapter(AdapterState):
     """One named adapter of an experts layer: a :class:`GroupedLoRA` per projection, one scale.
 
     Its children are named after the projections, so the state_dict keys of adapter ``default``
     are ``<experts>.adapters.default.<projection>.lora_a`` / ``.lora_b``. A projection pattern can
-    leave some projections out (``update_model`` with ``<experts>.<projection>: {"enable":
-    False}``):
-    those have no child, no parameters and no LoRA term.
+    leave some projections out (``update_model`` with
+    ``<experts>.<projection>: {"enable": False}``): those have no child, no parameters and no
+    LoRA term.
 
-    ``scale`` and ``enable`` are plain attributes (they change); :attr:`config` gives the
-    attributes the adapter was built with, as :class:`~qpeft.LoRAAdapter` does.
+    ``scale``, ``enable``, ``merged``, :attr:`active` and :attr:`config` are the
+    :class:`~qpeft.lora.adapter.AdapterState` every adapter has.
     """
 
     def __init__(
@@ -105,19 +105,9 @@ class ExpertsLoRAAdapter(nn.Module):
         dtype: torch.dtype,
         device: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(config)
         for name, proj in projections.items():  # children named as the base weights they adapt
             self.add_module(name, GroupedLoRA(experts, proj, config.rank, dtype, device))
-        self.scale = float(config.scale)
-        self.enable = bool(config.enable)
-        self.merged = False  # folded into the base weights (qpeft.merge_adapters)
-        self._fixed = config.model_dump(exclude={"scale", "enable"})
-
-    @property
-    def active(self) -> bool:
-        """Whether the layer's forward adds this adapter: enabled and not merged into the
-        weights."""
-        return self.enable and not self.merged
 
     @property
     def factors(self) -> dict[str, GroupedLoRA]:
@@ -128,11 +118,6 @@ class ExpertsLoRAAdapter(nn.Module):
     def rank(self) -> int:
         """The adapter's rank ``r``."""
         return next(self.children()).lora_a.shape[1]
-
-    @property
-    def config(self) -> PEFTAttributeConfig:
-        """The adapter's current attributes as a :class:`PEFTAttributeConfig`."""
-        return PEFTAttributeConfig(**self._fixed, scale=self.scale, enable=self.enable)
 
     def delta_weight(self) -> dict[str, torch.Tensor]:
         """``{projection: scale * B @ A}``, fp32, each ``[E, ...]`` in its base weight's layout.
@@ -185,7 +170,7 @@ class LoRAExperts(LoRAModule):
     def weight_quantizer(self, name: str) -> nn.Module | None:
         """``<name>_weight_quantizer`` of the wrapped chain (a quantized experts wrapper), or
         None."""
-        return getattr(self.base, f"{name}_weight_quantizer", None)
+        return find_weight_quantizer(self.base, f"{name}_weight_quantizer", enabled=False)
 
     def effective_weight(self, name: str) -> torch.Tensor:
         """Projection ``name``'s weight as the forward uses it: fake-quantized when it has a
@@ -232,47 +217,48 @@ class LoRAExperts(LoRAModule):
         )
 
     @torch.no_grad()
-    def init_new_adapter(self, adapter: ExpertsLoRAAdapter, layer_name: str) -> None:
+    def init_adapter(self, adapter: ExpertsLoRAAdapter, layer_name: str) -> None:
         """Fill a new adapter per expert: ``kaiming_zeros`` (initializers per expert) or
-        ``svdquant``.
+        ``svdquant`` (a batched SVD of every expert's residual ``W_p[e] - Q(W_p)[e]``).
 
         Raises:
             ValueError: for ``svdquant`` on non-finite weights (names the layer and projection).
         """
         config = adapter.config
         for name, factors in adapter.factors.items():
-            if config.lora_init_method == "svdquant":
-                self._init_svdquant(name, factors, adapter.scale, layer_name)
-            else:
-                _init_per_expert(factors.lora_a, config.lora_a_init, _default_a)
-                _init_per_expert(factors.lora_b, config.lora_b_init, torch.nn.init.zeros_)
+            if config.lora_init_method != "svdquant":
+                init_factors(factors.lora_a, factors.lora_b, config)
+                continue
+            residual = self.projection_residual(name)
+            rank, what = factors.lora_a.shape[1], f" projection {name!r}"
+            found = svdquant_factors(residual, rank, adapter.scale, layer_name, what)
+            if found is not None:  # else the factors stay zero
+                factors.lora_a.copy_(found[0])
+                factors.lora_b.copy_(found[1])
 
-    def _init_svdquant(
-        self, name: str, factors: GroupedLoRA, scale: float, layer_name: str
-    ) -> None:
-        quantizer = self.weight_quantizer(name)
-        factors.lora_a.zero_()
-        factors.lora_b.zero_()
-        if quantizer is None or not getattr(quantizer, "is_enabled", True):
-            warn_svdquant_fallback(
-                layer_name,
-                f"projection {name!r} has no enabled weight quantizer (quantize the experts first)",
-                6,
-            )
-            return
+    def projection_residual(self, name: str) -> torch.Tensor | None:
+        """``W_p - Q(W_p)`` of projection ``name`` in fp32, ``[E, out, in]``; None without an
+        enabled weight quantizer."""
+        quantizer = find_weight_quantizer(self.base, f"{name}_weight_quantizer")
+        if quantizer is None:
+            return None
         weight = self.expert_weight(name).detach()
         residual = weight.float() - quantizer(weight).float()
-        if factors.transposed:
-            residual = residual.transpose(-2, -1)  # -> [E, out, in]
-        if not torch.isfinite(residual).all():
-            raise ValueError(
-                f"svdquant init: layer {layer_name!r} projection {name!r} has non-finite weights"
-            )
-        u, s, vh = truncated_svd(residual, factors.lora_a.shape[1])
-        root = (s / scale).sqrt()
-        k = s.shape[-1]
-        factors.lora_a[:, :k].copy_(root.unsqueeze(-1) * vh)
-        factors.lora_b[:, :, :k].copy_(u * root.unsqueeze(-2))
+        return (
+            residual.transpose(-2, -1)
+            if self.projections(self._inner())[name].transposed
+            else residual
+        )
+
+    def probe_inputs(self, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """``(x [rows, H], experts [rows, 1], weights [rows, 1])``: row ``i`` to expert ``i%E``."""
+        inner = self._inner()
+        weight = next(iter(self.base_weights().values()))
+        hidden = next(iter(self.projections(inner).values())).in_features
+        x = torch.randn(rows, hidden, generator=generator).to(weight.device, weight.dtype)
+        experts = torch.arange(rows, device=weight.device) % self.num_experts(inner)
+        ones = torch.ones(rows, 1, device=weight.device, dtype=weight.dtype)
+        return x, experts.unsqueeze(-1), ones
 
     # -- forward pieces -----------------------------------------------------------------------
     def active_adapters(self) -> list[ExpertsLoRAAdapter]:
@@ -305,15 +291,3 @@ class LoRAExperts(LoRAModule):
                 cast[dtype] = x if x.dtype == dtype else x.to(dtype)
             out = out + (factors(cast[dtype], routing) * adapter.scale).to(out.dtype)
         return out
-
-
-def _default_a(tensor: torch.Tensor) -> None:
-    torch.nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
-
-
-def _init_per_expert(param: torch.Tensor, name: str | None, default: Any) -> None:
-    # Each expert's [r, in] / [out, r] slice is initialised as a LoRALinear factor would be (the
-    # fan of a 3-D tensor would count the expert axis); a one-off loop at creation time only.
-    fn = default if name is None else resolve_initializer(name)
-    for expert in range(param.shape[0]):
-        fn(param[expert])

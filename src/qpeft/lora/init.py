@@ -8,21 +8,27 @@
 ``B = U sqrt(S/scale)``, ``A = sqrt(S/scale) V^T`` so that ``scale * B @ A ~ R`` and the layer
 computes about ``W x`` at init. A randomized SVD (oversampling + power iterations) is used when r is
 small against the layer, an exact one otherwise; ranks above ``min(out, in)`` pad with zeros.
+Residuals may carry leading batch dimensions (one matrix per expert).
+
+Each layer kind says how it fills a new adapter (:meth:`qpeft.LoRAModule.init_adapter`); the pieces
+here are the ones they share.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..core.modes import is_restoring
-from .adapter import LoRAAdapter
-from .config import resolve_initializer
-from .layer import LoRAModule
+from .config import PEFTAttributeConfig, resolve_initializer
 
-__all__ = ["init_adapter", "truncated_svd", "quantization_residual", "svd_factors"]
+if TYPE_CHECKING:
+    from .layer import LoRAModule
+
+__all__ = ["init_adapter", "init_factors", "truncated_svd", "svd_factors", "svdquant_factors"]
 
 # Randomized SVD settings, measured on quantization residuals of MiniLM-sized layers
 # (benchmarks/quant_minilm.py): 4 power iterations keep ||R - U S V^T|| within 0.7% of the
@@ -35,8 +41,8 @@ SKETCH_FACTOR = 5
 
 
 @torch.no_grad()
-def init_adapter(adapter: LoRAAdapter, layer: LoRAModule, layer_name: str) -> None:
-    """Fill a new adapter's factors in place according to its ``lora_init_method``.
+def init_adapter(adapter: Any, layer: LoRAModule, layer_name: str) -> None:
+    """Fill a new adapter's factors in place as its layer kind does (``layer.init_adapter``).
 
     Inside :func:`qpeft.core.modes.restoring` nothing is computed (the factors stay zero): the saved
     values are loaded right after, so recomputing, e.g., svdquant's SVD would be wasted work.
@@ -44,34 +50,29 @@ def init_adapter(adapter: LoRAAdapter, layer: LoRAModule, layer_name: str) -> No
     Raises:
         ValueError: for ``svdquant`` when the layer's weight is not finite (names the layer).
     """
-    if is_restoring():
-        return
-    own_init = getattr(layer, "init_new_adapter", None)
-    if own_init is not None:  # layers with their own factor layout (e.g. grouped experts)
-        own_init(adapter, layer_name)
-        return
-    config = adapter.config
-    if config.lora_init_method == "svdquant":
-        _init_svdquant(adapter, layer, layer_name)
-        return
-    if config.lora_a_init is None:
-        torch.nn.init.kaiming_uniform_(adapter.lora_a, a=math.sqrt(5))
-    else:
-        resolve_initializer(config.lora_a_init)(adapter.lora_a)
-    if config.lora_b_init is None:
-        torch.nn.init.zeros_(adapter.lora_b)
-    else:
-        resolve_initializer(config.lora_b_init)(adapter.lora_b)
+    if not is_restoring():
+        layer.init_adapter(adapter, layer_name)
 
 
-def quantization_residual(layer: LoRAModule) -> torch.Tensor | None:
-    """``W - Q(W)`` in fp32, ``[out, in]`` layout, or None without an (enabled) weight quantizer."""
-    quantizer = getattr(layer.base, "weight_quantizer", None)
-    if quantizer is None or not getattr(quantizer, "is_enabled", True):
-        return None
-    weight = layer.base_weight.detach()
-    residual = weight.float() - quantizer(weight).float()
-    return layer.to_out_in(residual)
+def _default_a(tensor: torch.Tensor) -> None:
+    torch.nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
+@torch.no_grad()
+def init_factors(a: torch.Tensor, b: torch.Tensor, config: PEFTAttributeConfig) -> None:
+    """``kaiming_zeros``: fill ``A`` and ``B`` with their initializers (defaults: Kaiming, zeros).
+
+    Factors with a leading expert axis (``[E, r, in]``, ``[E, out, r]``) are initialised one
+    expert's slice at a time, as a 2-D factor would be (the fan of a 3-D tensor would count the
+    expert axis); a one-off loop at creation time only.
+    """
+    for factor, name, default in (
+        (a, config.lora_a_init, _default_a),
+        (b, config.lora_b_init, torch.nn.init.zeros_),
+    ):
+        fn = resolve_initializer(name) if name is not None else default
+        for matrix in factor.reshape(-1, *factor.shape[-2:]):
+            fn(matrix)
 
 
 def truncated_svd(
@@ -92,43 +93,46 @@ def truncated_svd(
     return u[..., :k], s[..., :k], vh[..., :k, :]
 
 
-def warn_svdquant_fallback(layer_name: str, reason: str, stacklevel: int = 5) -> None:
-    """The one warning every LoRA layer gives when svdquant has no quantizer to work from."""
-    warnings.warn(
-        f"svdquant init: layer {layer_name!r} {reason}; falling back to zero-initialised A and B",
-        stacklevel=stacklevel,
-    )
-
-
-def _init_svdquant(adapter: LoRAAdapter, layer: LoRAModule, layer_name: str) -> None:
-    residual = quantization_residual(layer)
-    if residual is None:
-        warn_svdquant_fallback(
-            layer_name, "has no enabled weight quantizer (run qpeft.quantize before update_model)"
-        )
-        adapter.lora_a.zero_()
-        adapter.lora_b.zero_()
-        return
-    if not torch.isfinite(residual).all():
-        raise ValueError(f"svdquant init: layer {layer_name!r} has non-finite weights")
-    a, b = svd_factors(residual, adapter.rank, adapter.scale)
-    adapter.lora_a.copy_(a)
-    adapter.lora_b.copy_(b)
-
-
 def svd_factors(
     residual: torch.Tensor, rank: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 factors ``A: [rank, in]``, ``B: [out, rank]`` with ``scale * B @ A =
-    SVD_rank(residual)``.
+    """fp32 factors ``A: [..., rank, in]``, ``B: [..., out, rank]``: ``s * B @ A = SVD_rank(R)``.
 
     ``B = U sqrt(S/scale)``, ``A = sqrt(S/scale) V^T``; components beyond ``min(out, in)`` are zero.
+    ``residual`` is ``[..., out, in]`` (leading dimensions: one matrix per expert).
     """
     u, s, vh = truncated_svd(residual.float(), rank)
     root = (s / scale).sqrt()
-    k = s.numel()
-    a = residual.new_zeros(rank, residual.shape[1], dtype=torch.float32)
-    b = residual.new_zeros(residual.shape[0], rank, dtype=torch.float32)
-    a[:k] = root[:, None] * vh
-    b[:, :k] = u * root[None, :]
+    k = s.shape[-1]
+    *lead, out_f, in_f = residual.shape
+    a = residual.new_zeros(*lead, rank, in_f, dtype=torch.float32)
+    b = residual.new_zeros(*lead, out_f, rank, dtype=torch.float32)
+    a[..., :k, :] = root.unsqueeze(-1) * vh
+    b[..., :k] = u * root.unsqueeze(-2)
     return a, b
+
+
+def svdquant_factors(
+    residual: torch.Tensor | None, rank: int, scale: float, layer_name: str, what: str = ""
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """svdquant's factors for ``residual = W - Q(W)`` (``[..., out, in]``), or None to keep zeros.
+
+    Args:
+        residual: the quantization residual, or None when the layer has no enabled weight
+            quantizer (a warning then says svdquant falls back to zero factors).
+        rank, scale: the adapter's.
+        layer_name: for messages; ``what`` adds e.g. ``" projection 'down_proj'"``.
+
+    Raises:
+        ValueError: the residual is not finite (names the layer).
+    """
+    if residual is None:
+        warnings.warn(
+            f"svdquant init: layer {layer_name!r}{what} has no enabled weight quantizer (run "
+            "qpeft.quantize before update_model); falling back to zero-initialised A and B",
+            stacklevel=8,  # the caller of update_model (plain layers)
+        )
+        return None
+    if not torch.isfinite(residual).all():
+        raise ValueError(f"svdquant init: layer {layer_name!r}{what} has non-finite weights")
+    return svd_factors(residual, rank, scale)

@@ -23,11 +23,23 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..core.wrapping import ModuleWrapper, innermost
+from ..quant.layer import find_weight_quantizer
 from .adapter import LoRAAdapter
 from .fused import linear_lora, lora_addmm
+from .init import init_factors, svdquant_factors
 from .linear_bases import linear_operands
 
-__all__ = ["LoRAModule", "LoRALinear", "reference_forward", "lora_layers", "is_peft_model"]
+__all__ = [
+    "LoRAModule",
+    "LoRALinear",
+    "reference_forward",
+    "lora_layers",
+    "is_peft_model",
+    "require_lora_layers",
+    "adapter_names_of",
+    "check_adapter_names",
+    "check_selection",
+]
 
 
 def _fusable(adapter: LoRAAdapter, x: torch.Tensor) -> bool:
@@ -49,7 +61,15 @@ def reference_forward(layer: LoRAModule, x: torch.Tensor, y: torch.Tensor) -> to
 
 
 class LoRAModule(ModuleWrapper):
-    """Base class of every LoRA layer. Subclasses say how to read the base's shape and weight."""
+    """Base class of every LoRA layer. Subclasses say how to read the base's shape and weight.
+
+    What differs by layer kind is a method here, overridden by the kinds that differ (grouped
+    experts, Megatron's tensor-parallel layers): :meth:`new_adapter`, :meth:`init_adapter`,
+    :meth:`fold_adapter` (merge, unmerge, export), :meth:`probe_inputs` (export's measurement) and
+    :attr:`supports_adapter_routing`.
+    """
+
+    supports_adapter_routing = True  # qpeft.adapter_routing: per-sample adapters in forward
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
@@ -112,6 +132,49 @@ class LoRAModule(ModuleWrapper):
         weight = self.base_weight
         return LoRAAdapter(in_f, out_f, config, dtype or weight.dtype, weight.device)
 
+    @torch.no_grad()
+    def init_adapter(self, adapter: LoRAAdapter, layer_name: str) -> None:
+        """Fill a new adapter: ``kaiming_zeros`` (its initializers) or ``svdquant`` (the rank-r SVD
+        of :meth:`quantization_residual`; zeros and a warning without a weight quantizer).
+
+        Raises:
+            ValueError: for ``svdquant`` on non-finite weights (names the layer).
+        """
+        config = adapter.config
+        if config.lora_init_method != "svdquant":
+            init_factors(adapter.lora_a, adapter.lora_b, config)
+            return
+        found = svdquant_factors(
+            self.quantization_residual(), adapter.rank, adapter.scale, layer_name
+        )
+        if found is not None:  # else the factors stay zero
+            adapter.lora_a.copy_(found[0])
+            adapter.lora_b.copy_(found[1])
+
+    def quantization_residual(self) -> torch.Tensor | None:
+        """``W - Q(W)`` in fp32, ``[out, in]`` layout; None without an enabled weight quantizer."""
+        quantizer = find_weight_quantizer(self.base)
+        if quantizer is None:
+            return None
+        weight = self.base_weight.detach()
+        return self.to_out_in(weight.float() - quantizer(weight).float())
+
+    @torch.no_grad()
+    def fold_adapter(self, adapter: LoRAAdapter, sign: float) -> None:
+        """``W <- cast(W + sign * scale * B @ A)`` in place (merge: +1, unmerge: -1, export)."""
+        weight = self.base_weight
+        # [out, in] view of the master weight, written in place; detach() (unlike .data) shares
+        # the version counter, so caches keyed on it (a frozen weight's Q(W)) see the change
+        view = self.to_out_in(weight.detach())
+        view.copy_((view.float() + sign * adapter.delta_weight()).to(weight.dtype))
+
+    def probe_inputs(self, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Fixed random inputs ``(x [rows, in],)`` for measuring what a fold changes."""
+        in_features, _ = self.features(innermost(self))
+        weight = self.base_weight
+        x = torch.randn(rows, in_features, generator=generator)
+        return (x.to(weight.device, weight.dtype),)
+
 
 class LoRALinear(LoRAModule):
     """LoRA around ``nn.Linear`` (``weight: [out, in]``)."""
@@ -141,3 +204,36 @@ def lora_layers(model: nn.Module) -> dict[str, LoRAModule]:
 def is_peft_model(model: nn.Module) -> bool:
     """Whether ``model`` has at least one LoRA layer."""
     return any(isinstance(m, LoRAModule) for m in model.modules())
+
+
+def require_lora_layers(model: nn.Module, what: str = "") -> dict[str, LoRAModule]:
+    """:func:`lora_layers`, or a ValueError (prefixed ``what: ``) when the model has none."""
+    layers = lora_layers(model)
+    if not layers:
+        prefix = f"{what}: " if what else ""
+        raise ValueError(f"{prefix}model has no LoRA layers; call qpeft.update_model first")
+    return layers
+
+
+def adapter_names_of(layers: dict[str, LoRAModule]) -> list[str]:
+    """Every adapter name of ``layers``, sorted."""
+    return sorted({name for layer in layers.values() for name in layer.adapters})
+
+
+def check_adapter_names(layers: dict[str, LoRAModule], names: Any, what: str = "") -> None:
+    """Raise a ValueError naming the first of ``names`` no layer has, and the known adapters."""
+    known = adapter_names_of(layers)
+    for name in names:
+        if name not in known:
+            prefix = f"{what}: " if what else ""
+            raise ValueError(f"{prefix}no adapter named {name!r}; the model has {known}")
+
+
+def check_selection(
+    layers: dict[str, LoRAModule], selection: dict[str, list[str]], what: str
+) -> None:
+    """Raise a ValueError naming the first ``{layer: [adapter names]}`` pair the model lacks."""
+    for layer_name, names in selection.items():
+        for name in names:
+            if layer_name not in layers or name not in layers[layer_name].adapters:
+                raise ValueError(f"{what}: layer {layer_name!r} has no adapter {name!r}")

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..core.modes import record, register_mode
 from ..core.patterns import matches_pattern
-from .convert import lora_layers
+from .layer import check_adapter_names, check_selection, lora_layers, require_lora_layers
 
 __all__ = [
     "enable_adapters",
@@ -27,9 +27,7 @@ __all__ = [
 
 
 def _select(model: nn.Module, layer_patterns: Any, adapter_patterns: Any) -> dict[str, list[str]]:
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("model has no LoRA layers; call qpeft.update_model first")
+    layers = require_lora_layers(model)
     chosen: dict[str, list[str]] = {}
     for name, layer in layers.items():
         if matches_pattern(name, layer_patterns):
@@ -54,12 +52,8 @@ _FLAGS = {
 
 def _apply_selection(model: nn.Module, mode: str, selection: dict[str, list[str]]) -> None:
     layers = lora_layers(model)
-    targets = []
-    for layer_name, names in selection.items():
-        for name in names:
-            if layer_name not in layers or name not in layers[layer_name].adapters:
-                raise ValueError(f"{mode}: layer {layer_name!r} has no adapter {name!r}")
-            targets.append(layers[layer_name].adapters[name])
+    check_selection(layers, selection, mode)
+    targets = [layers[ln].adapters[name] for ln, names in selection.items() for name in names]
     value = _FLAGS[mode]
     for adapter in targets:
         if mode.endswith("_adapters"):
@@ -124,10 +118,9 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     Raises:
         ValueError: if the model has no LoRA layers or no layer has an adapter called ``name``.
     """
-    holders = [layer for layer in lora_layers(model).values() if name in layer.adapters]
-    if not holders:
-        known = sorted({a for layer in lora_layers(model).values() for a in layer.adapters})
-        raise ValueError(f"no adapter named {name!r}; the model has {known}")
+    layers = require_lora_layers(model)
+    check_adapter_names(layers, [name])
+    holders = [layer for layer in layers.values() if name in layer.adapters]
     for layer in holders:
         del layer.adapters[name]
     record(model, "delete_adapter", {"name": name})

@@ -25,13 +25,9 @@ import torch
 from torch import nn
 
 from ..core.modes import is_restoring, record, register_mode
-from ..core.wrapping import innermost
-from ..quant.layer import QuantModule
-from .adapter import LoRAAdapter
+from ..quant.layer import QuantModule, find_weight_quantizer
 from .config import ExportPEFTConfig
-from .convert import lora_layers
-from .experts import LoRAExperts
-from .layer import LoRAModule
+from .layer import LoRAModule, check_adapter_names, check_selection, require_lora_layers
 
 __all__ = ["merge_adapters", "unmerge_adapters", "export"]
 
@@ -39,38 +35,9 @@ PROBE_ROWS = 8
 PROBE_SEED = 0
 
 
-@torch.no_grad()
-def _fold(layer: LoRAModule, adapter: LoRAAdapter, sign: float) -> None:
-    own_fold = getattr(layer, "fold_adapter", None)
-    if own_fold is not None:  # layers with several weights (grouped experts) fold themselves
-        own_fold(adapter, sign)
-        return
-    weight = layer.base_weight
-    # [out, in] view of the master weight, written in place; detach() (unlike .data) shares the
-    # version counter, so caches keyed on it (a frozen weight's fake-quantized value) see the change
-    view = layer.to_out_in(weight.detach())
-    view.copy_((view.float() + sign * adapter.delta_weight()).to(weight.dtype))
-
-
-def _layers_or_raise(model: nn.Module) -> dict[str, LoRAModule]:
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("model has no LoRA layers; call qpeft.update_model first")
-    return layers
-
-
-def _check_selection(
-    layers: dict[str, LoRAModule], selection: dict[str, list[str]], mode: str
-) -> None:
-    for layer_name, names in selection.items():
-        for name in names:
-            if layer_name not in layers or name not in layers[layer_name].adapters:
-                raise ValueError(f"{mode}: layer {layer_name!r} has no adapter {name!r}")
-
-
 def _merge(model: nn.Module, selection: dict[str, list[str]]) -> None:
-    layers = _layers_or_raise(model)
-    _check_selection(layers, selection, "merge_adapters")
+    layers = require_lora_layers(model)
+    check_selection(layers, selection, "merge_adapters")
     for layer_name, names in selection.items():
         for name in names:
             if layers[layer_name].adapters[name].merged:
@@ -81,21 +48,21 @@ def _merge(model: nn.Module, selection: dict[str, list[str]]) -> None:
         for name in names:
             adapter = layers[layer_name].adapters[name]
             if not is_restoring():
-                _fold(layers[layer_name], adapter, 1.0)
+                layers[layer_name].fold_adapter(adapter, 1.0)
             adapter.merged = True
     record(model, "merge_adapters", {"selection": selection})
 
 
 def _unmerge(model: nn.Module, selection: dict[str, list[str]]) -> None:
-    layers = _layers_or_raise(model)
-    _check_selection(layers, selection, "unmerge_adapters")
+    layers = require_lora_layers(model)
+    check_selection(layers, selection, "unmerge_adapters")
     for layer_name, names in selection.items():
         for name in reversed(names):
             adapter = layers[layer_name].adapters[name]
             if not adapter.merged:
                 raise ValueError(f"adapter {name!r} on layer {layer_name!r} is not merged")
             if not is_restoring():
-                _fold(layers[layer_name], adapter, -1.0)
+                layers[layer_name].fold_adapter(adapter, -1.0)
             adapter.merged = False
     record(model, "unmerge_adapters", {"selection": selection})
 
@@ -120,12 +87,9 @@ def merge_adapters(model: nn.Module, adapter_names: list[str] | str | None = Non
         ValueError: no LoRA layers, an unknown adapter name, nothing enabled to merge, or an
             adapter already merged (names adapter and layer); nothing is changed then.
     """
-    layers = _layers_or_raise(model)
+    layers = require_lora_layers(model)
     wanted = [adapter_names] if isinstance(adapter_names, str) else adapter_names
-    present = {n for layer in layers.values() for n in layer.adapters}
-    for name in wanted or []:
-        if name not in present:
-            raise ValueError(f"no adapter named {name!r}; the model has {sorted(present)}")
+    check_adapter_names(layers, wanted or [])
     selection = {
         layer_name: names
         for layer_name, layer in layers.items()
@@ -150,7 +114,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: no LoRA layers, or no adapter is merged.
     """
-    layers = _layers_or_raise(model)
+    layers = require_lora_layers(model)
     selection = {
         layer_name: names
         for layer_name, layer in layers.items()
@@ -162,45 +126,23 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def _probe(layer: LoRAModule) -> tuple[torch.Tensor, ...]:
-    """Fixed random inputs: ``x [rows, in]``; an experts layer also routes row ``i`` to expert ``i
-    mod E``."""
-    gen = torch.Generator().manual_seed(PROBE_SEED)
-    inner = innermost(layer)
-    if isinstance(layer, LoRAExperts):
-        weight = next(iter(layer.base_weights().values()))
-        hidden = next(iter(layer.projections(inner).values())).in_features
-        x = torch.randn(PROBE_ROWS, hidden, generator=gen).to(weight.device, weight.dtype)
-        experts = torch.arange(PROBE_ROWS, device=weight.device) % layer.num_experts(inner)
-        return (
-            x,
-            experts.unsqueeze(-1),
-            torch.ones(PROBE_ROWS, 1, device=weight.device, dtype=weight.dtype),
-        )
-    in_features, _ = layer.features(inner)
-    weight = layer.base_weight
-    return (torch.randn(PROBE_ROWS, in_features, generator=gen).to(weight.device, weight.dtype),)
-
-
 def _quantized_base(layer: LoRAModule) -> bool:
-    return (
-        isinstance(layer.base, QuantModule)
-        or getattr(layer.base, "weight_quantizer", None) is not None
-    )
+    base = layer.base
+    return isinstance(base, QuantModule) or find_weight_quantizer(base, enabled=False) is not None
 
 
 def _export(model: nn.Module, folds: dict[str, list[str]]) -> None:
-    layers = _layers_or_raise(model)
-    _check_selection(layers, folds, "export")
+    layers = require_lora_layers(model)
+    check_selection(layers, folds, "export")
     quantized: dict[str, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
     with torch.no_grad():
         for layer_name, layer in layers.items():
             names = folds.get(layer_name, [])
             if names and not is_restoring() and _quantized_base(layer):
-                x = _probe(layer)
+                x = layer.probe_inputs(PROBE_ROWS, torch.Generator().manual_seed(PROBE_SEED))
                 quantized[layer_name] = (x, layer(*x))
             for name in names if not is_restoring() else []:
-                _fold(layer, layer.adapters[name], 1.0)
+                layer.fold_adapter(layer.adapters[name], 1.0)
             model.set_submodule(layer_name, layer.base)
         changes = {
             n: (layers[n].base(*x) - y).abs().max().item() for n, (x, y) in quantized.items()
@@ -241,7 +183,7 @@ def export(model: nn.Module, config: ExportPEFTConfig | dict[str, Any] | None = 
     """
     if not isinstance(config, ExportPEFTConfig):
         ExportPEFTConfig.model_validate(config or {})
-    layers = _layers_or_raise(model)
+    layers = require_lora_layers(model)
     folds = {n: [a for a, ad in layer.adapters.items() if ad.active] for n, layer in layers.items()}
     _export(model, folds)
     return model

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from ..core.modes import record, register_mode
+from ..quant.layer import find_weight_quantizer
 from .init import svd_factors
-from .layer import LoRAModule
+from .layer import LoRAModule, check_adapter_names, require_lora_layers
 
 __all__ = ["refine_svdquant"]
 
@@ -78,23 +79,14 @@ def _refine_layer(
 
 
 def _targets(model: nn.Module, adapter_name: str) -> dict[str, LoRAModule]:
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRAModule)}
+    layers = require_lora_layers(model, "refine_svdquant")
+    check_adapter_names(layers, [adapter_name], "refine_svdquant")
     holders = {n: m for n, m in layers.items() if adapter_name in m.adapters}
-    if not holders:
-        known = sorted({a for m in layers.values() for a in m.adapters})
-        raise ValueError(
-            f"refine_svdquant: no layer has an adapter {adapter_name!r}; adapters: {known}"
-        )
-    chosen = {
-        n: m
-        for n, m in holders.items()
-        if getattr(m.base, "weight_quantizer", None) is not None and m.weight_quantizer.is_enabled
-    }
+    chosen = {n: m for n, m in holders.items() if find_weight_quantizer(m.base) is not None}
     if not chosen:
         raise ValueError(
             f"refine_svdquant: none of the {len(holders)} layers with adapter {adapter_name!r} has "
-            "an "
-            "enabled weight quantizer; call qpeft.quantize first"
+            "an enabled weight quantizer; call qpeft.quantize first"
         )
     return chosen
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import lora_layers
+from .layer import check_adapter_names, lora_layers, require_lora_layers
 
 __all__ = ["adapter_routing", "LayerRoute", "plan_route", "routed_forward", "DENSE_MARGIN"]
 
@@ -57,15 +57,8 @@ def _check_names(model: nn.Module, names: Sequence[str | None]) -> list[str | No
     for i, name in enumerate(names):
         if name is not None and not isinstance(name, str):
             raise TypeError(f"adapter_routing: names[{i}] = {name!r} is neither a str nor None")
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("adapter_routing: model has no LoRA layers; call qpeft.update_model first")
-    known = {a for layer in layers.values() for a in layer.adapters}
-    unknown = sorted({n for n in names if n is not None} - known)
-    if unknown:
-        raise ValueError(
-            f"adapter_routing: unknown adapter(s) {unknown}; the model has {sorted(known)}"
-        )
+    layers = require_lora_layers(model, "adapter_routing")
+    check_adapter_names(layers, [n for n in names if n is not None], "adapter_routing")
     merged = sorted(
         {(ln, a) for ln, layer in layers.items() for a, ad in layer.adapters.items() if ad.merged}
     )
@@ -97,14 +90,11 @@ def adapter_routing(model: nn.Module, adapter_names: Sequence[str | None]) -> It
     names = _check_names(model, adapter_names)
     layers = lora_layers(model)
     # layers with their own forward (grouped experts, Megatron) would ignore the routing silently
-    fixed = [
-        n for n, layer in layers.items() if not getattr(layer, "supports_adapter_routing", True)
-    ]
+    fixed = [n for n, layer in layers.items() if not layer.supports_adapter_routing]
     if fixed:
         raise ValueError(
             f"adapter_routing: layer {fixed[0]!r} ({type(layers[fixed[0]]).__name__}) does not "
-            "support "
-            "per-sample adapters"
+            "support per-sample adapters"
         )
     routes = {n: plan_route(n, layer.adapters, names) for n, layer in layers.items()}
     saved = {n: layer._routing for n, layer in layers.items()}

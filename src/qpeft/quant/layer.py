@@ -32,7 +32,34 @@ from ..core.wrapping import ModuleWrapper, innermost
 from .cache import WeightCache
 from .quantizer import TensorQuantizer
 
-__all__ = ["QuantModule", "QuantDense", "QuantLinear", "QuantConv1D", "TransposedTensorQuantizer"]
+__all__ = [
+    "QuantModule",
+    "QuantDense",
+    "QuantLinear",
+    "QuantConv1D",
+    "TransposedTensorQuantizer",
+    "find_weight_quantizer",
+]
+
+
+def find_weight_quantizer(
+    module: nn.Module, name: str = "weight_quantizer", *, enabled: bool = True
+) -> nn.Module | None:
+    """The quantizer ``name`` that fake-quantizes ``module``'s weight, looking through wrappers.
+
+    Args:
+        module: a layer: quantized (``qpeft.quantize``), a LoRA layer over one, or a raw layer
+            that holds a quantizer attribute of its own.
+        name: ``weight_quantizer``, or ``<projection>_weight_quantizer`` for grouped experts.
+        enabled: return only an enabled quantizer (one without ``is_enabled`` counts as enabled).
+
+    Returns:
+        The quantizer module, or None.
+    """
+    quantizer = getattr(module, name, None)
+    if not isinstance(quantizer, nn.Module):
+        return None
+    return quantizer if not enabled or getattr(quantizer, "is_enabled", True) else None
 
 
 class TransposedTensorQuantizer(TensorQuantizer):

@@ -342,3 +342,14 @@ def test_per_sample_adapter_routing_is_refused_clearly():
         qpeft.adapter_routing(model, ["default", None]),
     ):
         pass
+
+
+def test_a_later_adapter_keeps_earlier_experts_adapters_trainable():
+    # freeze_base_model freezes every non-adapter parameter: experts adapters are adapters too
+    model = MOE_MODELS["qwen3_moe"]()
+    qpeft.update_model(model, {"adapter_name": "a", "adapter_cfg": {"*experts": {"rank": 2}}})
+    qpeft.update_model(model, {"adapter_name": "b", "adapter_cfg": {"*experts": {"rank": 2}}})
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for adapter in ("a", "b"):
+        keys = [n for n in dict(model.named_parameters()) if f".adapters.{adapter}." in n]
+        assert keys and set(keys) <= trainable, adapter

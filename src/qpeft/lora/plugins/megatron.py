@@ -47,7 +47,6 @@ from megatron.core.transformer.utils import (
 from torch import nn
 
 from ..adapter import LoRAAdapter
-from ..init import init_adapter, truncated_svd, warn_svdquant_fallback
 from ..layer import LoRAModule
 from ..registry import register_lora
 
@@ -101,7 +100,7 @@ class _LoRAParallel(LoRAModule):
         return full.chunk(self.tp_size, dim=axis)[self.tp_rank]
 
     @torch.no_grad()
-    def init_new_adapter(self, adapter: LoRAAdapter, layer_name: str) -> None:
+    def init_adapter(self, adapter: LoRAAdapter, layer_name: str) -> None:
         """Initialise the full-size factors identically on every rank and keep this rank's shard.
 
         Raises:
@@ -109,29 +108,15 @@ class _LoRAParallel(LoRAModule):
         """
         in_f, out_f = self._full_features()
         full = LoRAAdapter(in_f, out_f, adapter.config, adapter.lora_a.dtype, adapter.lora_a.device)
-        if adapter.config.lora_init_method == "svdquant":
-            self._init_svdquant(full, layer_name)
-        else:
-            init_adapter(full, None, layer_name)  # kaiming_zeros needs no layer
+        super().init_adapter(full, layer_name)
         a_axis, b_axis = (None, 0) if self.SHARD_AXIS == 0 else (1, None)
         adapter.lora_a.copy_(full.lora_a if a_axis is None else self._shard(full.lora_a, a_axis))
         adapter.lora_b.copy_(full.lora_b if b_axis is None else self._shard(full.lora_b, b_axis))
 
-    def _init_svdquant(self, full: LoRAAdapter, layer_name: str) -> None:
-        quantizer = getattr(self.base, "weight_quantizer", None)
-        full.lora_a.zero_()
-        full.lora_b.zero_()
-        if quantizer is None:
-            warn_svdquant_fallback(layer_name, "has no weight quantizer", 6)
-            return
-        weight = self.base_weight.detach()
-        residual = self._gather(weight.float() - quantizer(weight).float())
-        if not torch.isfinite(residual).all():
-            raise ValueError(f"svdquant init: layer {layer_name!r} has non-finite weights")
-        u, s, vh = truncated_svd(residual, full.rank)
-        root = (s / full.scale).sqrt()
-        full.lora_a[: s.numel()].copy_(root[:, None] * vh)
-        full.lora_b[:, : s.numel()].copy_(u * root[None, :])
+    def quantization_residual(self) -> torch.Tensor | None:
+        """The full ``W - Q(W)``, gathered over the tensor-parallel group (a collective)."""
+        local = super().quantization_residual()
+        return None if local is None else self._gather(local)
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
