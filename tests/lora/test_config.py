@@ -128,3 +128,48 @@ def test_initializer_schema_is_a_documented_string():
     prop = PEFTAttributeConfig.model_json_schema()["properties"]["lora_a_init"]
     string = next(s for s in prop["anyOf"] if s.get("type") == "string")
     assert string["examples"] and "torch.nn.init" in string["description"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"rank": "8"}, "rank"),
+        ({"rank": True}, "rank"),
+        ({"rank": 8.0}, "rank"),
+        ({"scale": "2"}, "scale"),
+        ({"scale": True}, "scale"),
+        ({"scale": float("inf")}, "scale"),
+        ({"scale": float("nan")}, "scale"),
+        ({"scale": 1e308}, "scale"),
+        ({"enable": 1}, "enable"),
+        ({"enable": "yes"}, "enable"),
+    ],
+)
+def test_loose_types_and_out_of_range_values_are_errors_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        PEFTAttributeConfig(**kwargs)
+    with pytest.raises(ValueError, match=f"adapter_cfg\\['\\*'\\]: {field}"):
+        PEFTConfig(adapter_cfg={"*": kwargs})
+
+
+def test_an_int_scale_is_a_number():
+    assert PEFTAttributeConfig(scale=2).scale == 2.0
+
+
+@pytest.mark.parametrize(
+    "name", ["training", "_modules", "_parameters", "_buffers", "forward", "base", "_x"]
+)
+def test_reserved_adapter_names_are_refused(name):
+    with pytest.raises(ValueError, match=f"adapter name {name!r} is reserved"):
+        PEFTConfig(adapter_name=name)
+
+
+def test_a_reserved_name_leaves_the_model_untouched():
+    import qpeft
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="reserved"):
+        qpeft.update_model(model, {"adapter_name": "training", "adapter_cfg": {"*": {"rank": 2}}})
+    assert not qpeft.is_peft_model(model) and qpeft.state(model) == []
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -103,9 +103,19 @@ Initializer = Annotated[
 
 
 class _Config(BaseModel):
+    # strict: no coercion ("8" or True for a rank, "2" for a scale); every value read from a file
+    # goes through the same checks as the same value passed to the API
     model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, arbitrary_types_allowed=True
+        extra="forbid", validate_assignment=True, arbitrary_types_allowed=True, strict=True
     )
+
+
+# Attributes of the ModuleDict holding the adapters (instance ones too: ``training``,
+# ``_modules``...) and the wrapper's own names: an adapter named so would shadow them.
+_RESERVED_NAMES = frozenset({*dir(torch.nn.ModuleDict()), "base", "adapters"})
+
+#: Largest accepted ``scale``: beyond it ``scale * B @ A`` overflows fp16/bf16 for any useful factor.
+MAX_SCALE = 1e4
 
 
 class PEFTAttributeConfig(_Config):
@@ -115,7 +125,13 @@ class PEFTAttributeConfig(_Config):
         default=True, description="If True, enables the adapter. If False, by-passes it."
     )
     rank: int = Field(default=64, ge=1, description="The rank (dimension) of the LoRA matrices.")
-    scale: float = Field(default=1.0, gt=0, description="Scaling factor for the LoRA output.")
+    scale: float = Field(
+        default=1.0,
+        gt=0,
+        le=MAX_SCALE,
+        allow_inf_nan=False,
+        description="Scaling factor for the LoRA output.",
+    )
     lora_a_init: Initializer = Field(
         default=None, description="Initializer of A from torch.nn.init."
     )
@@ -195,8 +211,11 @@ class PEFTConfig(_Config):
     def _check_name(cls, value: str) -> str:
         if not value.isidentifier() or keyword.iskeyword(value):
             raise ValueError(f"adapter name {value!r} is not a valid Python identifier")
-        if hasattr(torch.nn.ModuleDict, value) or value in ("base", "adapters"):
-            raise ValueError(f"adapter name {value!r} is reserved")
+        if value.startswith("_") or value in _RESERVED_NAMES:
+            raise ValueError(
+                f"adapter name {value!r} is reserved (a name of nn.Module's own, such as "
+                "'training', or one starting with '_'); choose another"
+            )
         return value
 
     @field_validator("adapter_type")
