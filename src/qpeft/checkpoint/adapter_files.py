@@ -93,17 +93,23 @@ def _adapter_config(
     if not (isinstance(entry, dict) and isinstance(entry.get("layers"), dict) and entry["layers"]):
         raise ValueError(f"{where}: adapter {name!r} has no 'layers' map")
     layers: dict[str, Any] = {}
+    saved: dict[str, PEFTAttributeConfig] = {}
     for layer_name, attrs in entry["layers"].items():
-        try:
-            # created enabled (update_model skips disabled layers), then disabled as recorded
-            layers[layer_name] = PEFTAttributeConfig.model_validate(
-                {**attrs, "enable": True}
-            ).model_dump()
+        try:  # the same (strict) rules as the API's
+            saved[layer_name] = PEFTAttributeConfig.model_validate(attrs)
         except (ValueError, TypeError) as err:
             raise ValueError(f"{where}: adapter {name!r} on layer {layer_name!r}: {err}") from None
+        # created enabled (update_model skips disabled layers), then disabled as recorded
+        layers[layer_name] = {**saved[layer_name].model_dump(), "enable": True}
+    trainable = entry.get("trainable", True)
+    if not isinstance(trainable, bool):
+        raise ValueError(
+            f"{where}: adapter {name!r}: 'trainable' must be a bool, got {trainable!r}"
+        )
     skipped = entry.get("skipped_projections", {})
     if not isinstance(skipped, dict) or not all(
-        isinstance(v, list) and ln in layers for ln, v in skipped.items()
+        isinstance(v, list) and all(isinstance(p, str) for p in v) and ln in layers
+        for ln, v in skipped.items()
     ):
         raise ValueError(
             f"{where}: adapter {name!r}: 'skipped_projections' must map its layers to projection "
@@ -113,14 +119,8 @@ def _adapter_config(
         layers.update(
             {f"{ln}.{p}": {"enable": False} for p in projections}
         )  # see qpeft.lora.targets
-    disabled = {
-        ln: [name] for ln, attrs in entry["layers"].items() if not attrs.get("enable", True)
-    }
-    cfg = {
-        "adapter_name": name,
-        "adapter_cfg": layers,
-        "freeze_lora_weights": not entry.get("trainable", True),
-    }
+    disabled = {ln: [name] for ln, attrs in saved.items() if not attrs.enable}
+    cfg = {"adapter_name": name, "adapter_cfg": layers, "freeze_lora_weights": not trainable}
     return cfg, disabled
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..core.modes import known_modes, unknown_mode_message
+from ..lora.config import PEFTAttributeConfig
 from ..lora.convert import lora_layers
 from .files import read_json, recover
 
@@ -97,16 +98,24 @@ def _check_flags(flags: Any, where: Path) -> None:
         for name, attrs in adapters.items():
             ok = (
                 isinstance(attrs, dict)
-                and isinstance(attrs.get("scale"), int | float)
-                and isinstance(attrs.get("enable"), bool)
-                and isinstance(attrs.get("merged"), bool)
+                and set(attrs) == {"scale", "enable", "merged"}
+                and isinstance(attrs["enable"], bool)
+                and isinstance(attrs["merged"], bool)
             )
             _require(
                 ok,
                 where,
-                f"adapter {name!r} on layer {layer_name!r} needs a number 'scale' and bools "
+                f"adapter {name!r} on layer {layer_name!r} needs exactly a 'scale' and the bools "
                 "'enable', 'merged'",
             )
+            try:  # the same rule as the API's
+                PEFTAttributeConfig(scale=attrs["scale"])
+            except ValueError as err:
+                problem = err.errors()[0]["msg"] if hasattr(err, "errors") else str(err)
+                raise ValueError(
+                    f"{where}: adapter {name!r} on layer {layer_name!r}: scale "
+                    f"{attrs['scale']!r} is invalid ({problem})"
+                ) from None
 
 
 def check_full_manifest(manifest: dict[str, Any], where: Path) -> None:
@@ -122,6 +131,12 @@ def check_full_manifest(manifest: dict[str, Any], where: Path) -> None:
         where,
         "'aliases' must map keys to keys",
     )
+    for key, source in aliases.items():  # a tied key points straight at a stored key
+        _require(
+            source != key and source not in aliases,
+            where,
+            f"alias {key!r} -> {source!r} points at an alias (a chain or cycle), not a stored key",
+        )
     _check_flags(manifest.get("adapters", {}), where)
     trainable = manifest.get("trainable", [])
     _require(
@@ -165,11 +180,12 @@ def apply_flags(model: nn.Module, manifest: dict[str, Any]) -> None:
                     "log did not create"
                 )
             adapter = layers[layer_name].adapters[name]
-            adapter.scale, adapter.enable, adapter.merged = (
-                float(attrs["scale"]),
-                attrs["enable"],
-                attrs["merged"],
-            )
+            if attrs["merged"] != adapter.merged:  # only merge_adapters folds an update in
+                raise ValueError(
+                    f"checkpoint marks adapter {name!r} on layer {layer_name!r} merged="
+                    f"{attrs['merged']}, but its mode log leaves it merged={adapter.merged}"
+                )
+            adapter.scale, adapter.enable = float(attrs["scale"]), attrs["enable"]
     trainable = set(manifest.get("trainable", []))
     params = dict(model.named_parameters())
     unknown = sorted(trainable - set(params))

@@ -114,7 +114,7 @@ class _Config(BaseModel):
 # ``_modules``...) and the wrapper's own names: an adapter named so would shadow them.
 _RESERVED_NAMES = frozenset({*dir(torch.nn.ModuleDict()), "base", "adapters"})
 
-#: Largest accepted ``scale``: beyond it ``scale * B @ A`` overflows fp16/bf16 for any useful factor.
+#: Largest accepted ``scale`` (beyond it ``scale * B @ A`` overflows fp16 for any useful factor).
 MAX_SCALE = 1e4
 
 
