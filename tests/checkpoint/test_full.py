@@ -129,7 +129,10 @@ def _scenario(mode):
 @pytest.mark.parametrize("mode", known_modes())
 def test_every_mode_replays(tmp_path, mode):
     model = _scenario(mode)
-    assert mode in {e["mode"] for e in qpeft.state(model)}
+    if mode == "delete_adapter":  # compacted away with the deleted adapter's history
+        assert all(e["config"].get("adapter_name") != "b" for e in qpeft.state(model))
+    else:
+        assert mode in {e["mode"] for e in qpeft.state(model)}
     qpeft.save(model, tmp_path / "ck")
     assert_same(model, qpeft.restore(TinyBlock(), tmp_path / "ck"))
 

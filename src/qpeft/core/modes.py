@@ -28,6 +28,7 @@ __all__ = [
     "replay",
     "restoring",
     "is_restoring",
+    "rewrite",
     "known_modes",
     "unknown_mode_message",
 ]
@@ -77,6 +78,12 @@ def record(model: nn.Module, mode: str, config: dict[str, Any]) -> None:
     if _LOG_ATTR not in model.__dict__:
         model.__dict__[_LOG_ATTR] = []
     model.__dict__[_LOG_ATTR].append(entry)
+
+
+def rewrite(model: nn.Module, edit: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> None:
+    """Replace the model's log by ``edit(a copy of it)``: compaction of history that no longer
+    shapes the model (the log is a new list, so a rolled-back transaction puts the old one back)."""
+    model.__dict__[_LOG_ATTR] = edit(state(model))
 
 
 def state(model: nn.Module) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..core.modes import record, register_mode
 from ..core.patterns import matches_pattern
+from .history import forget_adapter, supersede_toggles
 from .layer import check_adapter_names, check_selection, lora_layers, require_lora_layers
 
 __all__ = [
@@ -60,6 +61,7 @@ def _apply_selection(model: nn.Module, mode: str, selection: dict[str, list[str]
             adapter.enable = value
         else:
             adapter.requires_grad_(value)
+    supersede_toggles(model, mode, selection)
     record(model, mode, {"selection": selection})
 
 
@@ -123,7 +125,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     holders = [layer for layer in layers.values() if name in layer.adapters]
     for layer in holders:
         del layer.adapters[name]
-    record(model, "delete_adapter", {"name": name})
+    forget_adapter(model, name)  # its history no longer shapes the model (qpeft.lora.history)
     return model
 
 
