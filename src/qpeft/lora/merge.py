@@ -33,7 +33,13 @@ from .convert import lora_layers
 from .experts import LoRAExperts
 from .layer import LoRAModule
 
-__all__ = ["merge_adapters", "unmerge_adapters", "export"]
+__all__ = [
+    "merge_adapters",
+    "unmerge_adapters",
+    "export",
+    "merge_selection",
+    "unmerge_selection",
+]
 
 PROBE_ROWS = 8
 PROBE_SEED = 0
@@ -68,7 +74,12 @@ def _check_selection(
                 raise ValueError(f"{mode}: layer {layer_name!r} has no adapter {name!r}")
 
 
-def _merge(model: nn.Module, selection: dict[str, list[str]]) -> None:
+def merge_selection(model: nn.Module, selection: dict[str, list[str]], log: bool = True) -> None:
+    """Merge exactly the adapters ``{layer name: [adapter names]}``; record it when ``log``.
+
+    Raises:
+        ValueError: an unknown layer/adapter or one already merged (nothing changed then).
+    """
     layers = _layers_or_raise(model)
     _check_selection(layers, selection, "merge_adapters")
     for layer_name, names in selection.items():
@@ -83,10 +94,17 @@ def _merge(model: nn.Module, selection: dict[str, list[str]]) -> None:
             if not is_restoring():
                 _fold(layers[layer_name], adapter, 1.0)
             adapter.merged = True
-    record(model, "merge_adapters", {"selection": selection})
+    if log:
+        record(model, "merge_adapters", {"selection": selection})
 
 
-def _unmerge(model: nn.Module, selection: dict[str, list[str]]) -> None:
+def unmerge_selection(model: nn.Module, selection: dict[str, list[str]], log: bool = True) -> None:
+    """Unmerge exactly the adapters ``{layer name: [adapter names]}`` (each layer's in reverse
+    order); record it when ``log``.
+
+    Raises:
+        ValueError: an unknown layer/adapter or one not merged.
+    """
     layers = _layers_or_raise(model)
     _check_selection(layers, selection, "unmerge_adapters")
     for layer_name, names in selection.items():
@@ -97,7 +115,8 @@ def _unmerge(model: nn.Module, selection: dict[str, list[str]]) -> None:
             if not is_restoring():
                 _fold(layers[layer_name], adapter, -1.0)
             adapter.merged = False
-    record(model, "unmerge_adapters", {"selection": selection})
+    if log:
+        record(model, "unmerge_adapters", {"selection": selection})
 
 
 def merge_adapters(model: nn.Module, adapter_names: list[str] | str | None = None) -> nn.Module:
@@ -137,7 +156,7 @@ def merge_adapters(model: nn.Module, adapter_names: list[str] | str | None = Non
     }
     if not selection:
         raise ValueError("no enabled adapter to merge")
-    _merge(model, selection)
+    merge_selection(model, selection)
     return model
 
 
@@ -158,7 +177,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     }
     if not selection:
         raise ValueError("no merged adapter to unmerge")
-    _unmerge(model, selection)
+    unmerge_selection(model, selection)
     return model
 
 
@@ -249,12 +268,12 @@ def export(model: nn.Module, config: ExportPEFTConfig | dict[str, Any] | None = 
 
 @register_mode("merge_adapters")
 def _replay_merge(model: nn.Module, config: dict[str, Any]) -> None:
-    _merge(model, config["selection"])
+    merge_selection(model, config["selection"])
 
 
 @register_mode("unmerge_adapters")
 def _replay_unmerge(model: nn.Module, config: dict[str, Any]) -> None:
-    _unmerge(model, config["selection"])
+    unmerge_selection(model, config["selection"])
 
 
 @register_mode("export")
