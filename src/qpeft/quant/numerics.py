@@ -22,9 +22,11 @@ Formats (``x`` in fp32, ``amax`` >= 0):
   of 16 ``r = blockmax / (6 g)``, ``r = 1`` where ``r == 0``,
   ``s = fp32(e4m3(clamp(r, 2^-9, 448))) * g``; ``y = e2m1(x / s) * s`` with E2M1 grid
   {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to even, saturating at 6; zeros come out as +0.
-* MXFP4 (ModelOpt ``MXFP4QTensor`` quantize + dequantize): per block of 32,
+* MXFP4 (ModelOpt's MXFP4 fake-quant kernel, the one it trains with): per block of 32,
   ``e = ceil(max(log2_fp32(blockmax / 6), -127))``, ``y = e2m1(x / 2^e) * 2^e`` with ties
-  rounded toward zero (not to even) and every zero output as -0, exactly as ModelOpt.
+  rounded to even (as NVFP4) and every non-positive zero output as -0. ModelOpt's
+  ``MXFP4QTensor`` (its CPU quantize/dequantize path) instead rounds ties toward zero:
+  ``ties_to_even=False`` reproduces it bit for bit (the stored reference data is made with it).
 """
 
 from __future__ import annotations
@@ -185,8 +187,16 @@ def pow2(exponent: torch.Tensor) -> torch.Tensor:
     return torch.where(e >= -126, normal, subnormal).view(torch.float32)
 
 
-def fake_quant_mxfp4(x: torch.Tensor, block_size: int = 32) -> torch.Tensor:
+def fake_quant_mxfp4(
+    x: torch.Tensor, block_size: int = 32, ties_to_even: bool = True
+) -> torch.Tensor:
     """MXFP4 fake quantization: E2M1 values sharing a power-of-two (E8M0) scale per block.
+
+    Args:
+        x: input tensor; the last dim is zero-padded to a multiple of ``block_size``.
+        block_size: elements sharing one scale.
+        ties_to_even: round E2M1 ties to even (ModelOpt's fake-quant kernel, the default);
+            False rounds them toward zero (ModelOpt's ``MXFP4QTensor``).
 
     Raises:
         ValueError: if ``block_size`` is not positive or ``x`` is 0-dim.
@@ -196,7 +206,7 @@ def fake_quant_mxfp4(x: torch.Tensor, block_size: int = 32) -> torch.Tensor:
     exponent = torch.ceil(torch.maximum(torch.log2(descale), _const(-127.0, x)))
     scale = pow2(exponent)
     t = blocks / scale
-    mag = e2m1_magnitude(t.abs(), ties_to_even=False)
+    mag = e2m1_magnitude(t.abs(), ties_to_even=ties_to_even)
     return _from_blocks(torch.where(t > 0, mag, -mag) * scale, x)
 
 
