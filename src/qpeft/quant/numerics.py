@@ -10,7 +10,8 @@ into a reciprocal multiply, which rounds differently).
 Formats (``x`` in fp32, ``amax`` >= 0):
 
 * INT, b bits (ModelOpt ``_tensor_quant``): ``M = 2^(b-1) - 1``, ``s = M / amax``
-  (tensor / tensor), ``q = clamp(rne(x * s), -M - 1, M)`` (``-M`` if narrow range),
+  (tensor / tensor), ``q = clamp(rne(x * s), -M - 1, M)`` (``-M`` if narrow range; unsigned:
+  ``M = 2^b - 1``, ``q = clamp(rne(x * s), 0, M)``),
   ``y = q / s``. ``amax <= 2^-24`` gives ``s = 0``, so ``y = +-0``.
 * INT block-wise: the same with one ``amax = max|x|`` per block of the last dim; the last
   dim is zero-padded to a multiple of the block and sliced back.
@@ -75,22 +76,31 @@ def _from_blocks(blocks: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_int(
-    x: torch.Tensor, amax: torch.Tensor | float, num_bits: int = 8, narrow_range: bool = False
+    x: torch.Tensor,
+    amax: torch.Tensor | float,
+    num_bits: int = 8,
+    narrow_range: bool = False,
+    unsigned: bool = False,
 ) -> torch.Tensor:
-    """Signed symmetric integer fake quantization.
+    """Symmetric integer fake quantization, signed or unsigned.
 
     Args:
         x: input tensor (fp32, bf16 or fp16).
         amax: clipping range, broadcastable to ``x`` (e.g. ``[out, 1]`` per output row).
-        num_bits: integer width, e.g. 8 or 4.
-        narrow_range: clamp to ``[-M, M]`` instead of ``[-M - 1, M]``.
+        num_bits: integer width, e.g. 8, 4 or 16.
+        narrow_range: clamp to ``[-M, M]`` instead of ``[-M - 1, M]`` (signed only).
+        unsigned: ``M = 2^b - 1`` and range ``[0, M]`` (ModelOpt's ``unsigned``), for
+            non-negative inputs.
 
     Raises:
-        ValueError: if ``amax`` has a negative entry.
+        ValueError: if ``amax`` has a negative entry, or ``unsigned`` and ``x`` does.
     """
     xf, a = x.float(), _amax_fp32(amax, x)
-    max_bound = _const(2.0 ** (num_bits - 1) - 1.0, x)
-    min_bound = -max_bound if narrow_range else -max_bound - 1
+    if unsigned and bool((xf < 0).any()):
+        raise ValueError("unsigned: negative values in unsigned integer quantization")
+    max_bound = _const(2.0 ** (num_bits - 1 + int(unsigned)) - 1.0, x)
+    signed_min = -max_bound if narrow_range else -max_bound - 1
+    min_bound = _const(0.0, x) if unsigned else signed_min
     tiny = a <= TINY_AMAX
     scale = torch.where(tiny, _const(0.0, x), max_bound / a)
     q = torch.clamp(torch.round(xf * scale), min_bound, max_bound)
