@@ -17,6 +17,10 @@ Everything runs on CPU. References per format:
   ``NVFP4QTensor`` / ``MXFP4QTensor`` ``quantize`` followed by ``dequantize``. Inputs whose
   last dim is not a multiple of the block are zero-padded per row here, quantized, and
   sliced back (``MXFP4QTensor`` cannot pad; ``NVFP4QTensor`` pads but cannot unpad).
+  ``MXFP4QTensor`` rounds E2M1 ties toward zero, while ModelOpt's MXFP4 fake-quant kernel (what
+  it trains with, and qpeft's default) rounds them to even: the tests compare the stored mxfp4
+  outputs with ``fake_quant_mxfp4(x, ties_to_even=False)`` and check that the default differs
+  only at exact ties; the ties-to-even rule itself is checked on ModelOpt's own hand-made case.
 
 Keys are ``<case>.<dtype>.<name>`` with name in x, amax, y, grad_out, grad, calib_amax.
 """

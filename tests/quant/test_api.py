@@ -29,7 +29,8 @@ def test_every_preset_quantizes_all_but_the_head(preset):
     assert not head.weight_quantizer.is_enabled and not head.input_quantizer.is_enabled
     q = model.attn.q_proj
     assert q.weight_quantizer.is_enabled
-    assert q.input_quantizer.is_enabled == (not preset.endswith("weight_only") and preset != "int4")
+    weight_only = preset.endswith("weight_only") or preset in ("int4", "fp8_block128")
+    assert q.input_quantizer.is_enabled == (not weight_only)
     assert torch.equal(q.weight_quantizer(q.weight), q.quantized_weight())
     assert not torch.equal(q.weight_quantizer(q.weight), q.weight)
     out = model(x)
@@ -90,7 +91,7 @@ def test_all_quantizers_disabled_is_bit_identical():
             {"quant_cfg": {"*": {"num_bit": 8}}},
             r"quant_cfg\['\*'\]: unknown field\(s\) \['num_bit'\]",
         ),
-        ({"quant_cfg": {"*weight*": {"num_bits": 16}}}, r"quant_cfg\['\*weight\*'\]: num_bits"),
+        ({"quant_cfg": {"*weight*": {"num_bits": 33}}}, r"quant_cfg\['\*weight\*'\]: num_bits"),
         ({"quant_cfg": {"*": {"num_bits": 8}}, "algo": "max"}, "algo"),
         ({"quant_cfg": {"*": {"num_bits": 8}}, "algorithm": "awq"}, "algorithm"),
         (

@@ -25,8 +25,9 @@ CASES = {
     "nvfp4_sat": lambda c, d: nq.fake_quant_nvfp4(ref(c, d, "x"), ref(c, d, "amax")),
     "nvfp4_pad": lambda c, d: nq.fake_quant_nvfp4(ref(c, d, "x"), ref(c, d, "amax")),
     "nvfp4_ties": lambda c, d: nq.fake_quant_nvfp4(ref(c, d, "x"), ref(c, d, "amax")),
-    "mxfp4": lambda c, d: nq.fake_quant_mxfp4(ref(c, d, "x")),
-    "mxfp4_pad": lambda c, d: nq.fake_quant_mxfp4(ref(c, d, "x")),
+    # stored from MXFP4QTensor, which rounds ties toward zero (see make_quant_reference.py)
+    "mxfp4": lambda c, d: nq.fake_quant_mxfp4(ref(c, d, "x"), ties_to_even=False),
+    "mxfp4_pad": lambda c, d: nq.fake_quant_mxfp4(ref(c, d, "x"), ties_to_even=False),
 }
 
 
@@ -107,15 +108,37 @@ def test_nvfp4_hand_computed_ties_to_even_and_positive_zero():
     assert_bits_equal(y, torch.tensor([q]) * 1.5)
 
 
-def test_mxfp4_hand_computed_ties_toward_zero_and_negative_zero():
-    x = torch.tensor([[6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], [7.0, 0.0, 1.0, 0, 0, 0, 0, 0]])
+def test_mxfp4_ties_round_to_even_as_modelopts_fake_quant_kernel():
+    # ModelOpt's MXFP4 fake-quant test: block max 5 -> exponent ceil(log2(5 / 6)) = 0, scale 1
+    x = torch.tensor([[0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.0]])
     y = nq.fake_quant_mxfp4(x, block_size=8)
+    assert_bits_equal(y, torch.tensor([[POS, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, NEG]]))
+
+
+def test_mxfp4_hand_computed_ties_toward_zero_as_mxfp4qtensor_and_negative_zero():
+    x = torch.tensor([[6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], [7.0, 0.0, 1.0, 0, 0, 0, 0, 0]])
+    y = nq.fake_quant_mxfp4(x, block_size=8, ties_to_even=False)
     # exact zeros come out as -0 (ModelOpt's sign bit), 0.25 -> +0.
     # row 1: amax 7 -> exponent ceil(log2(7 / 6)) = 1, scale 2: 7 / 2 = 3.5 ties down to 3
     expected = torch.tensor(
         [[6.0, POS, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0], [6.0, NEG, 1.0, NEG, NEG, NEG, NEG, NEG]]
     )
     assert_bits_equal(y, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["mxfp4", "mxfp4_pad"])
+def test_mxfp4_differs_from_mxfp4qtensor_reference_only_at_ties(case, dtype):
+    x, old = ref(case, dtype, "x"), ref(case, dtype, "y")
+    y = nq.fake_quant_mxfp4(x)
+    differ = y.double() != old.double()
+    assert differ.sum() < x.numel() // 20
+    assert case != "mxfp4" or differ.any()  # its row 5 is a block of ties
+    xd = x.double()[differ]
+    # where they differ x is exactly halfway between both results, and qpeft's is larger: the
+    # even E2M1 neighbour of 0.75, 1.75 and 3.5 (times the scale) is the upper one
+    assert torch.equal((y.double()[differ] - xd).abs(), (old.double()[differ] - xd).abs())
+    assert (y.double()[differ].abs() > old.double()[differ].abs()).all()
 
 
 def test_pow2_is_exact_over_the_e8m0_range():

@@ -19,7 +19,7 @@ def calibrated(cfg, *batches, name=None):
     q = TensorQuantizer.from_config(cfg, name=name)
     with q.calibrating():
         for b in batches:
-            assert q(b) is b
+            q(b)
     return q
 
 
@@ -43,11 +43,14 @@ def test_calibration_is_a_running_max():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dynamic_formats_match_modelopt(dtype):
-    w = ref("int4_block", dtype, "x")
-    assert_bits_equal(TensorQuantizer.from_config(INT4)(w), ref("int4_block", dtype, "y"))
-    x = ref("mxfp4", dtype, "x")
-    assert_bits_equal(TensorQuantizer.from_config(MXFP4)(x), ref("mxfp4", dtype, "y"))
+def test_block_formats_match_modelopt(dtype):
+    w = ref("int4_block", dtype, "x")  # ModelOpt calibrated its static per-block amax on w
+    q = calibrated(INT4, w)
+    assert q.amax.shape == (6, 2, 1)  # [rows, blocks of 128 (200 padded to 256), 1]
+    assert_bits_equal(q(w), ref("int4_block", dtype, "y"))
+    x = ref("mxfp4", dtype, "x")  # the reference is MXFP4QTensor's (ties toward zero)
+    assert_bits_equal(TensorQuantizer.from_config(MXFP4)(x), nq.fake_quant_mxfp4(x))
+    assert_bits_equal(nq.fake_quant_mxfp4(x, ties_to_even=False), ref("mxfp4", dtype, "y"))
 
 
 def test_nvfp4_uses_calibrated_amax_else_input_amax():
@@ -60,14 +63,15 @@ def test_nvfp4_uses_calibrated_amax_else_input_amax():
 
 
 @pytest.mark.parametrize("cfg", [INT8_ROW, {"num_bits": (4, 3)}, NVFP4, MXFP4, INT4])
-def test_disabled_and_calibrating_return_input_object(cfg):
+def test_disabled_returns_input_object_and_calibrating_quantizes_with_the_running_amax(cfg):
     x = torch.randn(4, 32, dtype=torch.bfloat16)
     q = TensorQuantizer.from_config(cfg)
     q.disable()
     assert not q.is_enabled and q(x) is x
     q.enable()
     with q.calibrating():
-        assert q(x) is x
+        during = q(x)  # as ModelOpt with calibration and quantization both on
+    assert_bits_equal(during, q(x))
     assert TensorQuantizer.from_config({**cfg, "enable": False})(x) is x
 
 
@@ -104,7 +108,8 @@ def test_straight_through_gradients():
 
 def test_extra_repr():
     assert "int8 axis=0 amax=uncalibrated" in repr(TensorQuantizer.from_config(INT8_ROW))
-    assert "int4 block=128 amax=dynamic" in repr(TensorQuantizer.from_config(INT4))
+    assert "int4 block=128 amax=uncalibrated" in repr(TensorQuantizer.from_config(INT4))
+    assert "mxfp4 block=32 amax=dynamic" in repr(TensorQuantizer.from_config(MXFP4))
     assert "nvfp4 block=16" in repr(TensorQuantizer.from_config(NVFP4))
     q = calibrated(INT8_ROW, torch.tensor([[1.0], [-2.0]]))
     assert "amax=[1, 2](2)" in repr(q)
@@ -128,15 +133,20 @@ def test_config_accepts_modelopt_json_layout():
     [
         ({"num_bits": 8, "axs": 0}, "axs"),
         ({"num_bits": (5, 2)}, "num_bits"),
-        ({"num_bits": 16}, "num_bits"),
+        ({"num_bits": 33}, "num_bits"),
+        ({"num_bits": 1}, "num_bits"),
         ({"num_bits": 8, "axis": 0, "block_sizes": {-1: 128}}, "axis"),
         (
             {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (5, 2)}},
             "block_sizes",
         ),
         ({"num_bits": (2, 1)}, "block_sizes"),
-        ({"num_bits": 4, "block_sizes": {-2: 128}}, "block_sizes"),
-        ({"num_bits": 8, "unsigned": True}, "unsigned"),
+        ({"num_bits": 4, "block_sizes": {-1: 0}}, "block_sizes"),
+        ({"num_bits": 4, "block_sizes": {-1: 8, -2: 8, "type": "dynamic"}}, "block_sizes"),
+        ({"num_bits": 4, "type": "dynamic", "block_sizes": {-1: 8, "type": "static"}}, "type"),
+        ({"num_bits": 8, "block_sizes": {-1: 32, "scale_bits": (8, 0)}}, "block_sizes"),
+        ({"num_bits": (4, 3), "unsigned": True}, "unsigned"),
+        ({"num_bits": 8, "axis": ()}, "axis"),
     ],
 )
 def test_config_errors_name_the_field(cfg, field):
@@ -147,7 +157,7 @@ def test_config_errors_name_the_field(cfg, field):
 def test_presets_validate_and_keep_modelopt_order():
     assert set(PRESETS) == {
         "int8", "int8_weight_only", "int4", "fp8", "fp8_weight_only",
-        "nvfp4", "nvfp4_weight_only", "mxfp4",
+        "nvfp4", "nvfp4_weight_only", "mxfp4", "fp8_dynamic", "int8_dynamic", "fp8_block128",
     }  # fmt: skip
     for pmap in PRESETS.values():
         assert list(pmap)[:3] == ["*", "*weight_quantizer", "*input_quantizer"]

@@ -2,6 +2,12 @@
 
 Layer patterns are matched against LoRA layer names (wildcards or callables); adapter patterns are
 wildcards. Each call records its resolved effect (concrete layer and adapter names) in the mode log.
+
+Disabled means the base model, whatever was merged (as in HF PEFT): :func:`disable_adapters` on a
+merged adapter first unmerges it (recorded as an ``unmerge_adapters`` entry, then the
+``disable_adapters`` entry, so a replay reaches the same state); :func:`disabled_adapters`
+unmerges merged adapters on entry and merges them back on exit, recording nothing.
+:func:`delete_adapter` refuses a merged adapter (its update would stay in the weight forever).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from ..core.modes import record, register_mode
 from ..core.patterns import matches_pattern
 from .history import forget_adapter, supersede_toggles
 from .layer import check_adapter_names, check_selection, lora_layers, require_lora_layers
+from .merge import merge_selection, unmerge_selection
 
 __all__ = [
     "enable_adapters",
@@ -65,13 +72,31 @@ def _apply_selection(model: nn.Module, mode: str, selection: dict[str, list[str]
     record(model, mode, {"selection": selection})
 
 
+def _merged_in(model: nn.Module, selection: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The merged adapters of ``selection`` (unknown names are left to the caller's check)."""
+    layers = lora_layers(model)
+    merged = {}
+    for layer_name, names in selection.items():
+        adapters = layers[layer_name].adapters if layer_name in layers else {}
+        if found := [n for n in names if n in adapters and adapters[n].merged]:
+            merged[layer_name] = found
+    return merged
+
+
 def disable_selection(model: nn.Module, selection: dict[str, list[str]]) -> None:
-    """Disable exactly the adapters ``{layer name: [adapter names]}`` and record it."""
+    """Disable exactly the adapters ``{layer name: [adapter names]}`` and record it; merged ones
+    are unmerged first (recorded as ``unmerge_adapters``)."""
+    if merged := _merged_in(model, selection):
+        unmerge_selection(model, merged)
     _apply_selection(model, "disable_adapters", selection)
 
 
 def _toggle(model: nn.Module, mode: str, layers: Any, adapters: Any) -> nn.Module:
-    _apply_selection(model, mode, _select(model, layers, adapters))
+    selection = _select(model, layers, adapters)
+    if mode == "disable_adapters":
+        disable_selection(model, selection)
+    else:
+        _apply_selection(model, mode, selection)
     return model
 
 
@@ -94,7 +119,12 @@ def enable_adapters(
 def disable_adapters(
     model: nn.Module, layers_to_disable: Any = None, adapters_to_disable: Any = None
 ) -> nn.Module:
-    """Disable (by-pass) matching adapters; same arguments and errors as :func:`enable_adapters`."""
+    """Disable (by-pass) matching adapters; same arguments and errors as :func:`enable_adapters`.
+
+    A merged adapter is unmerged first (its update subtracted from the weight, as HF PEFT does),
+    so a disabled adapter never contributes; the log then holds ``unmerge_adapters`` followed by
+    ``disable_adapters``. Enabling it again does not merge it back.
+    """
     return _toggle(model, "disable_adapters", layers_to_disable, adapters_to_disable)
 
 
@@ -118,11 +148,20 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter ``name`` from every layer that has it (LoRA layers stay in place).
 
     Raises:
-        ValueError: if the model has no LoRA layers or no layer has an adapter called ``name``.
+        ValueError: if the model has no LoRA layers, no layer has an adapter called ``name``, or
+            the adapter is merged into some layer's weight (unmerge it first; nothing changed).
     """
     layers = require_lora_layers(model)
     check_adapter_names(layers, [name])
     holders = [layer for layer in layers.values() if name in layer.adapters]
+    merged = [
+        n for n, layer in layers.items() if name in layer.adapters and layer.adapters[name].merged
+    ]
+    if merged:
+        raise ValueError(
+            f"cannot delete adapter {name!r} while it is merged (layers {merged}): its update "
+            "would stay in the weights; call qpeft.unmerge_adapters first"
+        )
     for layer in holders:
         del layer.adapters[name]
     forget_adapter(model, name)  # its history no longer shapes the model (qpeft.lora.history)
@@ -131,12 +170,22 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
 @contextmanager
 def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Context manager: every adapter is by-passed inside, and its own flag restored on exit.
+    """Context manager: inside, the model computes its base model; on exit it is as before.
 
-    Nothing is recorded in the mode log (the model leaves the block as it entered it).
+    Every adapter is by-passed; merged adapters are unmerged on entry (their update subtracted
+    from the weight) and merged back on exit, so the weights come back within the rounding of a
+    subtract-and-add in the weight's dtype. Nothing is recorded in the mode log.
     """
-    adapters = [a for layer in lora_layers(model).values() for a in layer.adapters.values()]
+    layers = lora_layers(model)
+    adapters = [a for layer in layers.values() for a in layer.adapters.values()]
     saved = [a.enable for a in adapters]
+    merged = {
+        name: found
+        for name, layer in layers.items()
+        if (found := [n for n, a in layer.adapters.items() if a.merged])
+    }
+    if merged:
+        unmerge_selection(model, merged, log=False)
     try:
         for adapter in adapters:
             adapter.enable = False
@@ -144,6 +193,8 @@ def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for adapter, flag in zip(adapters, saved, strict=True):
             adapter.enable = flag
+        if merged:
+            merge_selection(model, merged, log=False)
 
 
 def _replay_selection(mode: str):  # noqa: ANN202 - internal factory

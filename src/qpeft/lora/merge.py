@@ -29,13 +29,24 @@ from ..quant.layer import QuantModule, find_weight_quantizer
 from .config import ExportPEFTConfig
 from .layer import LoRAModule, check_adapter_names, check_selection, require_lora_layers
 
-__all__ = ["merge_adapters", "unmerge_adapters", "export"]
+__all__ = [
+    "merge_adapters",
+    "unmerge_adapters",
+    "export",
+    "merge_selection",
+    "unmerge_selection",
+]
 
 PROBE_ROWS = 8
 PROBE_SEED = 0
 
 
-def _merge(model: nn.Module, selection: dict[str, list[str]]) -> None:
+def merge_selection(model: nn.Module, selection: dict[str, list[str]], log: bool = True) -> None:
+    """Merge exactly the adapters ``{layer name: [adapter names]}``; record it when ``log``.
+
+    Raises:
+        ValueError: an unknown layer/adapter or one already merged (nothing changed then).
+    """
     layers = require_lora_layers(model)
     check_selection(layers, selection, "merge_adapters")
     for layer_name, names in selection.items():
@@ -50,10 +61,17 @@ def _merge(model: nn.Module, selection: dict[str, list[str]]) -> None:
             if not is_restoring():
                 layers[layer_name].fold_adapter(adapter, 1.0)
             adapter.merged = True
-    record(model, "merge_adapters", {"selection": selection})
+    if log:
+        record(model, "merge_adapters", {"selection": selection})
 
 
-def _unmerge(model: nn.Module, selection: dict[str, list[str]]) -> None:
+def unmerge_selection(model: nn.Module, selection: dict[str, list[str]], log: bool = True) -> None:
+    """Unmerge exactly the adapters ``{layer name: [adapter names]}`` (each layer's in reverse
+    order); record it when ``log``.
+
+    Raises:
+        ValueError: an unknown layer/adapter or one not merged.
+    """
     layers = require_lora_layers(model)
     check_selection(layers, selection, "unmerge_adapters")
     for layer_name, names in selection.items():
@@ -64,7 +82,8 @@ def _unmerge(model: nn.Module, selection: dict[str, list[str]]) -> None:
             if not is_restoring():
                 layers[layer_name].fold_adapter(adapter, -1.0)
             adapter.merged = False
-    record(model, "unmerge_adapters", {"selection": selection})
+    if log:
+        record(model, "unmerge_adapters", {"selection": selection})
 
 
 def merge_adapters(model: nn.Module, adapter_names: list[str] | str | None = None) -> nn.Module:
@@ -101,7 +120,7 @@ def merge_adapters(model: nn.Module, adapter_names: list[str] | str | None = Non
     }
     if not selection:
         raise ValueError("no enabled adapter to merge")
-    _merge(model, selection)
+    merge_selection(model, selection)
     return model
 
 
@@ -122,7 +141,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     }
     if not selection:
         raise ValueError("no merged adapter to unmerge")
-    _unmerge(model, selection)
+    unmerge_selection(model, selection)
     return model
 
 
@@ -191,12 +210,12 @@ def export(model: nn.Module, config: ExportPEFTConfig | dict[str, Any] | None = 
 
 @register_mode("merge_adapters")
 def _replay_merge(model: nn.Module, config: dict[str, Any]) -> None:
-    _merge(model, config["selection"])
+    merge_selection(model, config["selection"])
 
 
 @register_mode("unmerge_adapters")
 def _replay_unmerge(model: nn.Module, config: dict[str, Any]) -> None:
-    _unmerge(model, config["selection"])
+    unmerge_selection(model, config["selection"])
 
 
 @register_mode("export")

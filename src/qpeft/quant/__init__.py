@@ -2,12 +2,7 @@
 quantize()."""
 
 from .api import QuantizeConfig, quantize
-from .config import (
-    DISABLED_NAME_PATTERNS,
-    DISABLED_PARENT_CLASSES,
-    PRESETS,
-    QuantizerAttributeConfig,
-)
+from .config import QuantizerAttributeConfig
 from .layer import QuantConv1D, QuantDense, QuantLinear, QuantModule, TransposedTensorQuantizer
 from .numerics import (
     apply_ste,
@@ -20,6 +15,7 @@ from .numerics import (
     nvfp4_block_scale,
     pow2,
 )
+from .presets import DISABLED_NAME_PATTERNS, DISABLED_PARENT_CLASSES, PRESETS
 from .quantizer import TensorQuantizer
 from .registry import quant_class_for, register_quant, register_quant_matcher
 from .targets import quantized_layers

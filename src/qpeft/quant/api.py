@@ -37,8 +37,9 @@ from torch import nn
 from ..core.modes import record, register_mode
 from ..core.patterns import merge_matching
 from .calibrate import calibrate_inputs
-from .config import DISABLED_PARENT_CLASSES, PRESETS, QuantizerAttributeConfig
+from .config import QuantizerAttributeConfig
 from .layer import QuantModule
+from .presets import DISABLED_PARENT_CLASSES, PRESETS
 from .quantizer import TensorQuantizer
 from .targets import Target, quant_targets
 
@@ -229,19 +230,22 @@ def _warn_uncalibrated(wrappers: dict[str, QuantModule]) -> None:
 def quantize(
     model: nn.Module,
     config: str | QuantizeConfig | dict[str, Any],
-    forward_loop: Callable[[nn.Module], Any] | None = None,
+    forward_loop: Callable[..., Any] | None = None,
 ) -> nn.Module:
     """Fake-quantize ``model`` in place: wrap targeted layers with weight and input quantizers.
 
     Args:
         model: any ``nn.Module`` (plain or already converted by :func:`qpeft.update_model`).
         config: a preset name (``int8``, ``int8_weight_only``, ``int4``, ``fp8``,
-            ``fp8_weight_only``, ``nvfp4``, ``nvfp4_weight_only``, ``mxfp4``), a
+            ``fp8_weight_only``, ``nvfp4``, ``nvfp4_weight_only``, ``mxfp4``, ``fp8_dynamic``,
+            ``int8_dynamic``, ``fp8_block128``), a
             :class:`QuantizeConfig`, or a dict ``{"quant_cfg": {pattern: attrs}, "algorithm":
             "max"}``.
         forward_loop: ``forward_loop(model)`` runs calibration data through the model; it sets the
-            input quantizers' amax (max calibration). Without it, static input quantizers stay
-            uncalibrated and raise at their first forward (a warning says so).
+            input quantizers' amax (max calibration). A callable taking no positional argument is
+            called as ``forward_loop()``, as ModelOpt allows. Dynamic quantizers need none.
+            Without it, static input quantizers stay uncalibrated and raise at their first
+            forward (a warning says so).
 
     Returns:
         ``model``.

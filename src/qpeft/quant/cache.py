@@ -33,7 +33,9 @@ def _settings(q: TensorQuantizer) -> tuple:
         q.fmt,
         q.num_bits,
         q.axis,
-        q.block_size,
+        None if q.block_sizes is None else tuple(sorted(q.block_sizes.items())),
+        q.dynamic,
+        q.unsigned,
         q.narrow_range,
         q.pass_through_bwd,
     )

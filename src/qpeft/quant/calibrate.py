@@ -9,6 +9,7 @@ whatever happens, so a failing loop leaves the model as it was.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -19,7 +20,25 @@ from .layer import QuantModule
 from .quantizer import TensorQuantizer
 from .targets import Target
 
-__all__ = ["calibrate_inputs", "quantizers_off"]
+__all__ = ["calibrate_inputs", "quantizers_off", "run_forward_loop"]
+
+
+def _takes_no_argument(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: pass the model
+        return False
+    positional = ("POSITIONAL_ONLY", "POSITIONAL_OR_KEYWORD", "VAR_POSITIONAL")
+    return not any(p.kind.name in positional for p in params)
+
+
+def run_forward_loop(forward_loop: Callable[..., Any], model: nn.Module) -> None:
+    """Call ``forward_loop(model)``, or ``forward_loop()`` when it takes no positional argument
+    (ModelOpt allows both)."""
+    if _takes_no_argument(forward_loop):
+        forward_loop()
+    else:
+        forward_loop(model)
 
 
 @contextmanager
@@ -49,7 +68,7 @@ def calibrate_inputs(
     model: nn.Module,
     wrappers: dict[str, QuantModule],
     targets: dict[str, Target],
-    forward_loop: Callable[[nn.Module], Any],
+    forward_loop: Callable[..., Any],
 ) -> None:
     """Record the input amax of every enabled input quantizer of ``wrappers`` over
     ``forward_loop``."""
@@ -66,4 +85,4 @@ def calibrate_inputs(
             slot = model.get_submodule(targets[name].slot)
             handle = slot.register_forward_pre_hook(_feed(quantizer), with_kwargs=True)
             stack.callback(handle.remove)
-        forward_loop(model)
+        run_forward_loop(forward_loop, model)

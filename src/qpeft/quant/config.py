@@ -1,18 +1,24 @@
-"""Quantizer attribute config (ModelOpt 0.47 quantizer dict schema) and preset pattern maps.
+"""Quantizer attribute config: ModelOpt's ``QuantizerAttributeConfig`` dict schema (the subset
+qpeft supports).
 
-``QuantizerAttributeConfig`` accepts the per-quantizer dicts found in ModelOpt's
-``mtq.*_CFG`` presets, e.g. ``{"num_bits": 8, "axis": 0}`` (int8 per output row),
-``{"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}}`` (int4 block),
-``{"num_bits": (4, 3), "axis": None}`` (fp8 e4m3),
-``{"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}``
-(nvfp4) and ``{..., "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}}``
-(mxfp4). Unknown keys and unsupported combinations are rejected with a message that
-starts with the offending field's name.
+Examples, as in ModelOpt's ``mtq.*_CFG`` presets:
 
-``PRESETS`` maps a preset name to an ordered ``{quantizer-name pattern: attribute dict}``
-map; later patterns override earlier ones, as in ModelOpt's ``quant_cfg`` lists. ModelOpt
-also disables quantizers whose parent module is one of ``DISABLED_PARENT_CLASSES``;
-those entries match on module class, not name, so they are kept separately.
+* ``{"num_bits": 8, "axis": 0}``: int8, static amax per output row of a weight ``[out, in]``;
+  ``"axis": (0, 1)`` keeps the amax over several axes (one per index pair).
+* ``{"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}}``: int4, one static (calibrated)
+  amax per block of 128 along the last axis; ``{-1: 128, -2: 128}`` gives 2-D 128 x 128 blocks.
+* ``{"num_bits": (4, 3), "axis": None}``: fp8 e4m3 per tensor (static); with ``block_sizes``
+  per block (``{-1: 128, -2: 128}``: DeepSeek-V3 / vLLM FP8 block weights).
+* ``{"num_bits": 8, "type": "dynamic", "block_sizes": {-1: None}}``: dynamic per-token int8 (amax
+  from the input at every call over the last dim; ``{-1: None}`` is a block spanning the axis).
+  ``"type": "dynamic"`` without ``block_sizes`` is dynamic per tensor (or per ``axis``).
+* ``{"num_bits": 8, "unsigned": True}``: unsigned int8, range ``[0, 255]``, non-negative inputs.
+* ``{"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}``:
+  nvfp4; ``"scale_bits": (8, 0)`` with ``-1: 32``: mxfp4.
+
+Unknown keys and unsupported combinations are rejected with a message that starts with the
+offending field's name. A disabled quantizer keeps its other attributes (enabling it later gives
+the quantizer they describe).
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 Format = Literal["int", "fp8", "nvfp4", "mxfp4"]
 _FP8, _E2M1 = (4, 3), (2, 1)
 _SCALE_BITS_TO_FORMAT = {(4, 3): "nvfp4", (8, 0): "mxfp4"}
+MAX_INT_BITS = 32
+
+__all__ = ["Format", "QuantizerAttributeConfig"]
 
 
 class QuantizerAttributeConfig(BaseModel):
@@ -33,22 +42,30 @@ class QuantizerAttributeConfig(BaseModel):
 
     enable: bool = True
     num_bits: int | tuple[int, int] = 8
-    axis: int | None = None
+    axis: int | tuple[int, ...] | None = None
+    type: Literal["static", "dynamic"] = "static"
     block_sizes: dict[int | str, Any] | None = None
     effective_bits: float | None = None  # informational only, as in ModelOpt
     narrow_range: bool = False
+    unsigned: bool = False
     pass_through_bwd: bool = True
     fake_quant: Literal[True] = True
-    unsigned: Literal[False] = False
     calibrator: Literal["max"] = "max"
 
     @field_validator("num_bits")
     @classmethod
     def _check_num_bits(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
-        if isinstance(v, int) and not 2 <= v <= 8:
-            raise ValueError(f"num_bits: integer formats need 2..8 bits, got {v}")
+        if isinstance(v, int) and not 1 <= v <= MAX_INT_BITS:
+            raise ValueError(f"num_bits: integer formats need 1..{MAX_INT_BITS} bits, got {v}")
         if isinstance(v, tuple) and v not in (_FP8, _E2M1):
             raise ValueError(f"num_bits: only (4, 3) fp8 e4m3 and (2, 1) e2m1, got {v}")
+        return v
+
+    @field_validator("axis")
+    @classmethod
+    def _check_axis(cls, v: int | tuple[int, ...] | None) -> int | tuple[int, ...] | None:
+        if isinstance(v, tuple) and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"axis: a tuple of axes must be non-empty and distinct, got {v}")
         return v
 
     @field_validator("block_sizes", mode="before")
@@ -63,12 +80,13 @@ class QuantizerAttributeConfig(BaseModel):
             if key in ("type", "scale_bits"):
                 out[key] = tuple(val) if isinstance(val, list) else val
             elif str(key).lstrip("-").isdigit():
+                if val is not None and (not isinstance(val, int) or val < 1):
+                    raise ValueError(f"block_sizes: block size of axis {key} must be >= 1 or None")
                 out[int(key)] = val
             else:
                 raise ValueError(f"block_sizes: unsupported key {key!r}")
-        axes = [k for k in out if isinstance(k, int)]
-        if axes != [-1] or not isinstance(out[-1], int) or out[-1] < 1:
-            raise ValueError("block_sizes: only a positive block size on the last axis (-1)")
+        if not any(isinstance(k, int) for k in out):
+            raise ValueError("block_sizes: needs at least one axis")
         if out.get("type", "static") not in ("static", "dynamic"):
             raise ValueError(
                 f"block_sizes: type must be 'static' or 'dynamic', got {out['type']!r}"
@@ -77,97 +95,66 @@ class QuantizerAttributeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_combination(self) -> QuantizerAttributeConfig:
-        if self.enable:
-            self.resolve()  # raises ValueError on unsupported combinations
+        if self.enable:  # a disabled entry may be partial; TensorQuantizer.from_config checks it
+            self.quantizer_kwargs()
         return self
 
+    @property
+    def dynamic(self) -> bool:
+        """Whether the amax comes from the input at every call (``type`` or block ``type``)."""
+        block_type = (self.block_sizes or {}).get("type", "static")
+        return self.type == "dynamic" or block_type == "dynamic"
+
     def resolve(self) -> tuple[Format, int | None]:
-        """Return ``(format, block_size)``; raises ValueError naming the offending field."""
+        """``(format, last-axis block size)``: the block size is None unless the only blocked axis
+        is -1 with an integer size. Raises ValueError naming the offending field."""
+        kw = self.quantizer_kwargs()
+        sizes = kw["block_sizes"]
+        block = sizes[-1] if sizes is not None and list(sizes) == [-1] else None
+        return kw["fmt"], block
+
+    def quantizer_kwargs(self) -> dict[str, Any]:
+        """The :class:`TensorQuantizer` arguments these attributes describe.
+
+        Raises:
+            ValueError: for an unsupported combination, naming the field.
+        """
         bs = self.block_sizes
+        sizes = None if bs is None else {k: v for k, v in bs.items() if isinstance(k, int)}
         if bs is not None and self.axis is not None:
             raise ValueError("axis: cannot be combined with block_sizes")
-        if isinstance(self.num_bits, int):
-            if bs is not None and bs.get("type", "static") != "static":
-                raise ValueError("block_sizes: integer block quantization must be 'static'")
-            return "int", None if bs is None else bs[-1]
-        if self.num_bits == _FP8:
-            if bs is not None:
-                raise ValueError("block_sizes: fp8 (4, 3) supports per-tensor/axis only")
-            return "fp8", None
+        if self.type == "dynamic" and bs is not None and bs.get("type") == "static":
+            raise ValueError("type: 'dynamic' contradicts block_sizes type 'static'")
+        if self.dynamic and sizes is not None and len(sizes) != 1:
+            raise ValueError("block_sizes: dynamic block quantization blocks one axis only")
+        if self.unsigned and not isinstance(self.num_bits, int):
+            raise ValueError("unsigned: only integer formats can be unsigned")
+        if isinstance(self.num_bits, int) or self.num_bits == _FP8:
+            fmt: Format = "int" if isinstance(self.num_bits, int) else "fp8"
+            if bs is not None and "scale_bits" in bs:
+                raise ValueError(f"block_sizes: scale_bits (MX scales) not supported for {fmt}")
+            if fmt == "int" and self.num_bits == 1 and not self.unsigned:
+                raise ValueError("num_bits: signed integers need at least 2 bits")
+            return self._kwargs(fmt, sizes, self.dynamic)
         if bs is None or bs.get("type") != "dynamic":
             raise ValueError("block_sizes: (2, 1) needs {-1: n, 'type': 'dynamic', ...}")
         if self.axis is not None:
             raise ValueError("axis: not supported for (2, 1) formats")
+        if list(sizes) != [-1] or sizes[-1] is None:
+            raise ValueError("block_sizes: (2, 1) formats block the last axis (-1) with a size")
         fmt = _SCALE_BITS_TO_FORMAT.get(bs.get("scale_bits"))
         if fmt is None:
             raise ValueError("block_sizes: scale_bits must be (4, 3) nvfp4 or (8, 0) mxfp4")
-        return fmt, bs[-1]  # type: ignore[return-value]
+        return self._kwargs(fmt, sizes, False)
 
-
-_INT8 = {"num_bits": 8, "axis": 0}
-_INT8_ACT = {"num_bits": 8, "axis": None}
-_INT4_BLOCK = {"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}}
-_FP8_TENSOR = {"num_bits": (4, 3), "axis": None}
-_NVFP4 = {
-    "num_bits": (2, 1),
-    "effective_bits": 4.5,
-    "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)},
-}
-_MXFP4 = {"num_bits": (2, 1), "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}}
-_OFF = {"enable": False}
-
-# Name patterns ModelOpt 0.47 disables in every preset above (after the two main entries).
-DISABLED_NAME_PATTERNS: tuple[str, ...] = (
-    "*block_sparse_moe.gate*",
-    "*linear_attn.conv1d*",
-    "*self_attention.conv1d*",
-    "*linear_attn.in_proj_a*",
-    "*linear_attn.in_proj_b*",
-    "*lm_head*",
-    "*mixer.conv1d*",
-    "*mlp.gate.*",
-    "*mlp.shared_expert_gate.*",
-    "*output_layer*",
-    "*proj_out.*",
-    "*router*",
-    "mtp.*",
-    "output.*",
-    "*embed_vision*",
-    "*vision_tower*",
-    "*visual*",
-    "*vision_model*",
-    "*multi_modal_projector*",
-)
-DISABLED_PARENT_CLASSES: tuple[str, ...] = (
-    "BatchNorm1d",
-    "BatchNorm2d",
-    "BatchNorm3d",
-    "LeakyReLU",
-    "Embedding",
-)
-
-
-def _preset(weight: dict | None, act: dict | None) -> dict[str, dict]:
-    """Ordered pattern map: disable all, weight/input entries, then the disable list.
-
-    Entries merge key by key (as ``adapter_cfg``), so the weight/input entries say
-    ``enable: True`` explicitly to override the leading ``"*": {"enable": False}`` (in
-    ModelOpt an entry without ``enable`` implies it).
-    """
-    out: dict[str, dict] = {"*": dict(_OFF)}
-    out["*weight_quantizer"] = {"enable": True, **weight} if weight else dict(_OFF)
-    out["*input_quantizer"] = {"enable": True, **act} if act else dict(_OFF)
-    out.update({pattern: dict(_OFF) for pattern in DISABLED_NAME_PATTERNS})
-    return out
-
-
-PRESETS: dict[str, dict[str, dict]] = {
-    "int8": _preset(_INT8, _INT8_ACT),  # mtq.INT8_DEFAULT_CFG
-    "int8_weight_only": _preset(_INT8, None),  # mtq.INT8_WEIGHT_ONLY_CFG
-    "int4": _preset(_INT4_BLOCK, None),  # mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG
-    "fp8": _preset(_FP8_TENSOR, _FP8_TENSOR),  # mtq.FP8_DEFAULT_CFG
-    "fp8_weight_only": _preset(_FP8_TENSOR, None),  # FP8_DEFAULT_CFG, inputs off
-    "nvfp4": _preset(_NVFP4, _NVFP4),  # mtq.NVFP4_DEFAULT_CFG
-    "nvfp4_weight_only": _preset(_NVFP4, None),  # mtq.W4A16_NVFP4_CFG
-    "mxfp4": _preset(_MXFP4, _MXFP4),  # mtq.MXFP4_DEFAULT_CFG
-}
+    def _kwargs(self, fmt: Format, sizes: dict | None, dynamic: bool) -> dict[str, Any]:
+        return {
+            "fmt": fmt,
+            "num_bits": self.num_bits if isinstance(self.num_bits, int) else 8,
+            "axis": self.axis,
+            "block_sizes": sizes,
+            "dynamic": dynamic,
+            "unsigned": self.unsigned,
+            "narrow_range": self.narrow_range,
+            "pass_through_bwd": self.pass_through_bwd,
+        }

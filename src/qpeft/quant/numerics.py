@@ -10,7 +10,8 @@ into a reciprocal multiply, which rounds differently).
 Formats (``x`` in fp32, ``amax`` >= 0):
 
 * INT, b bits (ModelOpt ``_tensor_quant``): ``M = 2^(b-1) - 1``, ``s = M / amax``
-  (tensor / tensor), ``q = clamp(rne(x * s), -M - 1, M)`` (``-M`` if narrow range),
+  (tensor / tensor), ``q = clamp(rne(x * s), -M - 1, M)`` (``-M`` if narrow range; unsigned:
+  ``M = 2^b - 1``, ``q = clamp(rne(x * s), 0, M)``),
   ``y = q / s``. ``amax <= 2^-24`` gives ``s = 0``, so ``y = +-0``.
 * INT block-wise: the same with one ``amax = max|x|`` per block of the last dim; the last
   dim is zero-padded to a multiple of the block and sliced back.
@@ -22,9 +23,11 @@ Formats (``x`` in fp32, ``amax`` >= 0):
   of 16 ``r = blockmax / (6 g)``, ``r = 1`` where ``r == 0``,
   ``s = fp32(e4m3(clamp(r, 2^-9, 448))) * g``; ``y = e2m1(x / s) * s`` with E2M1 grid
   {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to even, saturating at 6; zeros come out as +0.
-* MXFP4 (ModelOpt ``MXFP4QTensor`` quantize + dequantize): per block of 32,
+* MXFP4 (ModelOpt's MXFP4 fake-quant kernel, the one it trains with): per block of 32,
   ``e = ceil(max(log2_fp32(blockmax / 6), -127))``, ``y = e2m1(x / 2^e) * 2^e`` with ties
-  rounded toward zero (not to even) and every zero output as -0, exactly as ModelOpt.
+  rounded to even (as NVFP4) and every non-positive zero output as -0. ModelOpt's
+  ``MXFP4QTensor`` (its CPU quantize/dequantize path) instead rounds ties toward zero:
+  ``ties_to_even=False`` reproduces it bit for bit (the stored reference data is made with it).
 """
 
 from __future__ import annotations
@@ -73,22 +76,31 @@ def _from_blocks(blocks: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_int(
-    x: torch.Tensor, amax: torch.Tensor | float, num_bits: int = 8, narrow_range: bool = False
+    x: torch.Tensor,
+    amax: torch.Tensor | float,
+    num_bits: int = 8,
+    narrow_range: bool = False,
+    unsigned: bool = False,
 ) -> torch.Tensor:
-    """Signed symmetric integer fake quantization.
+    """Symmetric integer fake quantization, signed or unsigned.
 
     Args:
         x: input tensor (fp32, bf16 or fp16).
         amax: clipping range, broadcastable to ``x`` (e.g. ``[out, 1]`` per output row).
-        num_bits: integer width, e.g. 8 or 4.
-        narrow_range: clamp to ``[-M, M]`` instead of ``[-M - 1, M]``.
+        num_bits: integer width, e.g. 8, 4 or 16.
+        narrow_range: clamp to ``[-M, M]`` instead of ``[-M - 1, M]`` (signed only).
+        unsigned: ``M = 2^b - 1`` and range ``[0, M]`` (ModelOpt's ``unsigned``), for
+            non-negative inputs.
 
     Raises:
-        ValueError: if ``amax`` has a negative entry.
+        ValueError: if ``amax`` has a negative entry, or ``unsigned`` and ``x`` does.
     """
     xf, a = x.float(), _amax_fp32(amax, x)
-    max_bound = _const(2.0 ** (num_bits - 1) - 1.0, x)
-    min_bound = -max_bound if narrow_range else -max_bound - 1
+    if unsigned and bool((xf < 0).any()):
+        raise ValueError("unsigned: negative values in unsigned integer quantization")
+    max_bound = _const(2.0 ** (num_bits - 1 + int(unsigned)) - 1.0, x)
+    signed_min = -max_bound if narrow_range else -max_bound - 1
+    min_bound = _const(0.0, x) if unsigned else signed_min
     tiny = a <= TINY_AMAX
     scale = torch.where(tiny, _const(0.0, x), max_bound / a)
     q = torch.clamp(torch.round(xf * scale), min_bound, max_bound)
@@ -185,8 +197,16 @@ def pow2(exponent: torch.Tensor) -> torch.Tensor:
     return torch.where(e >= -126, normal, subnormal).view(torch.float32)
 
 
-def fake_quant_mxfp4(x: torch.Tensor, block_size: int = 32) -> torch.Tensor:
+def fake_quant_mxfp4(
+    x: torch.Tensor, block_size: int = 32, ties_to_even: bool = True
+) -> torch.Tensor:
     """MXFP4 fake quantization: E2M1 values sharing a power-of-two (E8M0) scale per block.
+
+    Args:
+        x: input tensor; the last dim is zero-padded to a multiple of ``block_size``.
+        block_size: elements sharing one scale.
+        ties_to_even: round E2M1 ties to even (ModelOpt's fake-quant kernel, the default);
+            False rounds them toward zero (ModelOpt's ``MXFP4QTensor``).
 
     Raises:
         ValueError: if ``block_size`` is not positive or ``x`` is 0-dim.
@@ -196,7 +216,7 @@ def fake_quant_mxfp4(x: torch.Tensor, block_size: int = 32) -> torch.Tensor:
     exponent = torch.ceil(torch.maximum(torch.log2(descale), _const(-127.0, x)))
     scale = pow2(exponent)
     t = blocks / scale
-    mag = e2m1_magnitude(t.abs(), ties_to_even=False)
+    mag = e2m1_magnitude(t.abs(), ties_to_even=ties_to_even)
     return _from_blocks(torch.where(t > 0, mag, -mag) * scale, x)
 
 

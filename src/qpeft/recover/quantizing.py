@@ -8,7 +8,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..quant.api import quantize
-from ..quant.config import PRESETS
+from ..quant.presets import PRESETS
 
 __all__ = ["FORMATS", "quantizes_inputs", "quantize_student"]
 
