@@ -134,7 +134,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     shard of the factors. A collective: every rank must call it (each reads the files).
 
     Returns:
-        ``model``, changed in place (one ``peft`` mode recorded per adapter).
+        The model to use from now on: ``model`` changed in place (one ``peft`` mode recorded per
+        adapter), or the LoRA layer around it when ``model`` is itself a bare layer.
 
     Raises:
         FileNotFoundError: missing directory or file. ValueError: corrupt files, an adapter name
@@ -176,7 +177,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     def attach(target: nn.Module, dry_run: bool) -> nn.Module:
         with restoring():
             for cfg in configs:
-                update_model(target, cfg)
+                target = update_model(target, cfg)
         if disabled:
             disable_selection(target, disabled)
         keys = adapter_keys(target, {cfg["adapter_name"] for cfg in configs})
