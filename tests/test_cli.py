@@ -290,3 +290,20 @@ def test_minilm_default_model_few_steps(tmp_path):
     assert all(
         report["layer_error"]["init"][k] < v for k, v in report["layer_error"]["quantized"].items()
     )
+
+
+def test_recover_without_matplotlib_skips_the_plots_with_a_warning(
+    monkeypatch, capsys, tiny, tmp_path
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    model, corpus = tiny
+    out = tmp_path / "run"
+    argv = ["recover", "--model", str(model), "--data", str(corpus), "--output", str(out)]
+    assert main([*argv, *FEW_STEPS]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "qpeft: warning: matplotlib is not installed; plots skipped"
+    assert (out / "summary.txt").is_file() and (out / "report.json").is_file()
+    assert (out / "checkpoint").is_dir() and not list(out.glob("*.png"))
+    assert "recovered" in json.loads((out / "report.json").read_text())["stages"]
+    assert "layer_error.png" not in captured.out

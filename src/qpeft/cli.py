@@ -222,7 +222,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     from .recover.outputs import atomic_directory
     from .recover.pipeline import RecoverOptions, run_recipe
     from .recover.quantizing import FORMATS
-    from .recover.report import summary_table, write_plots, write_report
+    from .recover.report import summary_table, write_report
     from .recover.saving import save_student
 
     if args.format not in FORMATS:
@@ -261,17 +261,32 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         result["files"] = files
         result["wall_seconds"] = round(time.perf_counter() - started, 1)
         result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
-        write_plots(result, tmp)
+        plotted = _plots(result, tmp)
         write_report(result, tmp)
     print(summary_table(result))
     print(f"wall time {result['wall_seconds']:.1f} s, CPU time {result['cpu_seconds']:.1f} s")
+    plots = "layer_error.png, training_loss.png, metrics.png, " if plotted else ""
     print(
-        f"outputs in {args.output}/: summary.txt, report.json, layer_error.png, training_loss.png, "
-        "metrics.png, checkpoint/ (qpeft.restore; inspect it: qpeft inspect "
+        f"outputs in {args.output}/: summary.txt, report.json, {plots}"
+        "checkpoint/ (qpeft.restore; inspect it: qpeft inspect "
         f"{args.output}/checkpoint), "
         "hf_adapter/ (HF PEFT LoRA files)"
     )
     return 0
+
+
+def _plots(result: dict, folder) -> bool:
+    """Write the PNG plots; without matplotlib (a plain ``pip install qpeft``) warn in one line
+    and skip them, the run's other outputs being complete. Whether they were written."""
+    from .recover.report import write_plots
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("qpeft: warning: matplotlib is not installed; plots skipped", file=sys.stderr)
+        return False
+    write_plots(result, folder)
+    return True
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -104,3 +104,21 @@ def test_bad_state_dict_is_rejected_untouched(edit, error, match):
     with pytest.raises(error, match=match):
         qpeft.load_full_state_dict(model, bad)
     assert _same(model, before)
+
+
+def test_adapters_only_state_dict_of_a_moe_model_holds_every_expert_factor():
+    from tests.models import MOE_MODELS
+
+    model = MOE_MODELS["qwen3_moe"]()
+    qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 2}}})
+    adapters = qpeft.full_state_dict(model, adapters_only=True)
+    experts = [k for k in model.state_dict() if ".experts.adapters." in k]
+    assert len(experts) == 2 * 2 * 2  # 2 layers x 2 projections x (lora_a, lora_b)
+    assert "model.layers.0.mlp.experts.adapters.default.gate_up_proj.lora_a" in experts
+    assert set(experts) <= set(adapters)
+    assert all(qpeft.parallel.is_adapter_key(k) for k in adapters)
+    fresh = MOE_MODELS["qwen3_moe"]()
+    qpeft.update_model(fresh, {"adapter_cfg": {"*": {"rank": 2}}})
+    qpeft.load_full_state_dict(fresh, adapters)  # adapters only: the base is kept
+    assert len(adapters) == 26  # the dict passed is not filled with the model's other keys
+    assert_same_tensors(qpeft.full_state_dict(fresh, adapters_only=True), adapters, "moe")

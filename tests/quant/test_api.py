@@ -218,8 +218,3 @@ def test_disabled_parent_classes_get_disabled_quantizers():
     qpeft.quantize(model, "int8_weight_only")
     assert not model[0].weight_quantizer.is_enabled and model[1].weight_quantizer.is_enabled
     assert Embedding not in REGISTRY.types
-
-
-def test_the_model_itself_cannot_be_the_layer():
-    with pytest.raises(ValueError, match="wrap it in a container"):
-        qpeft.quantize(torch.nn.Linear(4, 4), "int8_weight_only")

@@ -31,3 +31,27 @@ def test_refusals(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x80\x04 not safetensors")
     with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors"):
         describe(tmp_path)
+
+
+def test_grouped_experts_adapters_are_listed_per_projection(tmp_path, capsys):
+    import qpeft
+    from qpeft.cli import main
+    from tests.models import MOE_MODELS
+
+    model = MOE_MODELS["qwen3_moe"]()
+    qpeft.update_model(
+        model, {"adapter_cfg": {"*": {"rank": 4}, "*experts": {"rank": 2, "scale": 0.5}}}
+    )
+    qpeft.save(model, tmp_path / "ckpt")
+    qpeft.save_adapters(model, tmp_path / "adapters")
+    for folder in ("ckpt", "adapters"):
+        text = describe(tmp_path / folder)
+        for layer in (0, 1):
+            experts = f"model.layers.{layer}.mlp.experts"
+            for proj in ("gate_up_proj", "down_proj"):
+                assert f"{experts}.{proj}  [default]  rank 2  scale 0.5  F32  4 experts" in text
+            assert f"model.layers.{layer}.self_attn.q_proj  [default]  rank 4  scale 1" in text
+        assert "lm_head  [default]  rank 4" in text
+        assert "adapters (13 layer adapters)" in text  # 2 x (4 attention + 2 expert proj.) + 1
+    assert main(["inspect", str(tmp_path / "ckpt")]) == 0
+    assert "model.layers.1.mlp.experts.down_proj  [default]  rank 2" in capsys.readouterr().out

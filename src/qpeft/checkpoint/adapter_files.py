@@ -21,6 +21,7 @@ from ..core.modes import restoring
 from ..core.transaction import apply_atomically
 from ..lora.config import PEFTAttributeConfig
 from ..lora.convert import candidate_layers, lora_layers, update_model
+from ..lora.layer import adapter_keys, adapter_state
 from ..lora.manage import disable_selection
 from ..lora.targets import is_target_name, skipped_projections
 from . import sharded as collective
@@ -72,10 +73,7 @@ def save_adapters(
         skipped = skipped_projections(layers, holders)
         if skipped:
             entries[name]["skipped_projections"] = skipped
-        for ln, adapter in holders.items():
-            # lora_a / lora_b, or <projection>.lora_a / .lora_b for grouped experts
-            for key, tensor in adapter.state_dict().items():
-                tensors[f"{ln}.adapters.{name}.{key}"] = tensor
+        tensors.update(adapter_state(model, [name]))
     whole = {
         k: t.contiguous() for k, t in collective.gather_tensors(tensors).items()
     }  # same order on every rank
@@ -136,7 +134,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     shard of the factors. A collective: every rank must call it (each reads the files).
 
     Returns:
-        ``model``, changed in place (one ``peft`` mode recorded per adapter).
+        The model to use from now on: ``model`` changed in place (one ``peft`` mode recorded per
+        adapter), or the LoRA layer around it when ``model`` is itself a bare layer.
 
     Raises:
         FileNotFoundError: missing directory or file. ValueError: corrupt files, an adapter name
@@ -178,10 +177,10 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     def attach(target: nn.Module, dry_run: bool) -> nn.Module:
         with restoring():
             for cfg in configs:
-                update_model(target, cfg)
+                target = update_model(target, cfg)
         if disabled:
             disable_selection(target, disabled)
-        keys = _new_adapter_keys(target, configs)
+        keys = adapter_keys(target, {cfg["adapter_name"] for cfg in configs})
         check_tensors(target, header, {}, path / ADAPTER_FILE, only=keys, cast=True)
         load_checked(
             target, tensors, {}, path / ADAPTER_FILE, strict=False, cast=True, dry_run=dry_run
@@ -189,14 +188,3 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         return target
 
     return apply_atomically(model, attach)
-
-
-def _new_adapter_keys(model: nn.Module, configs: list[dict[str, Any]]) -> set[str]:
-    names = {cfg["adapter_name"] for cfg in configs}
-    return {
-        f"{ln}.adapters.{name}.{factor}"
-        for ln, layer in lora_layers(model).items()
-        for name in layer.adapters
-        if name in names
-        for factor in layer.adapters[name].state_dict()
-    }

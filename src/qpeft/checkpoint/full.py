@@ -126,8 +126,10 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         path: a directory written by :func:`save`.
 
     Returns:
-        ``model``, changed in place: adapters, enable flags, scales, merged state, ``requires_grad``
-        flags, quantizer state and every tensor as saved.
+        The restored model, to use from now on: ``model`` changed in place (adapters, enable
+        flags, scales, merged state, ``requires_grad`` flags, quantizer state and every tensor as
+        saved), or, when ``model`` is itself a layer the saved modes wrapped (a bare
+        ``nn.Linear``), the rebuilt wrapper around it.
 
     Raises:
         FileNotFoundError: the directory or one of its files is missing.
@@ -152,11 +154,11 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     tensors = read_tensors(path / MODEL_FILE)
     aliases = manifest.get("aliases", {})
 
-    def rebuild(target: nn.Module, dry_run: bool) -> None:
+    def rebuild(target: nn.Module, dry_run: bool) -> nn.Module:
         with restoring():
             for i, entry in enumerate(modes):
                 try:
-                    replay(target, [entry])
+                    target = replay(target, [entry])
                 except (ValueError, TypeError, KeyError, AttributeError) as err:
                     raise ValueError(
                         f"{path / MANIFEST}: replaying modes[{i}] ({entry['mode']!r}) failed: {err}"
@@ -164,6 +166,6 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         apply_flags(target, manifest)
         check_tensors(target, header, aliases, path / MODEL_FILE, lazy_extras=True)
         load_checked(target, tensors, aliases, path / MODEL_FILE, dry_run=dry_run)
+        return target
 
-    apply_atomically(model, rebuild)
-    return model
+    return apply_atomically(model, rebuild)

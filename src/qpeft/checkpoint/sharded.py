@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..core.transaction import apply_atomically
 from ..lora.convert import lora_layers, update_model
+from ..lora.layer import adapter_keys
 from ..lora.manage import disable_selection
 from ..parallel.state_dict import full_state_dict
 from .validate import Header, check_tensors
@@ -164,11 +165,7 @@ def _check_present(model: nn.Module, configs: list[dict[str, Any]], where: Path)
                 f"{where}: the sharded model {side} adapter {name!r} on layer {layer_name!r}, "
                 "unlike the file; create it on the saved layers before sharding"
             )
-        keys |= {
-            f"{ln}.adapters.{name}.{k}"
-            for ln in have
-            for k in layers[ln].adapters[name].state_dict()
-        }
+        keys |= adapter_keys(model, [name])
     return keys
 
 

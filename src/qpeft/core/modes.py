@@ -24,6 +24,7 @@ from torch import nn
 __all__ = [
     "record",
     "state",
+    "swap_module",
     "register_mode",
     "replay",
     "restoring",
@@ -86,6 +87,22 @@ def rewrite(model: nn.Module, edit: Callable[[list[dict[str, Any]]], list[dict[s
     model.__dict__[_LOG_ATTR] = edit(state(model))
 
 
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at path ``name`` of ``model``; return the model's root afterwards.
+
+    That is ``model`` itself, unless ``name`` is ``""``: ``model`` is then the very layer being
+    replaced (a bare ``nn.Linear`` passed as the model), ``new`` becomes the root, and the mode log
+    moves from ``model`` to ``new``. Every mode function returns this root: the model to use.
+    """
+    if name:
+        model.set_submodule(name, new)
+        return model
+    log = model.__dict__.pop(_LOG_ATTR, None)
+    if log is not None:
+        new.__dict__[_LOG_ATTR] = log
+    return new
+
+
 def state(model: nn.Module) -> list[dict[str, Any]]:
     """A copy of the model's mode log: a list of ``{"mode": str, "config": dict}`` entries."""
     return copy.deepcopy(model.__dict__.get(_LOG_ATTR, []))
@@ -113,6 +130,11 @@ def unknown_mode_message(mode: Any) -> str:
 def replay(model: nn.Module, log: list[dict[str, Any]]) -> nn.Module:
     """Re-apply every entry of ``log`` to ``model`` in order (each re-records itself).
 
+    Returns:
+        The model's root afterwards: ``model``, or the wrapper now around it when ``model`` is
+        itself a layer that a mode wraps (see :func:`swap_module`). A replay function returns the
+        root it leaves (None: unchanged).
+
     Raises:
         ValueError: for an entry of an unknown mode (checked before anything is applied).
     """
@@ -124,5 +146,6 @@ def replay(model: nn.Module, log: list[dict[str, Any]]) -> nn.Module:
     if unknown:
         raise ValueError(unknown_mode_message(unknown[0]))
     for entry in log:
-        _REPLAY[entry["mode"]](model, entry["config"])
+        root = _REPLAY[entry["mode"]](model, entry["config"])
+        model = model if root is None else root
     return model

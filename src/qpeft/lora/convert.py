@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.modes import record, register_mode
+from ..core.modes import record, register_mode, swap_module
 from ..core.patterns import merge_matching
 from ..core.wrapping import ModuleWrapper, innermost
 from .adapter import AdapterState, LoRAAdapter
@@ -193,9 +193,9 @@ def _set_base_trainable(model: nn.Module, trainable: bool) -> None:
             param.requires_grad_(trainable)
 
 
-def _apply(model: nn.Module, cfg: PEFTConfig, plan: _Plan) -> None:
+def _apply(model: nn.Module, cfg: PEFTConfig, plan: _Plan) -> nn.Module:
     for layer_name, wrapper in plan.wrap.items():
-        model.set_submodule(layer_name, wrapper)
+        model = swap_module(model, layer_name, wrapper)
     layers = lora_layers(model)
     for layer_name, adapter in plan.add.items():
         layers[layer_name].adapters[cfg.adapter_name] = adapter
@@ -205,6 +205,7 @@ def _apply(model: nn.Module, cfg: PEFTConfig, plan: _Plan) -> None:
     _set_base_trainable(model, not cfg.freeze_base_model)
     for layer_name in [*plan.add, *plan.update]:
         layers[layer_name].adapters[cfg.adapter_name].requires_grad_(not cfg.freeze_lora_weights)
+    return model
 
 
 def update_model(model: nn.Module, config: PEFTConfig | dict[str, Any]) -> nn.Module:
@@ -222,11 +223,13 @@ def update_model(model: nn.Module, config: PEFTConfig | dict[str, Any]) -> nn.Mo
     whose merged ``enable`` is True, and all their other attributes must be equal.
 
     Args:
-        model: any ``nn.Module``; it is modified in place and returned.
+        model: any ``nn.Module``; it is modified in place.
         config: a :class:`PEFTConfig` or a dict of its fields.
 
     Returns:
-        ``model``.
+        The model to use from now on: ``model`` itself, changed in place, or, when ``model`` is
+        itself a LoRA-capable layer (a bare ``nn.Linear``, or one ``qpeft.quantize`` wrapped), the
+        LoRA layer around it (the passed object is then its ``base``; the mode log moves to it).
 
     Raises:
         ValueError: invalid config (names the field and pattern); no supported layer matched; an
@@ -238,13 +241,13 @@ def update_model(model: nn.Module, config: PEFTConfig | dict[str, Any]) -> nn.Mo
     """
     cfg = config if isinstance(config, PEFTConfig) else PEFTConfig.model_validate(config)
     plan = _make_plan(model, cfg)
-    _apply(model, cfg, plan)
+    model = _apply(model, cfg, plan)
     record(model, "peft", {**cfg.model_dump(exclude={"adapter_cfg"}), "adapter_cfg": plan.resolved})
     return model
 
 
 @register_mode("peft")
-def _replay_peft(model: nn.Module, config: dict[str, Any]) -> None:
+def _replay_peft(model: nn.Module, config: dict[str, Any]) -> nn.Module:
     # Recorded patterns are concrete layer names: each must exist, or this is another model.
     layers = candidate_layers(model)
     for name in config.get("adapter_cfg", {}):
@@ -253,4 +256,4 @@ def _replay_peft(model: nn.Module, config: dict[str, Any]) -> None:
                 f"layer {name!r} of the recorded adapter {config.get('adapter_name')!r} "
                 "is not a LoRA-capable layer of this model"
             )
-    update_model(model, config)
+    return update_model(model, config)

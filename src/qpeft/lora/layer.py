@@ -16,6 +16,7 @@ adapter its name selects (:mod:`qpeft.lora.routing`).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -39,6 +40,8 @@ __all__ = [
     "adapter_names_of",
     "check_adapter_names",
     "check_selection",
+    "adapter_keys",
+    "adapter_state",
 ]
 
 
@@ -199,6 +202,35 @@ class LoRAConv1D(LoRAModule):
 def lora_layers(model: nn.Module) -> dict[str, LoRAModule]:
     """Every LoRA layer of ``model``, by module name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRAModule)}
+
+
+def adapter_state(
+    model: nn.Module, names: Collection[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every adapter factor of ``model`` under its ``model.state_dict()`` key, from the adapters.
+
+    For LoRA layer ``ln`` and adapter ``name`` the keys are ``f"{ln}.adapters.{name}.{k}"`` for
+    each ``k`` of the adapter's own ``state_dict()`` (``lora_a`` / ``lora_b``; grouped experts
+    ``<projection>.lora_a`` / ``.lora_b``), without ``ln.`` for a model that is itself a LoRA layer.
+    Names are ``model.named_modules()``'s: a caller holding a wrapped model (DDP, FSDP1) maps them
+    (:func:`qpeft.parallel.state_dict.model_adapter_keys`).
+
+    Args:
+        model: any module.
+        names: only these adapter names (None: all).
+    """
+    return {
+        (f"{ln}.adapters.{name}.{key}" if ln else f"adapters.{name}.{key}"): tensor
+        for ln, layer in lora_layers(model).items()
+        for name, adapter in layer.adapters.items()
+        if names is None or name in names
+        for key, tensor in adapter.state_dict().items()
+    }
+
+
+def adapter_keys(model: nn.Module, names: Collection[str] | None = None) -> set[str]:
+    """The keys of :func:`adapter_state`: every adapter factor's ``model.state_dict()`` key."""
+    return set(adapter_state(model, names))
 
 
 def is_peft_model(model: nn.Module) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.modes import is_restoring, record, register_mode
+from ..core.modes import is_restoring, record, register_mode, swap_module
 from ..quant.layer import QuantModule, find_weight_quantizer
 from .config import ExportPEFTConfig
 from .layer import LoRAModule, check_adapter_names, check_selection, require_lora_layers
@@ -150,7 +150,7 @@ def _quantized_base(layer: LoRAModule) -> bool:
     return isinstance(base, QuantModule) or find_weight_quantizer(base, enabled=False) is not None
 
 
-def _export(model: nn.Module, folds: dict[str, list[str]]) -> None:
+def _export(model: nn.Module, folds: dict[str, list[str]]) -> nn.Module:
     layers = require_lora_layers(model)
     check_selection(layers, folds, "export")
     quantized: dict[str, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
@@ -162,11 +162,16 @@ def _export(model: nn.Module, folds: dict[str, list[str]]) -> None:
                 quantized[layer_name] = (x, layer(*x))
             for name in names if not is_restoring() else []:
                 layer.fold_adapter(layer.adapters[name], 1.0)
-            model.set_submodule(layer_name, layer.base)
+            model = swap_module(model, layer_name, layer.base)
         changes = {
             n: (layers[n].base(*x) - y).abs().max().item() for n, (x, y) in quantized.items()
         }
     record(model, "export", {"folded": folds})
+    _warn_export(changes)
+    return model
+
+
+def _warn_export(changes: dict[str, float]) -> None:
     if changes:
         worst = max(changes, key=changes.get)
         warnings.warn(
@@ -176,7 +181,7 @@ def _export(model: nn.Module, folds: dict[str, list[str]]) -> None:
             "probe "
             f"input is {changes[worst]:.4g} (layer {worst!r})",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -192,7 +197,8 @@ def export(model: nn.Module, config: ExportPEFTConfig | dict[str, Any] | None = 
         config: an :class:`ExportPEFTConfig` (it has no fields) or a dict of its fields.
 
     Returns:
-        ``model``, which is then no longer a PEFT model.
+        The model to use from now on, no longer a PEFT model: ``model`` itself, or, when ``model``
+        is itself a LoRA layer, its ``base`` (the mode log moves to it).
 
     Warns:
         UserWarning: on a quantized base, with the largest output change measured on a probe input.
@@ -204,8 +210,7 @@ def export(model: nn.Module, config: ExportPEFTConfig | dict[str, Any] | None = 
         ExportPEFTConfig.model_validate(config or {})
     layers = require_lora_layers(model)
     folds = {n: [a for a, ad in layer.adapters.items() if ad.active] for n, layer in layers.items()}
-    _export(model, folds)
-    return model
+    return _export(model, folds)
 
 
 @register_mode("merge_adapters")
@@ -219,5 +224,5 @@ def _replay_unmerge(model: nn.Module, config: dict[str, Any]) -> None:
 
 
 @register_mode("export")
-def _replay_export(model: nn.Module, config: dict[str, Any]) -> None:
-    _export(model, config["folded"])
+def _replay_export(model: nn.Module, config: dict[str, Any]) -> nn.Module:
+    return _export(model, config["folded"])

@@ -19,16 +19,43 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     set_model_state_dict,
 )
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["full_state_dict", "load_full_state_dict", "is_adapter_key"]
+from ..lora.layer import adapter_keys
 
-# LoRAModule keeps its adapters in ``adapters`` (ModuleDict), each with ``lora_a`` / ``lora_b``.
-_ADAPTER_KEY = re.compile(r"(^|\.)adapters\.[^.]+\.lora_[ab]$")
+__all__ = ["full_state_dict", "load_full_state_dict", "is_adapter_key", "model_adapter_keys"]
+
+# The name shapes of adapter factors, for is_adapter_key only: the functions here take the keys
+# from the model's adapters (model_adapter_keys), never from a pattern.
+_ADAPTER_KEY = re.compile(r"(^|\.)adapters\.[^.]+\.([^.]+\.)?lora_[ab]$")
+# Module levels that wrappers insert and single-process keys do not have (FSDP1, activation
+# checkpointing, torch.compile), as torch.distributed.checkpoint.state_dict drops them.
+_WRAPPER_LEVELS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 
 
 def is_adapter_key(key: str) -> bool:
-    """Whether a state-dict key names a LoRA adapter factor (``...adapters.<name>.lora_a|b``)."""
+    """Whether a state-dict key has the shape of a LoRA adapter factor's key.
+
+    ``...adapters.<name>.lora_a|b``, or ``...adapters.<name>.<projection>.lora_a|b`` for grouped
+    experts. A test of the name only; with a model at hand use :func:`model_adapter_keys`.
+    """
     return bool(_ADAPTER_KEY.search(key))
+
+
+def model_adapter_keys(model: nn.Module) -> set[str]:
+    """The single-process state-dict keys of every adapter factor of a possibly wrapped model.
+
+    Taken from the adapters themselves (:func:`qpeft.lora.layer.adapter_keys`) with the levels
+    DDP (``module.``), FSDP1, activation checkpointing and ``torch.compile`` add removed, so they
+    are the keys :func:`full_state_dict` returns.
+    """
+    while isinstance(model, DistributedDataParallel):
+        model = model.module
+    return {_single_process_key(k) for k in adapter_keys(model)}
+
+
+def _single_process_key(key: str) -> str:
+    return ".".join(part for part in key.split(".") if part not in _WRAPPER_LEVELS)
 
 
 def full_state_dict(
@@ -40,7 +67,8 @@ def full_state_dict(
 
     Args:
         model: a qpeft model, plain or wrapped by DDP / FSDP1 / FSDP2 / tensor parallelism.
-        adapters_only: keep only the adapter factors (``...adapters.<name>.lora_a|b``).
+        adapters_only: keep only the adapter factors (``...adapters.<name>.lora_a|b``, grouped
+            experts ``...adapters.<name>.<projection>.lora_a|b``), as the adapters name them.
         rank0_only: gather on rank 0 only (other ranks get ``{}``), to spare memory.
 
     Returns:
@@ -48,7 +76,8 @@ def full_state_dict(
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
     state = get_model_state_dict(model, options=options)
-    return {k: v.detach().cpu() for k, v in state.items() if not adapters_only or is_adapter_key(k)}
+    keep = model_adapter_keys(model) if adapters_only else None
+    return {k: v.detach().cpu() for k, v in state.items() if keep is None or k in keep}
 
 
 def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
@@ -70,26 +99,29 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
         ValueError: a tensor whose shape differs from the model's (names the key).
     """
     current = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    _check_keys(current, state_dict)
+    adapters = model_adapter_keys(model)
+    _check_keys(current, state_dict, adapters)
     for key in sorted(state_dict):
         if tuple(state_dict[key].shape) != tuple(current[key].shape):
             raise ValueError(
                 f"state dict key {key!r}: shape {tuple(state_dict[key].shape)} does not match the "
                 f"model's {tuple(current[key].shape)}"
             )
-    strict = not all(is_adapter_key(k) for k in state_dict)
-    set_model_state_dict(
-        model, state_dict, options=StateDictOptions(full_state_dict=True, strict=strict)
+    strict = not set(state_dict) <= adapters
+    set_model_state_dict(  # a copy: torch fills the dict it is given with the model's other keys
+        model, dict(state_dict), options=StateDictOptions(full_state_dict=True, strict=strict)
     )
     return model
 
 
-def _check_keys(current: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> None:
+def _check_keys(
+    current: dict[str, torch.Tensor], given: dict[str, torch.Tensor], adapters: set[str]
+) -> None:
     unexpected = sorted(set(given) - set(current))
     if unexpected:
         raise KeyError(f"state dict keys the model does not have: {unexpected[:5]}")
-    if all(is_adapter_key(k) for k in given):
-        expected = sorted(k for k in current if is_adapter_key(k))
+    if set(given) <= adapters:
+        expected = sorted(k for k in current if k in adapters)
     else:
         expected = sorted(current)
     missing = [k for k in expected if k not in given]

@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from torch import nn
 
-from ..core.modes import record, register_mode
+from ..core.modes import record, register_mode, swap_module
 from ..core.patterns import merge_matching
 from .calibrate import calibrate_inputs
 from .config import QuantizerAttributeConfig
@@ -167,10 +167,6 @@ def _plan(model: nn.Module, cfg: QuantizeConfig) -> tuple[dict[str, QuantModule]
         attrs = {k: _resolve(f"{name}.{k}", cfg.quant_cfg, off) for k in kinds}
         if all(a is None for a in attrs.values()):
             continue
-        if not target.slot:
-            raise ValueError(
-                "the model itself is a quantizable layer; wrap it in a container module"
-            )
         wrappers[name] = _build(target, attrs, name)
         _calibrate_weights(wrappers[name])
         resolved[name] = {
@@ -188,10 +184,12 @@ def _plan(model: nn.Module, cfg: QuantizeConfig) -> tuple[dict[str, QuantModule]
     return wrappers, resolved
 
 
-def _apply(model: nn.Module, wrappers: dict[str, QuantModule]) -> None:
+def _apply(model: nn.Module, wrappers: dict[str, QuantModule]) -> nn.Module:
+    """Insert the wrappers; the model's root afterwards (the wrapper, for a root layer)."""
     targets = quant_targets(model)
     for name, wrapper in wrappers.items():
-        model.set_submodule(targets[name].slot, wrapper)
+        model = swap_module(model, targets[name].slot, wrapper)
+    return model
 
 
 def _amax_shape(quantizer: TensorQuantizer) -> list[int] | None:
@@ -248,7 +246,9 @@ def quantize(
             forward (a warning says so).
 
     Returns:
-        ``model``.
+        The model to use from now on: ``model`` itself, changed in place, or, when ``model`` is
+        itself a quantizable layer (a bare ``nn.Linear``), the quantized wrapper around it (the
+        passed object is then its ``base``; the mode log moves to the wrapper).
 
     Raises:
         ValueError: unknown preset (lists the presets), invalid config (names the field and
@@ -260,14 +260,16 @@ def quantize(
     wrappers, resolved = _plan(model, cfg)
     if forward_loop is not None:
         calibrate_inputs(model, wrappers, quant_targets(model), forward_loop)
-    _apply(model, wrappers)
+    model = _apply(model, wrappers)
     _warn_uncalibrated(wrappers)
     record(model, "quantize", _log_entry(cfg.algorithm, resolved, wrappers))
     return model
 
 
-def rebuild(model: nn.Module, entry: dict[str, Any]) -> None:
+def rebuild(model: nn.Module, entry: dict[str, Any]) -> nn.Module:
     """Rebuild the quantized layers a ``quantize`` log entry describes, with zero placeholder amax.
+
+    Returns the model's root afterwards (a root layer's new wrapper).
 
     Raises:
         ValueError: if a recorded layer does not exist in ``model`` (model unchanged).
@@ -286,10 +288,11 @@ def rebuild(model: nn.Module, entry: dict[str, Any]) -> None:
             if shape is not None:
                 quantizer.amax = torch.zeros(shape, device=device)
         wrappers[name] = wrapper
-    _apply(model, wrappers)
+    return _apply(model, wrappers)
 
 
 @register_mode("quantize")
-def _replay_quantize(model: nn.Module, config: dict[str, Any]) -> None:
-    rebuild(model, config)
+def _replay_quantize(model: nn.Module, config: dict[str, Any]) -> nn.Module:
+    model = rebuild(model, config)
     record(model, "quantize", config)
+    return model

@@ -72,7 +72,7 @@ def quant_targets(model: nn.Module) -> dict[str, Target]:
             continue
         parent_path = physical.rsplit(".", 1)[0] if "." in physical else ""
         parent = parents.get(parent_path) if physical else None
-        if isinstance(parent, QuantModule) and physical.endswith(".base"):
+        if isinstance(parent, QuantModule) and (physical == "base" or physical.endswith(".base")):
             found[logical] = Target(parent_path, module, wrapper, parent)
         else:
             found[logical] = Target(physical, module, wrapper, None)

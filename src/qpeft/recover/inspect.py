@@ -3,7 +3,9 @@ or Hugging Face PEFT adapter files) without building a model.
 
 Reads only JSON and safetensors headers (shapes and dtypes; no tensor data, nothing unpickled):
 the mode log, every adapter (layer, name, rank, scale, dtype), quantization formats and
-quantizer counts, and file sizes.
+quantizer counts, and file sizes. qpeft adapters are the ones the checkpoint's manifest
+(``qpeft.json``) lists, with their factors found under the keys those adapters have (grouped
+experts: one line per projection); Hugging Face PEFT files are read by their key names.
 """
 
 from __future__ import annotations
@@ -15,61 +17,101 @@ from typing import Any
 
 from safetensors import safe_open
 
+from ..checkpoint.validate import MANIFEST
+
 __all__ = ["describe"]
 
-_QPEFT_KEY = re.compile(r"^(?P<layer>.+)\.adapters\.(?P<name>[^.]+)\.lora_a$")
 _HF_KEY = re.compile(r"^base_model\.model\.(?P<layer>.+)\.lora_A(?:\.(?P<name>[^.]+))?\.weight$")
 
 
-def _headers(files: list[Path]) -> dict[str, tuple[list[int], str]]:
-    shapes = {}
+def _headers(files: list[Path]) -> dict[Path, dict[str, tuple[list[int], str]]]:
+    """``{file: {key: (shape, dtype)}}`` from each safetensors header."""
+    shapes: dict[Path, dict[str, tuple[list[int], str]]] = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as handle:
+                shapes[f] = {}
                 for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                     piece = handle.get_slice(key)
-                    shapes[key] = (list(piece.get_shape()), str(piece.get_dtype()))
+                    shapes[f][key] = (list(piece.get_shape()), str(piece.get_dtype()))
         except Exception as err:  # safetensors raises its own error types for bad headers
             raise ValueError(f"{f.name}: not a readable safetensors file ({err})") from None
     return shapes
 
 
+def _read_json(f: Path) -> Any:
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
 def _mode_log(files: list[Path]) -> list[dict[str, Any]]:
     for f in files:
-        try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            continue
+        data = _read_json(f)
         log = data.get("modes", data.get("mode_log")) if isinstance(data, dict) else data
         if isinstance(log, list) and all(isinstance(e, dict) and "mode" in e for e in log):
             return log
     return []
 
 
-def _scales(log: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
-    scales: dict[tuple[str, str], float] = {}
-    for entry in log:
-        cfg = entry.get("config", {})
-        if entry["mode"] == "peft":
-            for layer, attrs in cfg.get("adapter_cfg", {}).items():
-                if isinstance(attrs, dict) and "scale" in attrs:
-                    scales[(layer, cfg.get("adapter_name", "default"))] = attrs["scale"]
-    return scales
+def _manifest_adapters(manifest: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """``{(layer, adapter): attributes}`` a qpeft manifest (checkpoint or adapter file) lists."""
+    entries = manifest.get("adapters") if isinstance(manifest, dict) else None
+    if not isinstance(entries, dict):
+        return {}
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    if manifest.get("format") == "qpeft-adapters":  # {name: {"layers": {layer: attributes}}}
+        for name, entry in entries.items():
+            layers = entry.get("layers") if isinstance(entry, dict) else None
+            for layer, attrs in (layers or {}).items():
+                found[(layer, name)] = attrs if isinstance(attrs, dict) else {}
+    else:  # a full checkpoint: {layer: {name: flags}}
+        for layer, names in entries.items():
+            for name, flags in (names if isinstance(names, dict) else {}).items():
+                found[(layer, name)] = flags if isinstance(flags, dict) else {}
+    return found
 
 
-def _adapter_lines(shapes, log, hf_config) -> list[str]:
-    scales = _scales(log)
+def _factor_lines(layer, name, attrs, shapes) -> list[str]:
+    """One line per factor pair of adapter ``name`` on ``layer``: the layer itself, or each
+    projection of a grouped-experts layer (``lora_a: [E, r, in]``), from the tensor file's keys."""
+    prefix = f"{layer}.adapters.{name}." if layer else f"adapters.{name}."
+    scale = attrs.get("scale")
+    scale_text = "?" if scale is None else f"{scale:g}"
     lines = []
     for key, (shape, dtype) in sorted(shapes.items()):
-        match = _QPEFT_KEY.match(key) or _HF_KEY.match(key)
-        if not match:
+        if not (key.startswith(prefix) and key.endswith("lora_a")):
             continue
-        layer, name = match["layer"], match["name"] or "default"
-        scale = scales.get((layer, name))
-        if scale is None and hf_config:
+        projection = key[len(prefix) : -len("lora_a")].rstrip(".")
+        where = f"{layer}.{projection}" if projection else layer
+        rank = shape[-2] if projection else shape[0]
+        experts = f"  {shape[0]} experts" if projection else ""
+        lines.append(f"  {where}  [{name}]  rank {rank}  scale {scale_text}  {dtype}{experts}")
+    return lines
+
+
+def _qpeft_adapter_lines(manifests, headers) -> list[str]:
+    lines = []
+    for f in manifests:
+        tensors = {
+            k: v for t, shapes in headers.items() if t.parent == f.parent for k, v in shapes.items()
+        }
+        for (layer, name), attrs in _manifest_adapters(_read_json(f)).items():
+            lines += _factor_lines(layer, name, attrs, tensors)
+    return lines
+
+
+def _hf_adapter_lines(headers, hf_config) -> list[str]:
+    lines = []
+    for shapes in headers.values():
+        for key, (shape, dtype) in sorted(shapes.items()):
+            match = _HF_KEY.match(key)
+            if not match:
+                continue
+            layer, name = match["layer"], match["name"] or "default"
             scale = hf_config.get("lora_alpha", shape[0]) / max(hf_config.get("r", shape[0]), 1)
-        scale_text = "?" if scale is None else f"{scale:g}"
-        lines.append(f"  {layer}  [{name}]  rank {shape[0]}  scale {scale_text}  {dtype}")
+            lines.append(f"  {layer}  [{name}]  rank {shape[0]}  scale {scale:g}  {dtype}")
     return lines
 
 
@@ -87,11 +129,12 @@ def describe(path: str | Path) -> str:
     jsons = [f for f in files if f.suffix == ".json"]
     if not tensors and not jsons:
         raise ValueError(f"{str(root)!r} holds no JSON or safetensors file")
-    shapes, log = _headers(tensors), _mode_log(jsons)
+    headers, log = _headers(tensors), _mode_log(jsons)
     hf_files = [f for f in jsons if f.name == "adapter_config.json"]
-    hf_config = json.loads(hf_files[0].read_text()) if hf_files else None
-    adapters = _adapter_lines(shapes, log, hf_config)
-    quantizers = [k for k in shapes if "quantizer" in k]
+    adapters = _qpeft_adapter_lines([f for f in jsons if f.name == MANIFEST], headers)
+    if hf_files:
+        adapters += _hf_adapter_lines(headers, _read_json(hf_files[0]) or {})
+    quantizers = [k for shapes in headers.values() for k in shapes if "quantizer" in k]
     formats = _formats(log)
     out = [f"checkpoint {root}", f"mode log ({len(log)} entries):"]
     out += [f"  {i}. {e['mode']}  {_brief(e.get('config', {}))}" for i, e in enumerate(log, 1)]

@@ -1,9 +1,9 @@
 """LoRA on Megatron-Core's GroupedMLP, on CPU (torch grouped_mm), against a per-expert loop.
 
 GroupedMLP's own forward needs CUDA's grouped_gemm package and bf16, so the reference here is a
-plain loop over experts on the weights' ``[E, in, out]`` views. Test-only shims: the constructor's
-check that grouped_gemm is installed is skipped, and the expert process groups are single-process
-stand-ins (expert parallel, expert tensor parallel and expert data parallel size 1).
+plain loop over experts on the weights' ``[E, in, out]`` views; the builders (with their test-only
+shims) are in :mod:`tests.lora.layer_kinds`, and the invariants every layer kind keeps (B = 0,
+merge, disable, save/restore, export) are checked in ``tests/lora/test_layer_invariants.py``.
 """
 
 import os
@@ -11,15 +11,17 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 pytest.importorskip("megatron.core")
 
 import qpeft  # noqa: E402
+from tests.lora.layer_kinds import EXPERTS, FFN, HIDDEN, grouped_reference  # noqa: E402
+from tests.lora.layer_kinds import SingleGroup as _Group  # noqa: E402
+from tests.lora.layer_kinds import expert_rows as _inputs  # noqa: E402
+from tests.lora.layer_kinds import grouped_mlp as _grouped_mlp  # noqa: E402
 from tests.tolerances import BF16_ATOL, BF16_RTOL, FP32_ATOL, FP32_RTOL  # noqa: E402
 
-HIDDEN, FFN, EXPERTS, RANK, SCALE = 8, 16, 3, 4, 0.5
-COUNTS = [3, 0, 6]  # rows per expert; expert 1 gets none
+RANK, SCALE = 4, 0.5
 RANDOM_B = {"*experts": {"rank": RANK, "scale": SCALE, "lora_b_init": "torch.nn.init.normal_"}}
 TOL = {
     torch.float32: {"atol": FP32_ATOL, "rtol": FP32_RTOL},
@@ -27,94 +29,8 @@ TOL = {
 }
 
 
-class _Group:
-    """A process group of ``size`` ranks seen from ``rank`` (only size() and rank() are asked)."""
-
-    def __init__(self, size=1, rank=0):
-        self._size, self._rank = size, rank
-
-    def size(self):
-        return self._size
-
-    def rank(self):
-        return self._rank
-
-
-class _Model(nn.Module):
-    def __init__(self, experts):
-        super().__init__()
-        self.experts = experts
-
-    def forward(self, x, counts, probs):
-        return self.experts(x, counts, probs)[0]
-
-
-def _grouped_mlp(gated=True, dtype=torch.float32, expert_tp=1, ep_group=None, **config):
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.transformer.moe import experts
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    cfg = TransformerConfig(
-        num_layers=1,
-        hidden_size=HIDDEN,
-        num_attention_heads=2,
-        num_moe_experts=EXPERTS,
-        moe_ffn_hidden_size=FFN,
-        use_cpu_initialization=True,
-        add_bias_linear=False,
-        gated_linear_unit=gated,
-        activation_func=F.silu if gated else F.gelu,
-        init_method_std=0.3,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        **config,
-    )
-    groups = ProcessGroupCollection(
-        ep=ep_group or _Group(), expt_tp=_Group(expert_tp), expt_dp=_Group()
-    )
-    torch.manual_seed(0)
-    return _Model(experts.GroupedMLP(EXPERTS, cfg, pg_collection=groups))
-
-
-@pytest.fixture(autouse=True)
-def _no_grouped_gemm_check(monkeypatch):
-    from megatron.core.transformer.moe import grouped_gemm_util
-
-    monkeypatch.setattr(grouped_gemm_util, "assert_grouped_gemm_is_available", lambda: None)
-
-
-def _inputs(dtype=torch.float32, counts=COUNTS):
-    torch.manual_seed(1)
-    rows = sum(counts)
-    return torch.randn(rows, HIDDEN, dtype=dtype), torch.tensor(counts), torch.rand(rows)
-
-
 def _reference(model, x, counts, probs, with_lora=True):
-    """Per-expert loop: fc1, act(gate) * up (or act), * prob, fc2; LoRA terms on both products."""
-    layer = model.experts
-    inner = layer.base if hasattr(layer, "base") else layer
-    w1 = inner.weight1.view(EXPERTS, HIDDEN, -1).float()
-    w2 = inner.weight2.view(EXPERTS, -1, HIDDEN).float()
-    adapter = layer.adapters["default"] if with_lora else None
-    out, start = [], 0
-    for e, n in enumerate(counts.tolist()):
-        xs, ps = x[start : start + n].float(), probs[start : start + n, None].float()
-        start += n
-        h = xs @ w1[e]
-        if adapter is not None and "fc1" in adapter.factors:
-            f = adapter.factors["fc1"]
-            h = h + SCALE * (xs @ f.lora_a[e].float().T) @ f.lora_b[e].float().T
-        if inner.config.gated_linear_unit:
-            gate, up = h.chunk(2, dim=-1)
-            g = inner.config.activation_func(gate) * up * ps
-        else:
-            g = inner.config.activation_func(h) * ps
-        y = g @ w2[e]
-        if adapter is not None and "fc2" in adapter.factors:
-            f = adapter.factors["fc2"]
-            y = y + SCALE * (g @ f.lora_a[e].float().T) @ f.lora_b[e].float().T
-        out.append(y)
-    return torch.cat(out).to(x.dtype)
+    return grouped_reference(model, x, counts, probs, "default" if with_lora else None, SCALE)
 
 
 @pytest.mark.parametrize("gated", [True, False])
@@ -199,44 +115,19 @@ def test_bad_counts_and_expert_tensor_parallelism_are_rejected():
     assert type(split.experts).__name__ == "GroupedMLP"  # untouched
 
 
-def test_merge_and_export_fold_per_expert_into_the_storage_layout():
+def test_merge_folds_per_expert_into_the_storage_layout():
     model = _grouped_mlp()
     qpeft.update_model(model, {"adapter_cfg": RANDOM_B})
-    x, counts, probs = _inputs()
     layer = model.experts
     w1 = layer.weight1.detach().clone()
     f1 = layer.adapters["default"].factors["fc1"]
     with torch.no_grad():
-        ref = model(x, counts, probs)
         want = w1.view(EXPERTS, HIDDEN, -1) + SCALE * (f1.lora_b @ f1.lora_a).transpose(-2, -1)
     qpeft.merge_adapters(model)
     assert layer.weight1.shape == (HIDDEN, EXPERTS * 2 * FFN)
     torch.testing.assert_close(
         layer.weight1.view(EXPERTS, HIDDEN, -1), want, atol=FP32_ATOL, rtol=FP32_RTOL
     )
-    with torch.no_grad():
-        torch.testing.assert_close(model(x, counts, probs), ref, atol=FP32_ATOL, rtol=FP32_RTOL)
-    qpeft.unmerge_adapters(model)
-    torch.testing.assert_close(layer.weight1, w1, atol=FP32_ATOL, rtol=0)
-    qpeft.export(model)
-    assert type(model.experts).__name__ == "GroupedMLP"
-    with torch.no_grad():
-        merged = _reference(model, x, counts, probs, with_lora=False)
-    torch.testing.assert_close(merged, ref, atol=FP32_ATOL, rtol=FP32_RTOL)
-
-
-def test_save_restore_and_state_dict_round_trip(tmp_path):
-    model = _grouped_mlp()
-    qpeft.update_model(model, {"adapter_cfg": RANDOM_B})
-    x, counts, probs = _inputs()
-    with torch.no_grad():
-        ref = model(x, counts, probs)
-    keys = set(model.state_dict())
-    assert {"experts.weight1", "experts.adapters.default.fc2.lora_b"} <= keys
-    qpeft.save(model, tmp_path / "ckpt")
-    fresh = qpeft.restore(_grouped_mlp(), tmp_path / "ckpt")
-    with torch.no_grad():
-        assert torch.equal(fresh(x, counts, probs), ref)
 
 
 def test_an_fc2_pattern_adapts_only_fc2(tmp_path):

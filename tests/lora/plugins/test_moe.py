@@ -1,4 +1,8 @@
-"""LoRA on transformers' grouped experts: Qwen3-MoE, Mixtral, GPT-OSS built from tiny configs."""
+"""LoRA on transformers' grouped experts: Qwen3-MoE, Mixtral, GPT-OSS built from tiny configs.
+
+The invariants every layer kind keeps (B = 0, merge/unmerge, disable, save/restore, adapters-only
+state dict, export) are checked once for each experts layout in
+``tests/lora/test_layer_invariants.py``; here: whole models, layouts and experts specifics."""
 
 import copy
 
@@ -179,18 +183,13 @@ def test_training_the_expert_adapters_lowers_the_loss(arch):
     assert losses[-1] < losses[0]
 
 
-def test_disable_delete_and_base_checkpoint():
+def test_delete_and_base_checkpoint():
     model = MOE_MODELS["gpt_oss"]()
     base_sd = copy.deepcopy(model.state_dict())
     ids = _ids()
     ref = _logits(model, ids)
     qpeft.update_model(model, {"adapter_cfg": {"*experts": {"rank": 4, "lora_b_init": RANDOM_B}}})
     assert not torch.equal(_logits(model, ids), ref)
-    with qpeft.disabled_adapters(model):
-        assert torch.equal(_logits(model, ids), ref)
-    qpeft.disable_adapters(model, adapters_to_disable="default")
-    assert torch.equal(_logits(model, ids), ref)
-    qpeft.enable_adapters(model)
     missing, unexpected = model.load_state_dict(base_sd, strict=False)
     assert not unexpected and missing and all(".adapters." in k for k in missing)
     qpeft.delete_adapter(model, "default")
@@ -301,31 +300,11 @@ def test_svdquant_without_quantizer_warns_and_keeps_output():
     assert torch.equal(_logits(model, ids), ref)
 
 
-def test_merge_unmerge_and_export_fold_per_expert():
-    model = MOE_MODELS["gpt_oss"]()
-    qpeft.update_model(model, {"adapter_cfg": {"*experts": {"rank": 4, "lora_b_init": RANDOM_B}}})
-    ids = _ids()
-    ref = _logits(model, ids)
-    qpeft.merge_adapters(model)
-    assert next(iter(_experts(model).values())).adapters["default"].merged
-    torch.testing.assert_close(_logits(model, ids), ref, atol=FP32_ATOL, rtol=FP32_RTOL)
-    qpeft.unmerge_adapters(model)
-    torch.testing.assert_close(_logits(model, ids), ref, atol=FP32_ATOL, rtol=FP32_RTOL)
-    qpeft.export(model)
-    assert not qpeft.is_peft_model(model)
-    assert type(model.model.layers[0].mlp.experts).__name__ == "GptOssExperts"
-    torch.testing.assert_close(_logits(model, ids), ref, atol=FP32_ATOL, rtol=FP32_RTOL)
-
-
-def test_save_restore_and_adapter_files(tmp_path):
+def test_adapter_files_and_the_hf_peft_refusal(tmp_path):
     model = MOE_MODELS["qwen3_moe"]()
     qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 4, "lora_b_init": RANDOM_B}}})
     ids = _ids()
     ref = _logits(model, ids)
-    qpeft.save(model, tmp_path / "ckpt")
-    assert torch.equal(
-        _logits(qpeft.restore(MOE_MODELS["qwen3_moe"](), tmp_path / "ckpt"), ids), ref
-    )
     qpeft.save_adapters(model, tmp_path / "adapters")
     fresh = MOE_MODELS["qwen3_moe"]()
     qpeft.load_adapters(fresh, tmp_path / "adapters")

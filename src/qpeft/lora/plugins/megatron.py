@@ -126,10 +126,13 @@ class _LoRAParallel(LoRAModule):
         return torch.cat(parts, dim=self.SHARD_AXIS)
 
     def _lora(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Sum of enabled adapters' ``scale * B (comm(A x))`` in the output's local layout."""
+        """Sum of active adapters' ``scale * B (comm(A x))`` in the output's local layout.
+
+        Active: enabled and not merged (a merged adapter's update is already in the weight).
+        """
         total = None
         for adapter in self.adapters.values():
-            if not adapter.enable:
+            if not adapter.active:
                 continue
             dtype = adapter.lora_a.dtype
             h = self._after_a(torch.nn.functional.linear(x.to(dtype), adapter.lora_a))
@@ -193,7 +196,7 @@ class LoRARowParallelLinear(_LoRAParallel):
     def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """``(output, bias)`` as the base returns them, the (all-reduced) LoRA term added."""
         output, bias = self.base(input_)
-        if not any(a.enable for a in self.adapters.values()):
+        if not any(a.active for a in self.adapters.values()):
             return output, bias
         x = (
             input_
