@@ -40,6 +40,7 @@ __all__ = [
     "adapter_names_of",
     "check_adapter_names",
     "check_selection",
+    "check_not_routing",
     "adapter_keys",
     "adapter_state",
 ]
@@ -269,3 +270,13 @@ def check_selection(
         for name in names:
             if layer_name not in layers or name not in layers[layer_name].adapters:
                 raise ValueError(f"{what}: layer {layer_name!r} has no adapter {name!r}")
+
+
+def check_not_routing(layers: dict[str, LoRAModule], what: str) -> None:
+    """Raise a ValueError when called inside :func:`qpeft.adapter_routing` (its plan is fixed)."""
+    routed = next((name for name, layer in layers.items() if layer._routing is not None), None)
+    if routed is not None:
+        raise ValueError(
+            f"{what} is not allowed inside qpeft.adapter_routing (layer {routed!r} routes "
+            "per-sample adapters from a plan made on entry); leave the block first"
+        )

@@ -21,7 +21,13 @@ from torch import nn
 from ..core.modes import record, register_mode
 from ..core.patterns import matches_pattern
 from .history import forget_adapter, supersede_toggles
-from .layer import check_adapter_names, check_selection, lora_layers, require_lora_layers
+from .layer import (
+    check_adapter_names,
+    check_not_routing,
+    check_selection,
+    lora_layers,
+    require_lora_layers,
+)
 from .merge import merge_selection, unmerge_selection
 
 __all__ = [
@@ -34,8 +40,21 @@ __all__ = [
 ]
 
 
+def _literal_names(patterns: Any) -> list[str]:
+    """The adapter names among ``patterns`` that are plain names (no wildcard characters)."""
+    items = (
+        [patterns]
+        if isinstance(patterns, str)
+        else patterns
+        if isinstance(patterns, list | tuple)
+        else []
+    )
+    return [p for p in items if isinstance(p, str) and not any(c in p for c in "*?[")]
+
+
 def _select(model: nn.Module, layer_patterns: Any, adapter_patterns: Any) -> dict[str, list[str]]:
     layers = require_lora_layers(model)
+    check_adapter_names(layers, _literal_names(adapter_patterns))  # a typo is no silent no-op
     chosen: dict[str, list[str]] = {}
     for name, layer in layers.items():
         if matches_pattern(name, layer_patterns):
@@ -108,10 +127,12 @@ def enable_adapters(
     Args:
         model: a model converted by :func:`qpeft.update_model`.
         layers_to_enable: layer-name pattern(s), wildcards or callables; None means every layer.
-        adapters_to_enable: adapter-name wildcard(s); None means every adapter.
+        adapters_to_enable: adapter-name wildcard(s); None means every adapter. A plain name
+            (no ``*?[``) must be an adapter of the model; a wildcard may match nothing.
 
     Raises:
-        ValueError: if the model has no LoRA layers. TypeError: for a bad pattern type.
+        ValueError: the model has no LoRA layers, or a plain adapter name no layer has (names
+            the known adapters). TypeError: for a bad pattern type.
     """
     return _toggle(model, "enable_adapters", layers_to_enable, adapters_to_enable)
 
@@ -153,6 +174,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """
     layers = require_lora_layers(model)
     check_adapter_names(layers, [name])
+    check_not_routing(layers, "delete_adapter")
     holders = [layer for layer in layers.values() if name in layer.adapters]
     merged = [
         n for n, layer in layers.items() if name in layer.adapters and layer.adapters[name].merged

@@ -27,7 +27,13 @@ from torch import nn
 from ..core.modes import is_restoring, record, register_mode, swap_module
 from ..quant.layer import QuantModule, find_weight_quantizer
 from .config import ExportPEFTConfig
-from .layer import LoRAModule, check_adapter_names, check_selection, require_lora_layers
+from .layer import (
+    LoRAModule,
+    check_adapter_names,
+    check_not_routing,
+    check_selection,
+    require_lora_layers,
+)
 
 __all__ = [
     "merge_adapters",
@@ -41,14 +47,36 @@ PROBE_ROWS = 8
 PROBE_SEED = 0
 
 
+def _check_untied(model: nn.Module, layers: dict[str, LoRAModule], folds: dict, what: str) -> None:
+    """Refuse to fold into a weight that other parameters share (a tied ``lm_head``)."""
+    folding = {id(layers[n].base_weight): n for n, names in folds.items() if names}
+    if not folding:
+        return
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in folding:
+            owners.setdefault(id(param), []).append(name)
+    for key, names in owners.items():
+        if len(names) > 1:
+            raise ValueError(
+                f"{what}: layer {folding[key]!r} has its weight tied to {names} (one shared "
+                "tensor): folding an adapter in would change every one of them. Untie it first "
+                "(give the layer its own copy of the weight and set tie_word_embeddings=False), "
+                "or keep the adapter unmerged"
+            )
+
+
 def merge_selection(model: nn.Module, selection: dict[str, list[str]], log: bool = True) -> None:
     """Merge exactly the adapters ``{layer name: [adapter names]}``; record it when ``log``.
 
     Raises:
-        ValueError: an unknown layer/adapter or one already merged (nothing changed then).
+        ValueError: an unknown layer/adapter, one already merged, a layer whose weight is tied to
+            another parameter, or a call inside ``adapter_routing`` (nothing changed then).
     """
     layers = require_lora_layers(model)
     check_selection(layers, selection, "merge_adapters")
+    check_not_routing(layers, "merge_adapters")
+    _check_untied(model, layers, selection, "merge_adapters")
     for layer_name, names in selection.items():
         for name in names:
             if layers[layer_name].adapters[name].merged:
@@ -153,6 +181,8 @@ def _quantized_base(layer: LoRAModule) -> bool:
 def _export(model: nn.Module, folds: dict[str, list[str]]) -> nn.Module:
     layers = require_lora_layers(model)
     check_selection(layers, folds, "export")
+    check_not_routing(layers, "export")
+    _check_untied(model, layers, folds, "export")
     quantized: dict[str, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
     with torch.no_grad():
         for layer_name, layer in layers.items():
