@@ -9,6 +9,7 @@ and exits with status 2; an interrupted run exits with 130 and leaves no partial
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -45,8 +46,8 @@ def _count(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -176,7 +177,8 @@ def _recover_parser(sub: argparse._SubParsersAction) -> None:
         "--output",
         metavar="DIR",
         default="runs/recover",
-        help="output folder, replaced as a whole at the end of the run (default runs/recover)",
+        help="output folder, written at the end of the run; an existing one is replaced only if "
+        "it is an earlier run's (default runs/recover)",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_recover)
@@ -219,11 +221,12 @@ def _default_model() -> str:
 
 
 def _cmd_recover(args: argparse.Namespace) -> int:
-    from .recover.outputs import atomic_directory
+    from .recover.outputs import output_directory
     from .recover.pipeline import RecoverOptions, run_recipe
     from .recover.quantizing import FORMATS
     from .recover.report import summary_table, write_plots, write_report
     from .recover.saving import save_student
+    from .recover.tasks import check_model_dir
 
     if args.format not in FORMATS:
         raise ValueError(f"unknown format {args.format!r}; choose from {', '.join(FORMATS)}")
@@ -249,12 +252,13 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         patience=args.patience,
         progress=not args.no_progress,
     )
+    check_model_dir(opts.model)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
-    with atomic_directory(args.output) as tmp:
+    with output_directory(args.output, opts.model) as tmp:
         run = run_recipe(opts)
         files = save_student(run.student, run.tokenizer, tmp)
         result = run.to_json()
@@ -286,8 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (_UsageError, ValueError, FileNotFoundError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    except (_UsageError, ValueError, OSError) as err:
+        text = (
+            f"{err.strerror}: {err.filename}"
+            if isinstance(err, OSError) and err.strerror and err.filename
+            else str(err)
+        )
+        message = text.splitlines()[0] if text.strip() else type(err).__name__
         print(
             message if message.startswith("qpeft") else f"qpeft: error: {message}", file=sys.stderr
         )

@@ -9,11 +9,16 @@ quantizer counts, and file sizes.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
+
+from ..checkpoint.adapter_files import check_adapter_entries
+from ..checkpoint.files import read_json
+from ..checkpoint.validate import MANIFEST, check_full_manifest, read_manifest
 
 __all__ = ["describe"]
 
@@ -35,25 +40,63 @@ def _headers(files: list[Path]) -> dict[str, tuple[list[int], str]]:
 
 
 def _mode_log(files: list[Path]) -> list[dict[str, Any]]:
+    """The mode log of the first full checkpoint among ``files``, every manifest validated as
+    ``restore`` / ``load_adapters`` do."""
+    log: list[dict[str, Any]] | None = None
     for f in files:
-        try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        if f.name != MANIFEST:
             continue
-        log = data.get("modes", data.get("mode_log")) if isinstance(data, dict) else data
-        if isinstance(log, list) and all(isinstance(e, dict) and "mode" in e for e in log):
-            return log
-    return []
+        data = read_json(f)
+        kind = data.get("format") if isinstance(data, dict) else None
+        if kind not in ("qpeft-checkpoint", "qpeft-adapters"):
+            raise ValueError(f"{f} is not a qpeft manifest (format field {kind!r})")
+        manifest = read_manifest(f.parent, kind)
+        if kind == "qpeft-checkpoint":
+            check_full_manifest(manifest, f)
+            log = manifest["modes"] if log is None else log
+        else:
+            check_adapter_entries(manifest, f)
+    return log or []
+
+
+def _number(config: dict[str, Any], key: str, where: Path) -> float | None:
+    value = config.get(key)
+    if value is None:
+        return None
+    try:
+        ok = not isinstance(value, bool) and math.isfinite(value) and value > 0
+    except (TypeError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{where}: {key} must be a positive finite number, got {str(value)[:40]}")
+    return float(value)
+
+
+def _hf_scale(files: list[Path]) -> tuple[float | None, float | None] | None:
+    """``(r, lora_alpha)`` of the first ``adapter_config.json``; None when there is none."""
+    for f in files:
+        if f.name == "adapter_config.json":
+            config = read_json(f)
+            if not isinstance(config, dict):
+                raise ValueError(f"{f} is not a JSON object")
+            try:
+                return _number(config, "r", f), _number(config, "lora_alpha", f)
+            except OverflowError:
+                raise ValueError(f"{f}: r or lora_alpha is too large") from None
+    return None
 
 
 def _scales(log: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
     scales: dict[tuple[str, str], float] = {}
     for entry in log:
-        cfg = entry.get("config", {})
-        if entry["mode"] == "peft":
-            for layer, attrs in cfg.get("adapter_cfg", {}).items():
-                if isinstance(attrs, dict) and "scale" in attrs:
-                    scales[(layer, cfg.get("adapter_name", "default"))] = attrs["scale"]
+        cfg = entry["config"]
+        layers = cfg.get("adapter_cfg")
+        if entry["mode"] != "peft" or not isinstance(layers, dict):
+            continue
+        for layer, attrs in layers.items():
+            scale = attrs.get("scale") if isinstance(attrs, dict) else None
+            if isinstance(scale, int | float) and not isinstance(scale, bool):
+                scales[(layer, str(cfg.get("adapter_name", "default")))] = scale
     return scales
 
 
@@ -64,10 +107,13 @@ def _adapter_lines(shapes, log, hf_config) -> list[str]:
         match = _QPEFT_KEY.match(key) or _HF_KEY.match(key)
         if not match:
             continue
+        if len(shape) < 2:
+            raise ValueError(f"LoRA factor {key!r} has shape {shape}; it needs [rank, in]")
         layer, name = match["layer"], match["name"] or "default"
         scale = scales.get((layer, name))
         if scale is None and hf_config:
-            scale = hf_config.get("lora_alpha", shape[0]) / max(hf_config.get("r", shape[0]), 1)
+            r, alpha = hf_config
+            scale = (alpha or shape[0]) / (r or max(shape[0], 1))
         scale_text = "?" if scale is None else f"{scale:g}"
         lines.append(f"  {layer}  [{name}]  rank {shape[0]}  scale {scale_text}  {dtype}")
     return lines
@@ -88,8 +134,7 @@ def describe(path: str | Path) -> str:
     if not tensors and not jsons:
         raise ValueError(f"{str(root)!r} holds no JSON or safetensors file")
     shapes, log = _headers(tensors), _mode_log(jsons)
-    hf_files = [f for f in jsons if f.name == "adapter_config.json"]
-    hf_config = json.loads(hf_files[0].read_text()) if hf_files else None
+    hf_config = _hf_scale(jsons)
     adapters = _adapter_lines(shapes, log, hf_config)
     quantizers = [k for k in shapes if "quantizer" in k]
     formats = _formats(log)
@@ -127,13 +172,18 @@ def _formats(log: list[dict[str, Any]]) -> dict[str, int]:
     entries."""
     found: dict[str, int] = {}
     for entry in log:
-        if entry["mode"] != "quantize":
+        layers = entry["config"].get("layers")
+        if entry["mode"] != "quantize" or not isinstance(layers, dict):
             continue
-        for quantizers in entry["config"].get("layers", {}).values():
-            for kind, info in quantizers.items():
-                attrs = info.get("attributes", {}) if isinstance(info, dict) else {}
-                if attrs.get("enable"):
-                    key = f"{kind.split('_')[0]} {_format_name(attrs)}"
+        for quantizers in layers.values():
+            for kind, info in (quantizers if isinstance(quantizers, dict) else {}).items():
+                attrs = info.get("attributes") if isinstance(info, dict) else None
+                if isinstance(attrs, dict) and attrs.get("enable"):
+                    try:
+                        name = _format_name(attrs)
+                    except (TypeError, ValueError, IndexError, AttributeError):
+                        name = "unrecognised format"
+                    key = f"{kind.split('_')[0]} {name}"
                     found[key] = found.get(key, 0) + 1
     return found
 
