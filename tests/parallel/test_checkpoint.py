@@ -84,7 +84,7 @@ def test_only_rank_0_writes_and_no_temporary_directory_is_left(outdir):
 
 def test_a_failed_write_on_rank_0_raises_on_every_rank_and_writes_nothing(outdir):
     errors = [load(outdir, "ck_rank0_writes", rank)["error"] for rank in range(WORLD)]
-    assert errors[0].startswith("FileExistsError:") and "not a checkpoint of this kind" in errors[0]
+    assert errors[0].startswith("FileExistsError:") and "holds notes.txt" in errors[0]
     assert errors[1].startswith("RuntimeError: rank 0 failed to write") and errors[0] in errors[1]
     assert [p.name for p in (outdir / "ck_blocked").iterdir()] == ["notes.txt"]
 

@@ -25,12 +25,13 @@ from ..lora.layer import adapter_keys, adapter_state
 from ..lora.manage import disable_selection
 from ..lora.targets import is_target_name, skipped_projections
 from . import sharded as collective
-from .full import ADAPTER_FILE, FORMAT_VERSION, write_checkpoint
+from .files import reading
+from .full import ADAPTER_FILE, FORMAT_VERSION, UNEXPECTED, write_checkpoint
 from .sharded import load_adapters_sharded
 from .tensor_files import read_header, read_tensors
 from .validate import MANIFEST, check_tensors, load_checked, read_manifest
 
-__all__ = ["save_adapters", "load_adapters"]
+__all__ = ["save_adapters", "load_adapters", "check_adapter_entries"]
 
 
 def save_adapters(
@@ -44,12 +45,15 @@ def save_adapters(
 
     Args:
         model: a converted model; plain, DDP, FSDP2 or tensor parallel.
-        path: a directory; an existing qpeft checkpoint (or empty directory) there is replaced.
+        path: a directory; an existing adapter file (or empty directory) there is replaced, if it
+            holds nothing but ``qpeft.json`` and ``adapters.safetensors``.
         adapter_names: the adapters to save; None saves every adapter.
 
     Raises:
         ValueError: the model has no LoRA layers, or an adapter name is unknown (names it).
-        FileExistsError, TypeError: as :func:`save`.
+        FileExistsError: ``path`` holds anything but an adapter file's two files (a full
+            checkpoint too: it is never replaced by an adapters-only one; names the entries).
+        TypeError, ValueError, TimeoutError: as :func:`save`.
     """
     model = collective.unwrap(model, "qpeft.save_adapters")
     layers = lora_layers(model)
@@ -122,6 +126,29 @@ def _adapter_config(
     return cfg, disabled
 
 
+def check_adapter_entries(
+    manifest: dict[str, Any], where: Path
+) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """Check the ``adapters`` section of an adapter file's manifest.
+
+    Returns:
+        The ``update_model`` configs recreating each adapter, and ``{layer: [adapters off]}``.
+
+    Raises:
+        ValueError: no adapters, or a malformed entry (names the adapter and layer).
+    """
+    entries = manifest.get("adapters")
+    if not isinstance(entries, dict) or not entries:
+        raise ValueError(f"{where}: no adapters listed")
+    configs, disabled = [], {}
+    for name, entry in entries.items():
+        cfg, off = _adapter_config(name, entry, where)
+        configs.append(cfg)
+        for ln, names in off.items():
+            disabled.setdefault(ln, []).extend(names)
+    return configs, disabled
+
+
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Add the adapters saved by :func:`save_adapters` to ``model`` (same base architecture).
 
@@ -144,19 +171,12 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             key). ``model`` is then left untouched.
     """
     path = Path(path)
-    manifest = read_manifest(path, "qpeft-adapters")
-    where = path / MANIFEST
-    entries = manifest.get("adapters")
-    if not isinstance(entries, dict) or not entries:
-        raise ValueError(f"{where}: no adapters listed")
-    configs, disabled = [], {}
-    for name, entry in entries.items():
-        cfg, off = _adapter_config(name, entry, where)
-        configs.append(cfg)
-        for ln, names in off.items():
-            disabled.setdefault(ln, []).extend(names)
-    if collective.is_sharded(model):
+    with reading(path, UNEXPECTED["qpeft-adapters"]):
+        manifest = read_manifest(path, "qpeft-adapters")
         header, tensors = read_header(path / ADAPTER_FILE), read_tensors(path / ADAPTER_FILE)
+    where = path / MANIFEST
+    configs, disabled = check_adapter_entries(manifest, where)
+    if collective.is_sharded(model):
         return load_adapters_sharded(model, configs, disabled, header, tensors, path / ADAPTER_FILE)
     existing = {n for layer in lora_layers(model).values() for n in layer.adapters}
     targets = candidate_layers(model)
@@ -171,8 +191,6 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"{where}: adapter {cfg['adapter_name']!r} targets layer {missing[0]!r}, which the "
                 "model lacks"
             )
-    header = read_header(path / ADAPTER_FILE)
-    tensors = read_tensors(path / ADAPTER_FILE)
 
     def attach(target: nn.Module, dry_run: bool) -> nn.Module:
         with restoring():

@@ -37,7 +37,8 @@ from ..core.modes import replay, restoring, state
 from ..core.transaction import apply_atomically
 from ..lora.convert import lora_layers
 from . import sharded as collective
-from .files import atomic_directory, read_json, write_json
+from .files import atomic_directory, reading, write_json
+from .kinds import manifest_says, own_files
 from .tensor_files import read_header, read_tensors, tensor_table, write_tensors
 from .validate import (
     FORMAT_VERSION,
@@ -55,22 +56,30 @@ __all__ = ["save", "restore", "write_checkpoint", "MODEL_FILE", "ADAPTER_FILE", 
 MODEL_FILE = "model.safetensors"
 ADAPTER_FILE = "adapters.safetensors"
 _KINDS = {"qpeft-checkpoint": MODEL_FILE, "qpeft-adapters": ADAPTER_FILE}
-
-
-def _is_ours(path: Path) -> bool:
-    try:
-        return read_json(path / MANIFEST).get("format") in _KINDS
-    except (OSError, ValueError, AttributeError):
-        return False
+_NAMES = {"qpeft-checkpoint": "a qpeft checkpoint", "qpeft-adapters": "a qpeft adapter file"}
+#: ``unexpected(dir)`` of each manifest format: only ``qpeft.json`` of that format + its tensors.
+UNEXPECTED = {
+    fmt: own_files(MANIFEST, manifest_says(fmt), [tensors]) for fmt, tensors in _KINDS.items()
+}
 
 
 def write_checkpoint(
     path: str | os.PathLike, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> None:
     """Atomically write a manifest and its tensor file (named by the manifest's format) into
-    ``path``."""
-    with atomic_directory(path, _is_ours) as tmp:
-        write_tensors(tmp / _KINDS[manifest["format"]], tensors)
+    ``path``.
+
+    Only an empty directory or one holding exactly a manifest of the same format and its tensor
+    file is replaced (a full checkpoint is never replaced by an adapter file, or the reverse).
+
+    Raises:
+        FileExistsError: ``path`` holds anything else (names the entries); nothing is written.
+        ValueError, PermissionError, TimeoutError: as
+            :func:`qpeft.checkpoint.files.atomic_directory`.
+    """
+    fmt = manifest["format"]
+    with atomic_directory(path, _NAMES[fmt], UNEXPECTED[fmt]) as tmp:
+        write_tensors(tmp / _KINDS[fmt], tensors)
         write_json(tmp / MANIFEST, manifest)
 
 
@@ -85,10 +94,15 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
     Args:
         model: any model, converted or not; plain, DDP, FSDP2 or tensor parallel.
-        path: a directory; an existing qpeft checkpoint (or empty directory) there is replaced.
+        path: a directory; an existing qpeft checkpoint (or empty directory) there is replaced,
+            if it holds nothing but ``qpeft.json`` and ``model.safetensors``.
 
     Raises:
-        FileExistsError: ``path`` is a file or a non-empty directory that is not a qpeft checkpoint.
+        FileExistsError: ``path`` is a file, or a non-empty directory holding anything but a
+            full checkpoint's two files (an adapter file, a user's notes...; names the entries).
+        ValueError: ``path`` is empty, ``.``, a root, the current directory or a symbolic link.
+        TimeoutError: another save of ``path`` is in progress (after
+            :data:`qpeft.checkpoint.locks.LOCK_TIMEOUT` seconds).
         TypeError: a state-dict entry is not a tensor or has a dtype safetensors cannot store; an
             FSDP1 model. Nothing is written then; on a sharded model rank 0 raises the error and
             the other ranks a ``RuntimeError`` quoting it.
@@ -147,11 +161,12 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(
             "restore expects a freshly built base model; this one already has qpeft modes applied"
         )
-    manifest = read_manifest(path, "qpeft-checkpoint")
-    check_full_manifest(manifest, path / MANIFEST)
+    with reading(path, UNEXPECTED["qpeft-checkpoint"]):
+        manifest = read_manifest(path, "qpeft-checkpoint")
+        check_full_manifest(manifest, path / MANIFEST)
+        header = read_header(path / MODEL_FILE)
+        tensors = read_tensors(path / MODEL_FILE)
     modes = manifest["modes"]
-    header = read_header(path / MODEL_FILE)
-    tensors = read_tensors(path / MODEL_FILE)
     aliases = manifest.get("aliases", {})
 
     def rebuild(target: nn.Module, dry_run: bool) -> nn.Module:

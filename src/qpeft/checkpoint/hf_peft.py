@@ -34,7 +34,8 @@ from ..core.modes import restoring
 from ..core.transaction import apply_atomically
 from ..lora.convert import candidate_layers, lora_layers, update_model
 from ..lora.layer import LoRAModule
-from .files import atomic_directory, read_json, write_json
+from .files import atomic_directory, read_json, reading, write_json
+from .kinds import own_files
 from .tensor_files import read_header, read_tensors, write_tensors
 from .validate import check_tensors, load_checked
 
@@ -44,6 +45,15 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _FACTORS = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b"}
+
+
+def _not_lora_config(config: Any) -> str | None:
+    found = config.get("peft_type") if isinstance(config, dict) else None
+    return None if found == "LORA" else f"peft_type {found!r}, not 'LORA'"
+
+
+#: ``unexpected(dir)`` of an exported adapter: only its config and weights.
+UNEXPECTED = own_files(CONFIG_FILE, _not_lora_config, [WEIGHTS_FILE])
 
 # HF PEFT config fields that turn plain LoRA into a variant qpeft does not implement.
 _VARIANTS = {
@@ -125,7 +135,11 @@ def export_hf_peft(
 
     Raises:
         ValueError: the model has no enabled adapter ``adapter_name``.
-        FileExistsError: ``path`` is a file or a non-empty directory that is no HF adapter.
+        FileExistsError: ``path`` is a file or a non-empty directory holding anything but a LoRA
+            ``adapter_config.json`` and ``adapter_model.safetensors`` (a trainer's output folder
+            with its README.md, checkpoints...; names the entries). Nothing is written then.
+        ValueError, PermissionError, TimeoutError: as
+            :func:`qpeft.checkpoint.files.atomic_directory`.
     """
     layers = {
         n: layer
@@ -154,7 +168,7 @@ def export_hf_peft(
         for name, layer in layers.items()
         for hf, ours in _FACTORS.items()
     }
-    with atomic_directory(path, lambda p: (p / CONFIG_FILE).is_file()) as tmp:
+    with atomic_directory(path, "a HF PEFT LoRA adapter", UNEXPECTED) as tmp:
         write_tensors(tmp / WEIGHTS_FILE, tensors)
         write_json(tmp / CONFIG_FILE, config)
 
@@ -256,10 +270,12 @@ def import_hf_peft(
             f"{path} holds adapter_model.bin, a pickle; only {WEIGHTS_FILE} is read (never "
             "unpickled)"
         )
-    config = read_json(path / CONFIG_FILE)
-    _check_plain_lora(config, path / CONFIG_FILE)
-    read_header(path / WEIGHTS_FILE)
-    modules = _split_keys(read_tensors(path / WEIGHTS_FILE), path / WEIGHTS_FILE)
+    with reading(path, UNEXPECTED):
+        config = read_json(path / CONFIG_FILE)
+        _check_plain_lora(config, path / CONFIG_FILE)
+        read_header(path / WEIGHTS_FILE)
+        weights = read_tensors(path / WEIGHTS_FILE)
+    modules = _split_keys(weights, path / WEIGHTS_FILE)
     if not modules:
         raise ValueError(f"{path / WEIGHTS_FILE} holds no LoRA factors")
     adapter_cfg = _adapter_cfg(config, modules, path / CONFIG_FILE)

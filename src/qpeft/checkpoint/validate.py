@@ -24,7 +24,7 @@ from torch import nn
 from ..core.modes import known_modes, unknown_mode_message
 from ..lora.config import PEFTAttributeConfig
 from ..lora.convert import lora_layers
-from .files import read_json, recover
+from .files import read_json
 
 __all__ = [
     "FORMAT_VERSION",
@@ -43,14 +43,13 @@ MANIFEST = "qpeft.json"
 
 
 def read_manifest(path: Path, kind: str) -> dict[str, Any]:
-    """Read ``path/qpeft.json`` (after :func:`qpeft.checkpoint.files.recover`) and check format and
-    version.
+    """Read ``path/qpeft.json`` and check format and version (callers hold
+    :func:`qpeft.checkpoint.files.reading`).
 
     Raises:
         FileNotFoundError: no directory or manifest. ValueError: not JSON, another kind, a bad or
             newer ``format_version``.
     """
-    recover(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     where = path / MANIFEST

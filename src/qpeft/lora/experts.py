@@ -250,6 +250,10 @@ class LoRAExperts(LoRAModule):
             else residual
         )
 
+    def folded_parameters(self) -> list[nn.Parameter]:
+        """The experts module's own parameters (the 3-D weights, or the storage they view)."""
+        return list(self._inner().parameters(recurse=False))
+
     def probe_inputs(self, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """``(x [rows, H], experts [rows, 1], weights [rows, 1])``: row ``i`` to expert ``i%E``."""
         inner = self._inner()

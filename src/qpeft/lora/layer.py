@@ -172,6 +172,10 @@ class LoRAModule(ModuleWrapper):
         view = self.to_out_in(weight.detach())
         view.copy_((view.float() + sign * adapter.delta_weight()).to(weight.dtype))
 
+    def folded_parameters(self) -> list[nn.Parameter]:
+        """The parameters :meth:`fold_adapter` writes into (merge refuses them when tied)."""
+        return [self.base_weight]
+
     def probe_inputs(self, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """Fixed random inputs ``(x [rows, in],)`` for measuring what a fold changes."""
         in_features, _ = self.features(innermost(self))

@@ -49,7 +49,9 @@ PROBE_SEED = 0
 
 def _check_untied(model: nn.Module, layers: dict[str, LoRAModule], folds: dict, what: str) -> None:
     """Refuse to fold into a weight that other parameters share (a tied ``lm_head``)."""
-    folding = {id(layers[n].base_weight): n for n, names in folds.items() if names}
+    folding = {
+        id(p): n for n, names in folds.items() if names for p in layers[n].folded_parameters()
+    }
     if not folding:
         return
     owners: dict[int, list[str]] = {}

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..lora.layer import LoRAModule
-from .metrics import masked_relative_mse
+from .metrics import check_finite, masked_relative_mse
 
 __all__ = ["find_blocks", "reconstruct_blocks", "BlockReport"]
 
@@ -108,6 +108,7 @@ def _fit_block(block, xs, kwargs, targets, masks, epochs, lr, generator, losses,
             loss = masked_relative_mse(
                 _first(block(xs[j], *kwargs[j][0], **kwargs[j][1])), targets[j], masks[j]
             )
+            check_finite(loss, "block-wise", len(losses) + 1, "--block-lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

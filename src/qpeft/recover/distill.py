@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .metrics import check_finite
+
 __all__ = ["DistillReport", "distill", "warmup_cosine"]
 
 Batch = dict[str, torch.Tensor]
@@ -97,6 +99,7 @@ def distill(
     ]
     for step, j in enumerate(order, 1):
         loss = task.loss(task.forward(student, train[j]), train_t[j], train[j])
+        check_finite(loss, "end-to-end", step, "--lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -11,13 +11,16 @@ experts: one line per projection); Hugging Face PEFT files are read by their key
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 
-from ..checkpoint.validate import MANIFEST
+from ..checkpoint.adapter_files import check_adapter_entries
+from ..checkpoint.files import read_json
+from ..checkpoint.validate import MANIFEST, check_full_manifest, read_manifest
 
 __all__ = ["describe"]
 
@@ -39,20 +42,51 @@ def _headers(files: list[Path]) -> dict[Path, dict[str, tuple[list[int], str]]]:
     return shapes
 
 
-def _read_json(f: Path) -> Any:
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-
-
 def _mode_log(files: list[Path]) -> list[dict[str, Any]]:
+    """The mode log of the first full checkpoint among ``files``, every manifest validated as
+    ``restore`` / ``load_adapters`` do."""
+    log: list[dict[str, Any]] | None = None
     for f in files:
-        data = _read_json(f)
-        log = data.get("modes", data.get("mode_log")) if isinstance(data, dict) else data
-        if isinstance(log, list) and all(isinstance(e, dict) and "mode" in e for e in log):
-            return log
-    return []
+        if f.name != MANIFEST:
+            continue
+        data = read_json(f)
+        kind = data.get("format") if isinstance(data, dict) else None
+        if kind not in ("qpeft-checkpoint", "qpeft-adapters"):
+            raise ValueError(f"{f} is not a qpeft manifest (format field {kind!r})")
+        manifest = read_manifest(f.parent, kind)
+        if kind == "qpeft-checkpoint":
+            check_full_manifest(manifest, f)
+            log = manifest["modes"] if log is None else log
+        else:
+            check_adapter_entries(manifest, f)
+    return log or []
+
+
+def _number(config: dict[str, Any], key: str, where: Path) -> float | None:
+    value = config.get(key)
+    if value is None:
+        return None
+    try:
+        ok = not isinstance(value, bool) and math.isfinite(value) and value > 0
+    except (TypeError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{where}: {key} must be a positive finite number, got {str(value)[:40]}")
+    return float(value)
+
+
+def _hf_scale(files: list[Path]) -> tuple[float | None, float | None] | None:
+    """``(r, lora_alpha)`` of the first ``adapter_config.json``; None when there is none."""
+    for f in files:
+        if f.name == "adapter_config.json":
+            config = read_json(f)
+            if not isinstance(config, dict):
+                raise ValueError(f"{f} is not a JSON object")
+            try:
+                return _number(config, "r", f), _number(config, "lora_alpha", f)
+            except OverflowError:
+                raise ValueError(f"{f}: r or lora_alpha is too large") from None
+    return None
 
 
 def _manifest_adapters(manifest: Any) -> dict[tuple[str, str], dict[str, Any]]:
@@ -84,6 +118,8 @@ def _factor_lines(layer, name, attrs, shapes) -> list[str]:
         if not (key.startswith(prefix) and key.endswith("lora_a")):
             continue
         projection = key[len(prefix) : -len("lora_a")].rstrip(".")
+        if len(shape) < (3 if projection else 2):
+            raise ValueError(f"LoRA factor {key!r} has shape {shape}; it needs [rank, in]")
         where = f"{layer}.{projection}" if projection else layer
         rank = shape[-2] if projection else shape[0]
         experts = f"  {shape[0]} experts" if projection else ""
@@ -97,20 +133,23 @@ def _qpeft_adapter_lines(manifests, headers) -> list[str]:
         tensors = {
             k: v for t, shapes in headers.items() if t.parent == f.parent for k, v in shapes.items()
         }
-        for (layer, name), attrs in _manifest_adapters(_read_json(f)).items():
+        for (layer, name), attrs in _manifest_adapters(read_json(f)).items():
             lines += _factor_lines(layer, name, attrs, tensors)
     return lines
 
 
-def _hf_adapter_lines(headers, hf_config) -> list[str]:
+def _hf_adapter_lines(headers, hf_config: tuple[float | None, float | None]) -> list[str]:
+    r, alpha = hf_config
     lines = []
     for shapes in headers.values():
         for key, (shape, dtype) in sorted(shapes.items()):
             match = _HF_KEY.match(key)
             if not match:
                 continue
+            if len(shape) < 2:
+                raise ValueError(f"LoRA factor {key!r} has shape {shape}; it needs [rank, in]")
             layer, name = match["layer"], match["name"] or "default"
-            scale = hf_config.get("lora_alpha", shape[0]) / max(hf_config.get("r", shape[0]), 1)
+            scale = (alpha or shape[0]) / (r or max(shape[0], 1))
             lines.append(f"  {layer}  [{name}]  rank {shape[0]}  scale {scale:g}  {dtype}")
     return lines
 
@@ -130,10 +169,10 @@ def describe(path: str | Path) -> str:
     if not tensors and not jsons:
         raise ValueError(f"{str(root)!r} holds no JSON or safetensors file")
     headers, log = _headers(tensors), _mode_log(jsons)
-    hf_files = [f for f in jsons if f.name == "adapter_config.json"]
+    hf_config = _hf_scale(jsons)
     adapters = _qpeft_adapter_lines([f for f in jsons if f.name == MANIFEST], headers)
-    if hf_files:
-        adapters += _hf_adapter_lines(headers, _read_json(hf_files[0]) or {})
+    if hf_config is not None:
+        adapters += _hf_adapter_lines(headers, hf_config)
     quantizers = [k for shapes in headers.values() for k in shapes if "quantizer" in k]
     formats = _formats(log)
     out = [f"checkpoint {root}", f"mode log ({len(log)} entries):"]
@@ -170,13 +209,18 @@ def _formats(log: list[dict[str, Any]]) -> dict[str, int]:
     entries."""
     found: dict[str, int] = {}
     for entry in log:
-        if entry["mode"] != "quantize":
+        layers = entry["config"].get("layers")
+        if entry["mode"] != "quantize" or not isinstance(layers, dict):
             continue
-        for quantizers in entry["config"].get("layers", {}).values():
-            for kind, info in quantizers.items():
-                attrs = info.get("attributes", {}) if isinstance(info, dict) else {}
-                if attrs.get("enable"):
-                    key = f"{kind.split('_')[0]} {_format_name(attrs)}"
+        for quantizers in layers.values():
+            for kind, info in (quantizers if isinstance(quantizers, dict) else {}).items():
+                attrs = info.get("attributes") if isinstance(info, dict) else None
+                if isinstance(attrs, dict) and attrs.get("enable"):
+                    try:
+                        name = _format_name(attrs)
+                    except (TypeError, ValueError, IndexError, AttributeError):
+                        name = "unrecognised format"
+                    key = f"{kind.split('_')[0]} {name}"
                     found[key] = found.get(key, 0) + 1
     return found
 

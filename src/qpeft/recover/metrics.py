@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "check_finite",
     "mean_pool",
     "cosine_stats",
     "neighbour_agreement",
@@ -78,3 +79,16 @@ def masked_relative_mse(
     """``sum mask ||o - t||^2 / sum mask ||t||^2`` over ``[b, s, h]`` outputs (a 0-dim tensor)."""
     m = mask.unsqueeze(-1).to(output.dtype)
     return ((output - target).pow(2) * m).sum() / (target.pow(2) * m).sum().clamp(min=1e-12)
+
+
+def check_finite(loss: torch.Tensor, phase: str, step: int, flag: str) -> None:
+    """Stop a run whose training loss is NaN or infinite (it would only report NaN metrics).
+
+    Raises:
+        ValueError: naming the phase, the step and the learning-rate flag to lower.
+    """
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise ValueError(
+            f"the {phase} loss became {float(loss.detach())} at step {step}; the training "
+            f"diverged, try a smaller {flag}"
+        )

@@ -12,6 +12,7 @@ before and after init and after recovery, the time of each stage.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -168,6 +169,12 @@ def _stage(
 ) -> None:
     run.seconds[name] = round(time.perf_counter() - started, 2)
     run.stages[name] = evaluate()
+    bad = sorted(k for k, v in run.stages[name].items() if not math.isfinite(v))
+    if bad:
+        raise ValueError(
+            f"after the {name} stage {', '.join(bad)} is not finite; the training diverged, try "
+            "a smaller --lr or --block-lr"
+        )
 
 
 def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> RecoverRun:

@@ -112,6 +112,35 @@ TASKS: dict[str, Task] = {
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def check_model_dir(model_dir: str | Path) -> None:
+    """Check, before any work, that ``model_dir`` holds a config and a tokenizer.
+
+    Raises:
+        ValueError: the directory is missing, or has no ``config.json`` or no tokenizer file.
+    """
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ValueError(f"model directory {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(
+            f"{str(path)!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES[:4])}, ...); "
+            "save the tokenizer into the model folder (tokenizer.save_pretrained)"
+        )
+
+
 def load_models(model_dir: str | Path) -> tuple[nn.Module, nn.Module, Any, Task]:
     """Teacher (frozen, eval mode), an independent student copy, the tokenizer and the task.
 
@@ -119,13 +148,11 @@ def load_models(model_dir: str | Path) -> tuple[nn.Module, nn.Module, Any, Task]
     ``encoder``. Loading is offline: nothing is ever downloaded.
 
     Raises:
-        ValueError: the directory is missing, has no ``config.json``, or cannot be loaded.
+        ValueError: the directory is missing, has no ``config.json`` or tokenizer, or cannot be
+            loaded.
     """
     path = Path(model_dir)
-    if not path.is_dir():
-        raise ValueError(f"model directory {str(path)!r} does not exist")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
+    check_model_dir(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

