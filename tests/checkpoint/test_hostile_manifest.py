@@ -115,3 +115,89 @@ def test_a_valid_checkpoint_still_restores(saved):
     assert all(
         torch.isfinite(t).all() for t in restored.state_dict().values() if t.is_floating_point()
     )
+
+
+def _quantized_adapted(tmp_path):
+    model = TinyBlock(d=32)
+    qpeft.quantize(
+        model, "mxfp4"
+    )  # no amax: nothing in the tensor file tells the layer is quantized
+    qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 2}}})
+    qpeft.save(model, tmp_path / "ck")
+    return tmp_path / "ck"
+
+
+def test_a_log_that_lost_a_quantizer_entry_is_refused(tmp_path):
+    path = _quantized_adapted(tmp_path)
+    _edit(path, lambda m: m["modes"][0]["config"]["layers"].pop("attn.q_proj"))
+    model = TinyBlock(d=32)
+    unchanged = untouched(model)
+    with pytest.raises(
+        ValueError,
+        match="'attn.q_proj' a LoRALinear, but the saved model had a LoRALinear/QuantLinear",
+    ):
+        qpeft.restore(model, path)
+    unchanged()
+
+
+def test_a_checkpoint_without_the_wrappers_field_still_restores(tmp_path):
+    path = _quantized_adapted(tmp_path)
+    _edit(path, lambda m: m.pop("wrappers"))
+    restored = qpeft.restore(TinyBlock(d=32), path)
+    assert type(restored.attn["q_proj"].base).__name__ == "QuantLinear"
+
+
+def test_a_malformed_wrappers_field_is_refused(saved):
+    _edit(saved, lambda m: m.__setitem__("wrappers", ["x"]))
+    with pytest.raises(ValueError, match="'wrappers' must map module paths to class names"):
+        qpeft.restore(TinyBlock(), saved)
+
+
+def test_restoring_into_a_meta_device_model_is_refused(saved):
+    with torch.device("meta"):
+        model = TinyBlock()
+    with pytest.raises(ValueError, match="on the meta device"):
+        qpeft.restore(model, saved)
+    assert not qpeft.is_peft_model(model)
+
+
+def _set_rank(rank):
+    def change(manifest):
+        for entry in manifest["modes"]:
+            if entry["mode"] == "peft":
+                for attrs in entry["config"]["adapter_cfg"].values():
+                    attrs["rank"] = rank
+
+    return change
+
+
+def test_a_huge_rank_in_the_log_is_refused_before_allocating(tmp_path):
+    model = TinyBlock()
+    qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 2}}})
+    qpeft.save(model, tmp_path / "ck")
+    _edit(tmp_path / "ck", _set_rank(1_000_000))
+    with pytest.raises(ValueError, match="asks for rank 1000000.*nothing was allocated"):
+        qpeft.restore(TinyBlock(), tmp_path / "ck")
+
+
+def test_a_huge_rank_in_an_adapter_file_is_refused_before_allocating(tmp_path):
+    path = _adapter_file(tmp_path)
+    _edit(path, lambda m: _first_layer(m).__setitem__("rank", 1_000_000))
+    model = TinyBlock()
+    with pytest.raises(ValueError, match="asks for rank 1000000"):
+        qpeft.load_adapters(model, path)
+    assert not qpeft.is_peft_model(model)
+
+
+def test_a_huge_amax_shape_is_refused_before_allocating(tmp_path):
+    model = TinyBlock()
+    qpeft.quantize(model, "int8_weight_only")
+    qpeft.save(model, tmp_path / "ck")
+
+    def change(manifest):
+        info = next(iter(manifest["modes"][0]["config"]["layers"].values()))["weight_quantizer"]
+        info["amax_shape"] = [1 << 20, 1 << 20]
+
+    _edit(tmp_path / "ck", change)
+    with pytest.raises(ValueError, match=r"amax shape \[1048576, 1048576\]"):
+        qpeft.restore(TinyBlock(), tmp_path / "ck")

@@ -98,3 +98,14 @@ def test_a_log_written_before_compaction_still_restores(tmp_path):
     assert [e["mode"] for e in qpeft.state(restored)] == ["peft", "enable_adapters"]
     with torch.no_grad():
         assert torch.equal(restored(X), model(X))
+
+
+def test_deleting_every_adapter_of_a_quantized_model_restores_it(tmp_path):
+    model = TinyBlock()
+    qpeft.quantize(model, "int8_weight_only")
+    qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 2}}})
+    qpeft.delete_adapter(model, "default")
+    qpeft.save(model, tmp_path / "ck")
+    restored = qpeft.restore(TinyBlock(), tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(model(X), restored(X))

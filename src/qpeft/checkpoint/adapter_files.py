@@ -27,9 +27,10 @@ from ..lora.targets import is_target_name, skipped_projections
 from . import sharded as collective
 from .files import reading
 from .full import ADAPTER_FILE, FORMAT_VERSION, UNEXPECTED, write_checkpoint
+from .loading import check_sizes, check_tensors, load_checked
 from .sharded import load_adapters_sharded
 from .tensor_files import read_header, read_tensors
-from .validate import MANIFEST, check_tensors, load_checked, read_manifest
+from .validate import MANIFEST, read_manifest
 
 __all__ = ["save_adapters", "load_adapters", "check_adapter_entries"]
 
@@ -176,6 +177,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         header, tensors = read_header(path / ADAPTER_FILE), read_tensors(path / ADAPTER_FILE)
     where = path / MANIFEST
     configs, disabled = check_adapter_entries(manifest, where)
+    check_sizes([{"mode": "peft", "config": cfg} for cfg in configs], header, path / ADAPTER_FILE)
     if collective.is_sharded(model):
         return load_adapters_sharded(model, configs, disabled, header, tensors, path / ADAPTER_FILE)
     existing = {n for layer in lora_layers(model).values() for n in layer.adapters}

@@ -39,6 +39,7 @@ from ..lora.convert import lora_layers
 from . import sharded as collective
 from .files import atomic_directory, reading, write_json
 from .kinds import manifest_says, own_files
+from .loading import check_sizes, check_tensors, load_checked
 from .tensor_files import read_header, read_tensors, tensor_table, write_tensors
 from .validate import (
     FORMAT_VERSION,
@@ -46,9 +47,9 @@ from .validate import (
     adapter_flags,
     apply_flags,
     check_full_manifest,
-    check_tensors,
-    load_checked,
+    check_wrappers,
     read_manifest,
+    wrapper_map,
 )
 
 __all__ = ["save", "restore", "write_checkpoint", "MODEL_FILE", "ADAPTER_FILE", "FORMAT_VERSION"]
@@ -112,6 +113,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     full = collective.gather_state_dict(model) if sharded else model.state_dict()
     modes, flags = state(model), adapter_flags(model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    wrappers = wrapper_map(model)
 
     def write() -> None:
         tensors, aliases = tensor_table(full)
@@ -122,6 +124,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             "aliases": aliases,
             "adapters": flags,
             "trainable": trainable,
+            "wrappers": wrappers,
         }
         write_checkpoint(path, manifest, tensors)
 
@@ -149,7 +152,7 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         FileNotFoundError: the directory or one of its files is missing.
         ValueError: corrupt or non-JSON manifest, non-safetensors tensor file, newer format version,
             unknown mode, a model that does not match (names the first mismatching layer or key),
-            or a sharded model. ``model`` is then left untouched.
+            a sharded model or one on the meta device. ``model`` is then left untouched.
     """
     path = Path(path)
     if collective.is_sharded(model):
@@ -161,6 +164,13 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(
             "restore expects a freshly built base model; this one already has qpeft modes applied"
         )
+    tensors_of = [*model.named_parameters(), *model.named_buffers()]
+    meta = next((name for name, t in tensors_of if t.is_meta), None)
+    if meta is not None:  # load_state_dict would leave it there, without a word
+        raise ValueError(
+            f"restore: {meta!r} is on the meta device (no storage to load into); build the model "
+            "on a real device, or materialise it first (model.to_empty(device=...))"
+        )
     with reading(path, UNEXPECTED["qpeft-checkpoint"]):
         manifest = read_manifest(path, "qpeft-checkpoint")
         check_full_manifest(manifest, path / MANIFEST)
@@ -168,6 +178,7 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         tensors = read_tensors(path / MODEL_FILE)
     modes = manifest["modes"]
     aliases = manifest.get("aliases", {})
+    check_sizes(modes, header, path / MODEL_FILE)
 
     def rebuild(target: nn.Module, dry_run: bool) -> nn.Module:
         with restoring():
@@ -179,6 +190,7 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                         f"{path / MANIFEST}: replaying modes[{i}] ({entry['mode']!r}) failed: {err}"
                     ) from err
         apply_flags(target, manifest)
+        check_wrappers(target, manifest, path / MANIFEST)
         check_tensors(target, header, aliases, path / MODEL_FILE, lazy_extras=True)
         load_checked(target, tensors, aliases, path / MODEL_FILE, dry_run=dry_run)
         return target

@@ -36,8 +36,8 @@ from ..lora.convert import candidate_layers, lora_layers, update_model
 from ..lora.layer import LoRAModule
 from .files import atomic_directory, read_json, reading, write_json
 from .kinds import own_files
+from .loading import check_tensors, load_checked
 from .tensor_files import read_header, read_tensors, write_tensors
-from .validate import check_tensors, load_checked
 
 __all__ = ["export_hf_peft", "import_hf_peft"]
 

@@ -44,7 +44,7 @@ from ..lora.convert import lora_layers, update_model
 from ..lora.layer import adapter_keys
 from ..lora.manage import disable_selection
 from ..parallel.state_dict import full_state_dict
-from .validate import Header, check_tensors
+from .loading import Header, check_tensors
 
 __all__ = [
     "unwrap",

@@ -1,29 +1,24 @@
-"""Validation of what a checkpoint holds: the JSON manifest, then its tensors against the model.
+"""Validation of a checkpoint's JSON manifest and of the model its log rebuilds.
 
 Everything in the manifest is checked for type and shape here, before a model is touched, so a
 hand-edited or corrupt manifest gives an error naming the field instead of a crash mid-restore.
 
-Checked tensor loading: compare a model's ``state_dict`` with a safetensors header, then copy.
-
-Every key the model has is compared (present, shape, dtype) before a single value is written; the
-error names the first mismatching key. A key the file has and the model lacks may still be wanted:
-modules may create a buffer while loading (a quantizer's ``_amax`` exists only once calibrated), so
-with ``lazy_extras`` such keys are offered to ``load_state_dict`` and checked right after it. The
-restore path runs all of this on a deep copy first, so the passed model is untouched on failure.
+Checked tensor loading lives in :mod:`qpeft.checkpoint.loading`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..core.modes import known_modes, unknown_mode_message
+from ..core.wrapping import ModuleWrapper
 from ..lora.config import PEFTAttributeConfig
 from ..lora.convert import lora_layers
+from ..lora.layer import LoRAModule
+from ..quant.targets import logical_named_modules
 from .files import read_json
 
 __all__ = [
@@ -33,8 +28,8 @@ __all__ = [
     "check_full_manifest",
     "adapter_flags",
     "apply_flags",
-    "check_tensors",
-    "load_checked",
+    "wrapper_map",
+    "check_wrappers",
 ]
 
 
@@ -137,12 +132,52 @@ def check_full_manifest(manifest: dict[str, Any], where: Path) -> None:
             f"alias {key!r} -> {source!r} points at an alias (a chain or cycle), not a stored key",
         )
     _check_flags(manifest.get("adapters", {}), where)
+    wrappers = manifest.get("wrappers", {})
+    _require(
+        isinstance(wrappers, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in wrappers.items()),
+        where,
+        "'wrappers' must map module paths to class names",
+    )
     trainable = manifest.get("trainable", [])
     _require(
         isinstance(trainable, list) and all(isinstance(n, str) for n in trainable),
         where,
         "'trainable' must be a list of parameter names",
     )
+
+
+def wrapper_map(model: nn.Module) -> dict[str, str]:
+    """``{logical layer name: "Outer/Inner"}``: the qpeft wrappers around each layer, outermost
+    first (``LoRALinear/QuantLinear``). A LoRA layer left without adapters (all deleted) computes
+    as its base and is not listed."""
+    chains: dict[str, list[str]] = {}
+    for _, logical, module in logical_named_modules(model):
+        empty_lora = isinstance(module, LoRAModule) and not len(module.adapters)
+        if isinstance(module, ModuleWrapper) and not empty_lora:
+            chains.setdefault(logical, []).append(type(module).__name__)
+    return {name: "/".join(classes) for name, classes in chains.items()}
+
+
+def check_wrappers(model: nn.Module, manifest: dict[str, Any], where: Path) -> None:
+    """The replayed ``model`` has exactly the wrappers the saved one had (``wrappers``), so a log
+    that lost or gained an entry cannot restore a layer unquantized or unadapted. Checkpoints
+    written before the field existed are not checked.
+
+    Raises:
+        ValueError: naming the first layer whose wrapper differs.
+    """
+    saved = manifest.get("wrappers")
+    if saved is None:
+        return
+    rebuilt = wrapper_map(model)
+    for name in sorted(set(saved) | set(rebuilt)):
+        now, then = rebuilt.get(name, "plain module"), saved.get(name, "plain module")
+        if now != then:
+            raise ValueError(
+                f"{where}: replaying the mode log makes {name!r} a {now}, but the saved model had "
+                f"a {then} there (the log and the checkpoint disagree)"
+            )
 
 
 def adapter_flags(model: nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
@@ -195,109 +230,3 @@ def apply_flags(model: nn.Module, manifest: dict[str, Any]) -> None:
         )
     for name, param in params.items():
         param.requires_grad_(name in trainable)
-
-
-Header = dict[str, tuple[torch.dtype, list[int]]]
-
-
-def _check_one(
-    where: Path, key: str, tensor: torch.Tensor, found: tuple[torch.dtype, list[int]], cast: bool
-) -> None:
-    dtype, shape = found
-    if list(tensor.shape) != shape:
-        raise ValueError(
-            f"{where}: tensor {key!r} has shape {shape}, the model's has {list(tensor.shape)}"
-        )
-    if not cast and dtype != tensor.dtype:
-        raise ValueError(f"{where}: tensor {key!r} is {dtype}, the model's is {tensor.dtype}")
-
-
-def check_tensors(
-    model: nn.Module,
-    header: Header,
-    aliases: dict[str, str],
-    where: Path,
-    only: Collection[str] | None = None,
-    cast: bool = False,
-    lazy_extras: bool = False,
-) -> None:
-    """Check that the file described by ``header`` (+ ``aliases``) holds exactly the model's
-    tensors.
-
-    Args:
-        model: the model to load into.
-        header: ``{key: (dtype, shape)}`` of the file (:func:`qpeft.checkpoint.files.read_header`).
-        aliases: ``{key: stored key}`` for tied tensors stored once.
-        where: the file, for messages.
-        only: compare only these model keys (e.g. new adapters); None compares every key.
-        cast: accept a dtype that differs from the model's (values are cast on load).
-        lazy_extras: leave keys the model lacks to :func:`load_checked` (buffers created on load).
-
-    Raises:
-        ValueError: naming the first missing, unexpected, mis-shaped or mis-typed key.
-    """
-    expected = model.state_dict()
-    if only is not None:
-        expected = {k: v for k, v in expected.items() if k in only}
-    for key, tensor in expected.items():
-        source = aliases.get(key, key)
-        if source not in header:
-            raise ValueError(
-                f"{where} has no tensor {key!r}, which the model needs (another architecture or "
-                "config?)"
-            )
-        _check_one(where, key, tensor, header[source], cast)
-    dangling = [k for k, source in aliases.items() if source not in header]
-    if dangling:
-        raise ValueError(
-            f"{where}: tied tensor {dangling[0]!r} points to {aliases[dangling[0]]!r}, which the "
-            "file lacks"
-        )
-    extra = [k for k in [*header, *aliases] if k not in expected]
-    if extra and not lazy_extras:
-        raise ValueError(
-            f"{where} has tensor {extra[0]!r}, which the model does not have (another "
-            "architecture?)"
-        )
-
-
-@torch.no_grad()
-def load_checked(
-    model: nn.Module,
-    tensors: dict[str, torch.Tensor],
-    aliases: dict[str, str],
-    where: Path,
-    strict: bool = True,
-    cast: bool = False,
-    dry_run: bool = False,
-) -> None:
-    """Copy checked ``tensors`` (tied keys expanded from ``aliases``) into ``model``.
-
-    Args:
-        strict: the file must cover the model (a full checkpoint); False for a subset (adapters).
-        cast: values may be cast to the model's dtype (as accepted by :func:`check_tensors`).
-        dry_run: the model is a throw-away structural copy: tensors are assigned, not copied.
-
-    Raises:
-        ValueError: a key no module accepted, or a buffer created on load with another
-            shape or dtype than the file's (names the key).
-    """
-    full = {**tensors, **{key: tensors[source] for key, source in aliases.items()}}
-    before = set(model.state_dict())
-    result = model.load_state_dict(full, strict=False, assign=dry_run)
-    state = model.state_dict()  # buffers created while loading are in it now
-    # name keys as the file does: load_state_dict reports wrapper-internal names (``.base.``)
-    unexpected = [k for k in full if k not in before and k not in state] or result.unexpected_keys
-    if unexpected:
-        raise ValueError(
-            f"{where} has tensor {unexpected[0]!r}, which the model does not have (another "
-            "architecture?)"
-        )
-    if strict and result.missing_keys:
-        raise ValueError(f"{where} has no tensor {result.missing_keys[0]!r}, which the model needs")
-    for key, value in full.items():
-        if state[key].shape != value.shape or not (cast or state[key].dtype == value.dtype):
-            raise ValueError(
-                f"{where}: tensor {key!r} did not load as saved (its module holds another shape or "
-                "dtype)"
-            )
