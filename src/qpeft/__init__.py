@@ -3,8 +3,7 @@
 The public API is flat: everything a user needs is importable from ``qpeft``.
 """
 
-from .checkpoint import load_adapters, restore, save, save_adapters
-from .checkpoint.hf_peft import export_hf_peft, import_hf_peft
+from .checkpoint import export_hf_peft, import_hf_peft, load_adapters, restore, save, save_adapters
 from .core.modes import state
 from .core.patterns import matches_pattern
 from .lora import (

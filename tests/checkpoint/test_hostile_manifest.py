@@ -201,3 +201,12 @@ def test_a_huge_amax_shape_is_refused_before_allocating(tmp_path):
     _edit(tmp_path / "ck", change)
     with pytest.raises(ValueError, match=r"amax shape \[1048576, 1048576\]"):
         qpeft.restore(TinyBlock(), tmp_path / "ck")
+
+
+def test_a_tensor_file_linked_from_outside_the_folder_is_refused(tmp_path, saved):
+    outside = tmp_path / "elsewhere.safetensors"
+    (saved / "model.safetensors").rename(outside)
+    (saved / "model.safetensors").symlink_to(outside)
+    with pytest.raises(ValueError, match="symbolic link to .*outside the checkpoint folder"):
+        qpeft.restore(TinyBlock(), saved)
+    assert outside.exists()

@@ -3,7 +3,8 @@ writes."""
 
 from .adapter_files import load_adapters, save_adapters
 from .full import ADAPTER_FILE, FORMAT_VERSION, MODEL_FILE, restore, save
-from .hf_peft import export_hf_peft, import_hf_peft
+from .hf_import import import_hf_peft
+from .hf_peft import export_hf_peft
 
 __all__ = [
     "ADAPTER_FILE",

@@ -250,6 +250,8 @@ def reading(path: str | os.PathLike, unexpected: Unexpected) -> Iterator[Path]:
 
     Raises:
         TimeoutError: a save of ``path`` is in progress for longer than the lock timeout.
+        ValueError: a file of the folder is a symbolic link to somewhere outside it (a checkpoint
+            only ever reads its own files).
     """
     path = Path(os.path.realpath(path))
     if not path.parent.is_dir():
@@ -261,7 +263,21 @@ def reading(path: str | os.PathLike, unexpected: Unexpected) -> Iterator[Path]:
         with locked(path, shared=False):
             _repair(path, unexpected)
     with locked(path, shared=True):
+        _check_contained(path)
         yield path
+
+
+def _check_contained(folder: Path) -> None:
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.is_symlink():
+            target = Path(os.path.realpath(entry))
+            if folder != target and folder not in target.parents:
+                raise ValueError(
+                    f"{entry} is a symbolic link to {target}, outside the checkpoint folder; "
+                    "refusing to read it"
+                )
 
 
 # -- JSON -------------------------------------------------------------------------------------

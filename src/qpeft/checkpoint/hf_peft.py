@@ -20,26 +20,19 @@ variants change the forward, so importing them is an error.
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..core.modes import restoring
-from ..core.transaction import apply_atomically
-from ..lora.convert import candidate_layers, lora_layers, update_model
+from ..lora.convert import lora_layers
 from ..lora.layer import LoRAModule
-from .files import atomic_directory, read_json, reading, write_json
+from .files import atomic_directory, write_json
 from .kinds import own_files
-from .loading import check_tensors, load_checked
-from .tensor_files import read_header, read_tensors, write_tensors
+from .tensor_files import write_tensors
 
-__all__ = ["export_hf_peft", "import_hf_peft"]
+__all__ = ["export_hf_peft"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -171,134 +164,3 @@ def export_hf_peft(
     with atomic_directory(path, "a HF PEFT LoRA adapter", UNEXPECTED) as tmp:
         write_tensors(tmp / WEIGHTS_FILE, tensors)
         write_json(tmp / CONFIG_FILE, config)
-
-
-def _check_plain_lora(config: Any, where: Path) -> None:
-    if not isinstance(config, dict):
-        raise ValueError(f"{where} is not a JSON object")
-    if config.get("peft_type") != "LORA":
-        raise ValueError(
-            f"{where}: peft_type {config.get('peft_type')!r} is not supported; only 'LORA'"
-        )
-    for key, variant in _VARIANTS.items():
-        if config.get(key):
-            raise ValueError(
-                f"{where}: {variant} ({key}={config[key]!r}) is not supported; only plain LoRA and "
-                "rsLoRA"
-            )
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{where}: bias={config['bias']!r} is not supported; only 'none'")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), int | float) or isinstance(config.get(key), bool):
-            raise ValueError(f"{where}: {key} must be a number, got {config.get(key)!r}")
-
-
-def _pattern_value(patterns: Any, module: str, default: Any) -> Any:
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):  # HF PEFT's own rule
-            return value
-    return default
-
-
-def _split_keys(
-    tensors: dict[str, torch.Tensor], where: Path
-) -> dict[str, dict[str, torch.Tensor]]:
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        suffix = next((s for s in _FACTORS if key.endswith("." + s)), None)
-        if not key.startswith(PREFIX) or suffix is None:
-            raise ValueError(
-                f"{where}: tensor {key!r} is not a plain LoRA factor "
-                f"({PREFIX}<module>.lora_A.weight / lora_B.weight); DoRA, embedding or other "
-                "variants are not supported"
-            )
-        if tensor.dim() != 2:
-            raise ValueError(
-                f"{where}: tensor {key!r} has shape {list(tensor.shape)}; only linear LoRA factors "
-                "are supported"
-            )
-        modules.setdefault(key[len(PREFIX) : -len(suffix) - 1], {})[_FACTORS[suffix]] = tensor
-    for module, factors in modules.items():
-        if set(factors) != {"lora_a", "lora_b"}:
-            raise ValueError(
-                f"{where}: module {module!r} lacks {'lora_B' if 'lora_a' in factors else 'lora_A'}"
-            )
-    return modules
-
-
-def _adapter_cfg(
-    config: dict[str, Any], modules: dict[str, dict[str, torch.Tensor]], where: Path
-) -> dict[str, Any]:
-    cfg: dict[str, Any] = {}
-    for module, factors in modules.items():
-        rank = _pattern_value(config.get("rank_pattern"), module, config["r"])
-        alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
-        if factors["lora_a"].shape[0] != rank or factors["lora_b"].shape[1] != rank:
-            raise ValueError(
-                f"{where}: module {module!r} has rank {factors['lora_a'].shape[0]} in its factors, "
-                f"the config says {rank}"
-            )
-        scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-        if not scale > 0:
-            raise ValueError(
-                f"{where}: module {module!r} has lora_alpha {alpha!r}; qpeft needs a positive scale"
-            )
-        cfg[module] = {"rank": int(rank), "scale": float(scale)}
-    return cfg
-
-
-def import_hf_peft(
-    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"
-) -> nn.Module:
-    """Load a HF PEFT LoRA adapter directory into ``model`` as adapter ``adapter_name``.
-
-    Plain LoRA and rsLoRA, with ``rank_pattern`` / ``alpha_pattern``, are supported; factors are
-    cast to the base weight's dtype. The base is frozen as by :func:`qpeft.update_model`.
-
-    Returns:
-        ``model``, changed in place (a ``peft`` mode is recorded).
-
-    Raises:
-        FileNotFoundError: a file is missing. ValueError: a non-JSON config or non-safetensors
-            weights, a variant (DoRA...), an unknown key, a module the model lacks, mismatching
-            shapes, or an adapter name the model already has (names the key or module). ``model``
-            is then left untouched.
-    """
-    path = Path(path)
-    if not (path / WEIGHTS_FILE).exists() and (path / "adapter_model.bin").exists():
-        raise ValueError(
-            f"{path} holds adapter_model.bin, a pickle; only {WEIGHTS_FILE} is read (never "
-            "unpickled)"
-        )
-    with reading(path, UNEXPECTED):
-        config = read_json(path / CONFIG_FILE)
-        _check_plain_lora(config, path / CONFIG_FILE)
-        read_header(path / WEIGHTS_FILE)
-        weights = read_tensors(path / WEIGHTS_FILE)
-    modules = _split_keys(weights, path / WEIGHTS_FILE)
-    if not modules:
-        raise ValueError(f"{path / WEIGHTS_FILE} holds no LoRA factors")
-    adapter_cfg = _adapter_cfg(config, modules, path / CONFIG_FILE)
-    targets = candidate_layers(model)
-    for module in modules:
-        if module not in targets:
-            raise ValueError(
-                f"{path / WEIGHTS_FILE}: module {module!r} is not a LoRA-capable layer of the model"
-            )
-    if any(adapter_name in layer.adapters for layer in lora_layers(model).values()):
-        raise ValueError(f"model already has an adapter named {adapter_name!r}; delete it first")
-    tensors = {
-        f"{m}.adapters.{adapter_name}.{f}": t for m, fs in modules.items() for f, t in fs.items()
-    }
-    header = {k: (t.dtype, list(t.shape)) for k, t in tensors.items()}
-
-    def attach(target: nn.Module, dry_run: bool) -> nn.Module:
-        with restoring():
-            update_model(target, {"adapter_name": adapter_name, "adapter_cfg": adapter_cfg})
-        check_tensors(target, header, {}, path / WEIGHTS_FILE, only=set(tensors), cast=True)
-        load_checked(
-            target, tensors, {}, path / WEIGHTS_FILE, strict=False, cast=True, dry_run=dry_run
-        )
-        return target
-
-    return apply_atomically(model, attach)
