@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import qpeft
 from qpeft.quant import model_quantizers, quantized_layers
@@ -218,3 +219,26 @@ def test_disabled_parent_classes_get_disabled_quantizers():
     qpeft.quantize(model, "int8_weight_only")
     assert not model[0].weight_quantizer.is_enabled and model[1].weight_quantizer.is_enabled
     assert Embedding not in REGISTRY.types
+
+
+@pytest.mark.parametrize(
+    ("attrs", "words"),
+    [
+        ({"num_bits": "8"}, "num_bits.*expected an integer"),
+        ({"num_bits": 8.0}, "num_bits.*expected an integer"),
+        ({"num_bits": True}, "num_bits"),
+        ({"num_bits": 8, "axis": "0"}, "axis.*expected an integer"),
+        ({"num_bits": 8, "axis": 5}, "axis 5 is out of range for a 2-D tensor"),
+        ({"num_bits": 8, "axis": -3}, "axis -3 is out of range for a 2-D tensor"),
+        ({"num_bits": 8, "enable": 1}, "enable"),
+        ({"num_bits": 8, "narrow_range": "yes"}, "narrow_range"),
+        ({"num_bits": 4, "block_sizes": {-1: True}}, "block size of axis -1"),
+    ],
+)
+def test_loose_types_and_axes_a_weight_lacks_are_errors(attrs, words):
+    model = nn.Sequential(nn.Linear(16, 16))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=words):
+        qpeft.quantize(model, {"quant_cfg": {"*weight_quantizer": attrs}})
+    assert not qpeft.state(model) and type(model[0]) is nn.Linear
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

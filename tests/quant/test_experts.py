@@ -209,7 +209,7 @@ def test_quantizing_again_replaces_the_expert_quantizers():
 def test_an_axis_an_expert_matrix_lacks_is_refused_and_the_model_kept():
     model = MOE_MODELS["qwen3_moe"]()
     before = copy.deepcopy(model.state_dict())
-    cfg = {"quant_cfg": {"*weight_quantizer": {"num_bits": 8, "axis": 2}}}
+    cfg = {"quant_cfg": {"*experts.*weight_quantizer": {"num_bits": 8, "axis": 2}}}
     with pytest.raises(
         ValueError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj_weight_quantizer.*axis"
     ):

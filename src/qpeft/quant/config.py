@@ -23,9 +23,16 @@ the quantizer they describe).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 Format = Literal["int", "fp8", "nvfp4", "mxfp4"]
 _FP8, _E2M1 = (4, 3), (2, 1)
@@ -35,20 +42,37 @@ MAX_INT_BITS = 32
 __all__ = ["Format", "QuantizerAttributeConfig"]
 
 
+def _ints(_field: str) -> Any:
+    """A validator accepting an int or a list/tuple of ints (JSON gives lists), nothing looser:
+    no bools, strings or floats (``num_bits="8"`` is an error naming the field)."""
+
+    def check(value: Any) -> Any:
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if value is None or is_int(value):
+            return value
+        if isinstance(value, list | tuple) and all(is_int(v) for v in value):
+            return tuple(value)
+        raise ValueError(f"expected an integer or a tuple of integers, got {value!r}")
+
+    return check
+
+
 class QuantizerAttributeConfig(BaseModel):
     """One quantizer's attributes, in ModelOpt's dict layout (subset qpeft supports)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enable: bool = True
-    num_bits: int | tuple[int, int] = 8
-    axis: int | tuple[int, ...] | None = None
+    enable: StrictBool = True
+    num_bits: Annotated[int | tuple[int, int], BeforeValidator(_ints("num_bits"))] = 8
+    axis: Annotated[int | tuple[int, ...] | None, BeforeValidator(_ints("axis"))] = None
     type: Literal["static", "dynamic"] = "static"
     block_sizes: dict[int | str, Any] | None = None
     effective_bits: float | None = None  # informational only, as in ModelOpt
-    narrow_range: bool = False
-    unsigned: bool = False
-    pass_through_bwd: bool = True
+    narrow_range: StrictBool = False
+    unsigned: StrictBool = False
+    pass_through_bwd: StrictBool = True
     fake_quant: Literal[True] = True
     calibrator: Literal["max"] = "max"
 
@@ -80,7 +104,9 @@ class QuantizerAttributeConfig(BaseModel):
             if key in ("type", "scale_bits"):
                 out[key] = tuple(val) if isinstance(val, list) else val
             elif str(key).lstrip("-").isdigit():
-                if val is not None and (not isinstance(val, int) or val < 1):
+                if val is not None and (
+                    not isinstance(val, int) or isinstance(val, bool) or val < 1
+                ):
                     raise ValueError(f"block_sizes: block size of axis {key} must be >= 1 or None")
                 out[int(key)] = val
             else:

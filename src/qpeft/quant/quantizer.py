@@ -217,8 +217,23 @@ class TensorQuantizer(nn.Module):
         self._amax = amax if old is None else torch.maximum(old.to(amax.device), amax)
         self._collected = True
 
+    def check_fits(self, shape: torch.Size | tuple[int, ...]) -> None:
+        """Raise a ValueError (naming the quantizer) when ``axis`` or a blocked axis is not an axis
+        of a tensor of ``shape``. (A block longer than its axis pads it, as the FP4 formats do.)"""
+        dims = len(shape)
+        axes = (
+            () if self.axis is None else self.axis if isinstance(self.axis, tuple) else (self.axis,)
+        )
+        for axis in [*axes, *(self.block_sizes or {})]:
+            if not -dims <= axis < dims:
+                raise ValueError(
+                    f"{self._label()}: axis {axis} is out of range for a {dims}-D tensor of shape "
+                    f"{list(shape)}"
+                )
+
     def _fresh_amax(self, x: torch.Tensor) -> torch.Tensor:
         """The amax of ``x`` itself in this quantizer's layout (fp32)."""
+        self.check_fits(x.shape)
         if self.block_sizes is not None and self.fmt in ("int", "fp8"):
             return bl.block_amax(x, self.block_sizes)
         return self._amax_of(x.detach().abs().float())
