@@ -118,12 +118,7 @@ def test_disabled_adapters_give_the_base_output(case):
 
 def test_save_restore_is_bit_exact(case, tmp_path):
     kind, _, model, inputs, _ = case
-    try:
-        qpeft.save(model, tmp_path / "ckpt")
-    except TypeError as err:
-        if kind.megatron and "_extra_state" in str(err):
-            pytest.skip(f"Megatron save: issue 12 ({err})")
-        raise
+    qpeft.save(model, tmp_path / "ckpt")
     restored = qpeft.restore(kind.build(), tmp_path / "ckpt")  # (e)
     assert torch.equal(kind.run(restored, inputs), kind.run(model, inputs))
     want = model.state_dict()

@@ -37,6 +37,7 @@ from ..core.modes import replay, restoring, state
 from ..core.transaction import apply_atomically
 from ..lora.convert import lora_layers
 from . import sharded as collective
+from .extra_state import tensor_state
 from .files import atomic_directory, read_json, write_json
 from .tensor_files import read_header, read_tensors, tensor_table, write_tensors
 from .validate import (
@@ -89,8 +90,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
     Raises:
         FileExistsError: ``path`` is a file or a non-empty directory that is not a qpeft checkpoint.
-        TypeError: a state-dict entry is not a tensor or has a dtype safetensors cannot store; an
-            FSDP1 model. Nothing is written then; on a sharded model rank 0 raises the error and
+        TypeError: a state-dict entry is not a tensor or has a dtype safetensors cannot store (an
+            ``_extra_state`` that is None, as Megatron-Core's layers have, is skipped); an FSDP1
+            model. Nothing is written then; on a sharded model rank 0 raises the error and
             the other ranks a ``RuntimeError`` quoting it.
     """
     model = collective.unwrap(model, "qpeft.save")
@@ -100,7 +102,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
 
     def write() -> None:
-        tensors, aliases = tensor_table(full)
+        tensors, aliases = tensor_table(tensor_state(full))
         manifest = {
             "format": "qpeft-checkpoint",
             "format_version": FORMAT_VERSION,
