@@ -266,12 +266,19 @@ def expert_rows(dtype: torch.dtype = torch.float32, counts: list[int] = COUNTS):
 
 
 def grouped_reference(model, x, counts, probs, adapter: str | None = "default", scale=None):
-    """``GroupedMLP`` as a per-expert loop on the ``[E, in, out]`` weight views, fp32; with the
-    LoRA terms of ``adapter`` (its own scale unless ``scale`` is given) when not None."""
+    """``GroupedMLP`` as a per-expert loop on the ``[E, in, out]`` weight views (fake-quantized
+    when quantized), fp32; with the LoRA terms of ``adapter`` (its own scale unless ``scale`` is
+    given) when not None."""
     layer = model.experts
-    inner = layer.base if hasattr(layer, "base") else layer
-    w1 = inner.weight1.view(EXPERTS, HIDDEN, -1).float()
-    w2 = inner.weight2.view(EXPERTS, -1, HIDDEN).float()
+    inner, quant = layer, None
+    while hasattr(inner, "base"):  # through LoRA and quantized wrappers
+        quant = inner if hasattr(inner, "quantized_weights") else quant
+        inner = inner.base
+    if quant is None:
+        w1 = inner.weight1.view(EXPERTS, HIDDEN, -1).float()
+        w2 = inner.weight2.view(EXPERTS, -1, HIDDEN).float()
+    else:  # qpeft.quantize: the fake-quantized [E, in, out] views
+        w1, w2 = (w.float() for w in quant.quantized_weights().values())
     lora = layer.adapters[adapter] if adapter is not None else None
     scale = scale if scale is not None or lora is None else lora.scale
     act, out, start = inner.config.activation_func, [], 0

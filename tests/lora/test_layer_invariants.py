@@ -45,12 +45,7 @@ def _same_as_base(kind, got, base):
 def _build(kind, quantized):
     model = kind.build()
     if quantized:
-        try:
-            qpeft.quantize(model, "int8_weight_only")
-        except ValueError as err:
-            if kind.megatron and "no layer that can be quantized" in str(err):
-                pytest.skip("Megatron quantize: issue 12")
-            raise
+        qpeft.quantize(model, "int8_weight_only")
     return model
 
 
@@ -118,12 +113,7 @@ def test_disabled_adapters_give_the_base_output(case):
 
 def test_save_restore_is_bit_exact(case, tmp_path):
     kind, _, model, inputs, _ = case
-    try:
-        qpeft.save(model, tmp_path / "ckpt")
-    except TypeError as err:
-        if kind.megatron and "_extra_state" in str(err):
-            pytest.skip(f"Megatron save: issue 12 ({err})")
-        raise
+    qpeft.save(model, tmp_path / "ckpt")
     restored = qpeft.restore(kind.build(), tmp_path / "ckpt")  # (e)
     assert torch.equal(kind.run(restored, inputs), kind.run(model, inputs))
     want = model.state_dict()

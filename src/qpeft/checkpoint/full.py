@@ -37,6 +37,7 @@ from ..core.modes import replay, restoring, state
 from ..core.transaction import apply_atomically
 from ..lora.convert import lora_layers
 from . import sharded as collective
+from .extra_state import tensor_state
 from .files import atomic_directory, reading, write_json
 from .kinds import manifest_says, own_files
 from .loading import check_sizes, check_tensors, load_checked
@@ -104,8 +105,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         ValueError: ``path`` is empty, ``.``, a root, the current directory or a symbolic link.
         TimeoutError: another save of ``path`` is in progress (after
             :data:`qpeft.checkpoint.locks.LOCK_TIMEOUT` seconds).
-        TypeError: a state-dict entry is not a tensor or has a dtype safetensors cannot store; an
-            FSDP1 model. Nothing is written then; on a sharded model rank 0 raises the error and
+        TypeError: a state-dict entry is not a tensor or has a dtype safetensors cannot store (an
+            ``_extra_state`` that is None, as Megatron-Core's layers have, is skipped); an FSDP1
+            model. Nothing is written then; on a sharded model rank 0 raises the error and
             the other ranks a ``RuntimeError`` quoting it.
     """
     model = collective.unwrap(model, "qpeft.save")
@@ -116,7 +118,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     wrappers = wrapper_map(model)
 
     def write() -> None:
-        tensors, aliases = tensor_table(full)
+        tensors, aliases = tensor_table(tensor_state(full))
         manifest = {
             "format": "qpeft-checkpoint",
             "format_version": FORMAT_VERSION,

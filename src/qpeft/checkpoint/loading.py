@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .extra_state import is_extra_state_key, tensor_state
+
 __all__ = ["Header", "check_tensors", "load_checked", "check_sizes"]
 
 
@@ -59,7 +61,7 @@ def check_tensors(
     Raises:
         ValueError: naming the first missing, unexpected, mis-shaped or mis-typed key.
     """
-    expected = model.state_dict()
+    expected = tensor_state(model.state_dict())
     if only is not None:
         expected = {k: v for k, v in expected.items() if k in only}
     for key, tensor in expected.items():
@@ -116,8 +118,9 @@ def load_checked(
             f"{where} has tensor {unexpected[0]!r}, which the model does not have (another "
             "architecture?)"
         )
-    if strict and result.missing_keys:
-        raise ValueError(f"{where} has no tensor {result.missing_keys[0]!r}, which the model needs")
+    missing = [k for k in result.missing_keys if not is_extra_state_key(k)]  # None: not saved
+    if strict and missing:
+        raise ValueError(f"{where} has no tensor {missing[0]!r}, which the model needs")
     for key, value in full.items():
         if state[key].shape != value.shape or not (cast or state[key].dtype == value.dtype):
             raise ValueError(

@@ -1,7 +1,8 @@
 """The registry of quantized layers: base layer type -> its quantized wrapper.
 
 The transformers plugins (``Conv1D``; the grouped MoE experts of transformers 5.x) register
-themselves when transformers is imported; see :class:`qpeft.core.registry.WrapperRegistry`.
+themselves when transformers is imported, the Megatron-Core one (Column/RowParallelLinear,
+``GroupedMLP``) when ``megatron.core`` is; see :class:`qpeft.core.registry.WrapperRegistry`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ REGISTRY = WrapperRegistry(
     {
         "transformers": "qpeft.quant.plugins.transformers",
         "transformers.integrations.moe": "qpeft.quant.plugins.moe",
+        "megatron.core": "qpeft.quant.plugins.megatron",
     },
 )
 

@@ -183,6 +183,52 @@ def test_sharded_state_dict_splits_the_factors_on_the_expert_axis():
     assert "experts.weight1" in sharded  # GroupedMLP's own entries are kept
 
 
+@pytest.mark.parametrize("quantize_first", [True, False])
+def test_quantized_experts_are_read_by_the_lora_layer(quantize_first):
+    """qpeft.quantize gives GroupedMLP per-expert fc1/fc2 weight quantizers (each expert's
+    [out, in] matrix quantized alone); LoRAGroupedMLP computes with those quantized weights."""
+    from qpeft.quant.quantizer import TensorQuantizer
+
+    model = _grouped_mlp()
+    x, counts, probs = _inputs()
+    steps = [
+        lambda: qpeft.quantize(model, "int8_weight_only"),
+        lambda: qpeft.update_model(model, {"adapter_cfg": RANDOM_B}),
+    ]
+    for step in steps if quantize_first else steps[::-1]:
+        step()
+    layer = model.experts
+    assert type(layer.base).__name__ == "QuantGroupedMLP"
+    for name, out in (("fc1", 2 * FFN), ("fc2", HIDDEN)):
+        quantizer = getattr(layer, f"{name}_weight_quantizer")
+        assert quantizer.amax.shape == (EXPERTS, out, 1)
+        weight, got = layer.expert_weight(name), layer.effective_weight(name)
+        for e in range(EXPERTS):
+            alone = TensorQuantizer(axis=0)
+            with alone.calibrating():
+                want = alone(weight[e].T.detach()).T
+            assert torch.equal(got[e], want), (name, e)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x, counts, probs), _reference(model, x, counts, probs), **TOL[torch.float32]
+        )
+        with qpeft.disabled_adapters(model):
+            base = model(x, counts, probs)
+        plain = grouped_reference(model, x, counts, probs, None)  # quantized weights
+        torch.testing.assert_close(base, plain, **TOL[torch.float32])
+
+
+def test_svdquant_and_sharded_amax_of_quantized_experts():
+    model = _grouped_mlp(ep_group=_Group(size=2, rank=1))  # this rank holds experts 3, 4, 5 of 6
+    qpeft.quantize(model, "int8_weight_only")
+    qpeft.update_model(model, {"adapter_cfg": {"*": {"rank": 2, "lora_init_method": "svdquant"}}})
+    factors = model.experts.adapters["default"].factors
+    assert all(f.lora_b.abs().sum() > 0 for f in factors.values())
+    sharded = model.experts.sharded_state_dict(prefix="experts.")
+    amax = sharded["experts.fc1_weight_quantizer._amax"]
+    assert amax.global_shape == (2 * EXPERTS, 2 * FFN, 1) and amax.global_offset == (EXPERTS, 0, 0)
+
+
 def _dist_checkpoint_worker(rank, store, ckpt_dir):
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -195,10 +241,15 @@ def _dist_checkpoint_worker(rank, store, ckpt_dir):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=1)
     try:
         model = _grouped_mlp()
+        qpeft.quantize(model, "int8_weight_only")  # the _amax buffers are saved too
         qpeft.update_model(model, {"adapter_cfg": RANDOM_B})
+        assert "experts.fc1_weight_quantizer._amax" in model.state_dict()
         dist_checkpointing.save(model.experts.sharded_state_dict(prefix="experts."), ckpt_dir)
         fresh = _grouped_mlp()
         torch.manual_seed(9)
+        with torch.no_grad():
+            fresh.experts.weight2.mul_(2.0)  # another amax
+        qpeft.quantize(fresh, "int8_weight_only")
         qpeft.update_model(fresh, {"adapter_cfg": RANDOM_B})
         with torch.no_grad():
             fresh.experts.weight1.add_(1.0)

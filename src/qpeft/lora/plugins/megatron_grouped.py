@@ -116,15 +116,15 @@ class LoRAGroupedMLP(LoRAExperts):
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
     ) -> dict[str, Any]:
-        """GroupedMLP's own sharded state dict plus every adapter factor, for
-        ``dist_checkpointing``.
+        """GroupedMLP's own sharded state dict (a quantized one's ``_amax`` too) plus every
+        adapter factor, for ``dist_checkpointing``.
 
         A factor ``[E_local, ...]`` is this rank's slice of the global ``[E_global, ...]`` tensor
         on the expert axis (expert-parallel rank ``p`` holds experts ``p * E_local ...``), as the
         experts' weights are; it is replicated over the expert data-parallel group.
         """
         inner = self._inner()
-        out = inner.sharded_state_dict(prefix, sharded_offsets, metadata)
+        out = self.base.sharded_state_dict(prefix, sharded_offsets, metadata)  # with any _amax
         axis = len(sharded_offsets)
         expert_shard = (axis, inner.ep_group.rank(), inner.ep_group.size())
         for name, adapter in self.adapters.items():
