@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..core.modes import is_restoring, record, register_mode, swap_module
+from ..quant.compressed import compressed_error, is_compressed
 from ..quant.layer import QuantModule, find_weight_quantizer
 from .config import ExportPEFTConfig
 from .layer import LoRAModule, check_adapter_names, check_selection, require_lora_layers
@@ -41,6 +42,15 @@ PROBE_ROWS = 8
 PROBE_SEED = 0
 
 
+def _refuse_compressed(layers: dict[str, LoRAModule], selection: dict[str, list[str]], what: str):
+    hint = f"run {what} before qpeft.compress"
+    if what == "export":
+        hint += ", or write a quantized checkpoint with export_hf_checkpoint"
+    for layer_name, names in selection.items():
+        if names and not is_restoring() and is_compressed(layers[layer_name]):
+            raise compressed_error(what, layer_name, hint)
+
+
 def merge_selection(model: nn.Module, selection: dict[str, list[str]], log: bool = True) -> None:
     """Merge exactly the adapters ``{layer name: [adapter names]}``; record it when ``log``.
 
@@ -49,6 +59,7 @@ def merge_selection(model: nn.Module, selection: dict[str, list[str]], log: bool
     """
     layers = require_lora_layers(model)
     check_selection(layers, selection, "merge_adapters")
+    _refuse_compressed(layers, selection, "merge_adapters")
     for layer_name, names in selection.items():
         for name in names:
             if layers[layer_name].adapters[name].merged:
@@ -74,6 +85,7 @@ def unmerge_selection(model: nn.Module, selection: dict[str, list[str]], log: bo
     """
     layers = require_lora_layers(model)
     check_selection(layers, selection, "unmerge_adapters")
+    _refuse_compressed(layers, selection, "unmerge_adapters")
     for layer_name, names in selection.items():
         for name in reversed(names):
             adapter = layers[layer_name].adapters[name]
@@ -153,6 +165,7 @@ def _quantized_base(layer: LoRAModule) -> bool:
 def _export(model: nn.Module, folds: dict[str, list[str]]) -> nn.Module:
     layers = require_lora_layers(model)
     check_selection(layers, folds, "export")
+    _refuse_compressed(layers, folds, "export")
     quantized: dict[str, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
     with torch.no_grad():
         for layer_name, layer in layers.items():
