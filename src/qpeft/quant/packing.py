@@ -27,13 +27,24 @@ prefixed ``weight_``):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 import torch
 
 from . import blocks as bl
 from .numerics import E2M1_MAX, E4M3_MAX, TINY_AMAX, e2m1_magnitude, nvfp4_block_scale, pow2
+from .packed_layout import (
+    E2M1_GRID,
+    PackSpec,
+    bytes_per_weight,
+    check_packable,
+    fp4_block,
+    groups_shape,
+    pack_nibbles,
+    packed_bytes,
+    packed_layout,
+    unpack_nibbles,
+)
 
 __all__ = [
     "PackSpec",
@@ -44,129 +55,6 @@ __all__ = [
     "packed_bytes",
     "bytes_per_weight",
 ]
-
-_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-_FORMATS = ("int", "fp8", "nvfp4", "mxfp4")
-
-
-@dataclass(frozen=True)
-class PackSpec:
-    """How a weight is packed: the quantizer's format attributes and the weight's shape."""
-
-    fmt: str
-    shape: tuple[int, ...]
-    num_bits: int = 8
-    axis: int | tuple[int, ...] | None = None
-    block_sizes: tuple[tuple[int, int | None], ...] | None = None  # sorted (axis, size) pairs
-    narrow_range: bool = False
-    neg_zero: bool = True  # int: code -(M + 1) stands for -0.0
-
-    @property
-    def sizes(self) -> dict[int, int | None] | None:
-        """``block_sizes`` as the dict :mod:`qpeft.quant.blocks` takes."""
-        return None if self.block_sizes is None else dict(self.block_sizes)
-
-    @property
-    def nibbles(self) -> bool:
-        """Whether codes are 4 bits (two per byte)."""
-        return self.fmt in ("nvfp4", "mxfp4") or (self.fmt == "int" and self.num_bits <= 4)
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain JSON (for the mode log)."""
-        return json_ready(asdict(self))
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PackSpec:
-        """Inverse of :meth:`to_json`."""
-        axis = data.get("axis")
-        blocks = data.get("block_sizes")
-        return cls(
-            fmt=data["fmt"],
-            shape=tuple(data["shape"]),
-            num_bits=int(data.get("num_bits", 8)),
-            axis=tuple(axis) if isinstance(axis, list) else axis,
-            block_sizes=None if blocks is None else tuple((int(a), s) for a, s in blocks),
-            narrow_range=bool(data.get("narrow_range", False)),
-            neg_zero=bool(data.get("neg_zero", True)),
-        )
-
-
-def json_ready(value: Any) -> Any:
-    """Tuples as lists, recursively."""
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    return value
-
-
-def check_packable(quantizer: Any) -> str | None:
-    """Why a quantizer's format cannot be packed (a sentence), or None if it can."""
-    fmt = quantizer.fmt
-    if fmt not in _FORMATS:
-        return f"format {fmt!r} has no packed layout"
-    if fmt == "int" and (quantizer.unsigned or not 2 <= quantizer.num_bits <= 8):
-        return "only signed integer formats of 2 to 8 bits are packed"
-    if fmt in ("nvfp4", "mxfp4") and quantizer.block_size % 2:
-        return f"{fmt} needs an even block size"
-    return None
-
-
-def _groups_shape(spec: PackSpec) -> tuple[int, ...]:
-    """Shape of one-value-per-amax-group tensors (int/fp8 scales)."""
-    shape = spec.shape
-    if spec.block_sizes is not None:
-        layout = bl.block_layout(shape, spec.sizes)
-        return tuple(-(-n // layout[d]) if d in layout else n for d, n in enumerate(shape))
-    if spec.axis is None:
-        return ()
-    axes = spec.axis if isinstance(spec.axis, tuple) else (spec.axis,)
-    kept = {a % len(shape) for a in axes}
-    return tuple(n if d in kept else 1 for d, n in enumerate(shape))
-
-
-def _fp4_block(spec: PackSpec) -> int:
-    return spec.sizes[-1]
-
-
-def packed_layout(spec: PackSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """``{tensor name: (shape, dtype)}`` that :func:`pack` returns for ``spec``."""
-    *lead, last = spec.shape
-    if spec.fmt in ("nvfp4", "mxfp4"):
-        b = _fp4_block(spec)
-        blocks = -(-last // b)
-        out = {
-            "packed": ((*lead, blocks * b // 2), torch.uint8),
-            "scale": ((*lead, blocks), torch.float8_e4m3fn if spec.fmt == "nvfp4" else torch.uint8),
-        }
-        if spec.fmt == "nvfp4":
-            out["scale_2"] = ((*lead[:-1], 1, 1) if lead[:-1] else (), torch.float32)
-        return out
-    if spec.fmt == "fp8":
-        codes = (tuple(spec.shape), torch.float8_e4m3fn)
-    elif spec.nibbles:
-        codes = ((*lead, -(-last // 2)), torch.uint8)
-    else:
-        codes = (tuple(spec.shape), torch.int8)
-    return {"packed": codes, "scale": (_groups_shape(spec), torch.float32)}
-
-
-def packed_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    """Total bytes of a packed weight's tensors."""
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-# ------------------------------------------------------------------------------- nibbles
-def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes < 16 ``[..., n]`` -> ``[..., ceil(n / 2)]``, element 2i in the low nibble."""
-    codes = torch.nn.functional.pad(codes, (0, codes.shape[-1] % 2))
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-
-def _unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`_pack_nibbles`: uint8 codes ``[..., n]``."""
-    both = torch.stack((packed & 0xF, packed >> 4), dim=-1)
-    return both.reshape(*packed.shape[:-1], -1)[..., :n]
 
 
 # ---------------------------------------------------------------------------------- pack
@@ -182,7 +70,7 @@ def _expand_groups(scale: torch.Tensor, spec: PackSpec) -> torch.Tensor:
 
 def _group_amax(amax: torch.Tensor, spec: PackSpec, device: torch.device) -> torch.Tensor:
     """The amax as one value per group (keepdim block amax reshaped), broadcast to the groups."""
-    shape = _groups_shape(spec)
+    shape = groups_shape(spec)
     a = amax.detach().float().to(device)
     if a.numel() == math.prod(shape):
         return a.reshape(shape)
@@ -213,11 +101,9 @@ def _pack_int(w: torch.Tensor, spec: PackSpec, amax: torch.Tensor):
     if neg_zero:
         codes = torch.where((q == 0) & torch.signbit(q), int(-bound - 1), codes)
     divisor = torch.where(tiny, one, s)
-    scale = divisor.reshape(_groups_shape(spec)).contiguous()
-    if spec.nibbles:
-        packed = _pack_nibbles((codes & 0xF).to(torch.uint8))
-    else:
-        packed = codes.to(torch.int8)
+    scale = divisor.reshape(groups_shape(spec)).contiguous()
+    nibbles = pack_nibbles((codes & 0xF).to(torch.uint8)) if spec.nibbles else None
+    packed = codes.to(torch.int8) if nibbles is None else nibbles
     return {"packed": packed, "scale": scale}, replace(spec, neg_zero=neg_zero)
 
 
@@ -231,19 +117,19 @@ def _pack_fp8(w: torch.Tensor, spec: PackSpec, amax: torch.Tensor):
         codes = _ungrouped(codes.view(torch.uint8), spec, torch.uint8).view(torch.float8_e4m3fn)
     return {
         "packed": codes.contiguous(),
-        "scale": s.reshape(_groups_shape(spec)).contiguous(),
+        "scale": s.reshape(groups_shape(spec)).contiguous(),
     }, spec
 
 
 def _fp4_codes(t: torch.Tensor, negative: torch.Tensor, ties_to_even: bool) -> torch.Tensor:
     mag = e2m1_magnitude(t.abs(), ties_to_even=ties_to_even)
-    grid = torch.tensor(_E2M1, device=t.device)
+    grid = torch.tensor(E2M1_GRID, device=t.device)
     index = torch.searchsorted(grid, mag).to(torch.uint8)
     return index | (negative.to(torch.uint8) << 3)
 
 
 def _blocks_fp4(w: torch.Tensor, spec: PackSpec) -> torch.Tensor:
-    b = _fp4_block(spec)
+    b = fp4_block(spec)
     padded = torch.nn.functional.pad(w, (0, (-w.shape[-1]) % b))
     return padded.reshape(*w.shape[:-1], -1, b)
 
@@ -261,7 +147,7 @@ def _pack_nvfp4(w: torch.Tensor, spec: PackSpec, amax: torch.Tensor):
     t = blocks / nvfp4_block_scale(block_amax, gb)
     codes = _fp4_codes(t, t < 0, True)
     codes = codes & torch.where(codes == 8, 0, 0xF).to(torch.uint8)  # +0 (mag 0 is unsigned)
-    packed = _pack_nibbles(codes.reshape(*w.shape[:-1], -1))
+    packed = pack_nibbles(codes.reshape(*w.shape[:-1], -1))
     return {"packed": packed, "scale": fp8.squeeze(-1), "scale_2": g.contiguous()}, spec
 
 
@@ -273,7 +159,7 @@ def _pack_mxfp4(w: torch.Tensor, spec: PackSpec):
     exponent = torch.ceil(torch.maximum(torch.log2(descale), torch.tensor(-127.0, device=w.device)))
     t = blocks / pow2(exponent)
     codes = _fp4_codes(t, ~(t > 0), True)
-    packed = _pack_nibbles(codes.reshape(*w.shape[:-1], -1))
+    packed = pack_nibbles(codes.reshape(*w.shape[:-1], -1))
     scale = (exponent.to(torch.int32) + 127).to(torch.uint8).squeeze(-1)
     return {"packed": packed, "scale": scale}, spec
 
@@ -307,7 +193,7 @@ def pack(
 def _unpack_int(tensors: dict[str, torch.Tensor], spec: PackSpec, dtype: torch.dtype):
     packed, last = tensors["packed"], spec.shape[-1]
     if spec.nibbles:
-        n = _unpack_nibbles(packed, last).to(torch.int16)
+        n = unpack_nibbles(packed, last).to(torch.int16)
         codes = torch.where(n >= 8, n - 16, n)
     else:
         codes = packed.to(torch.int16)
@@ -326,11 +212,11 @@ def _unpack_fp8(tensors: dict[str, torch.Tensor], spec: PackSpec, dtype: torch.d
 
 
 def _fp4_values(tensors: dict[str, torch.Tensor], spec: PackSpec) -> torch.Tensor:
-    codes = _unpack_nibbles(tensors["packed"], 2 * tensors["packed"].shape[-1])
-    grid = torch.tensor(_E2M1, device=codes.device)
+    codes = unpack_nibbles(tensors["packed"], 2 * tensors["packed"].shape[-1])
+    grid = torch.tensor(E2M1_GRID, device=codes.device)
     mag = grid[(codes & 7).long()]
     q = torch.where((codes & 8) > 0, -mag, mag)
-    return q.reshape(*q.shape[:-1], -1, _fp4_block(spec))
+    return q.reshape(*q.shape[:-1], -1, fp4_block(spec))
 
 
 @torch.no_grad()
@@ -349,8 +235,3 @@ def unpack(tensors: dict[str, torch.Tensor], spec: PackSpec, dtype: torch.dtype)
         scale = pow2(tensors["scale"].to(torch.int32).unsqueeze(-1) - 127)
     y = (q * scale).reshape(*spec.shape[:-1], -1)[..., : spec.shape[-1]]
     return y.to(dtype)
-
-
-def bytes_per_weight(tensors: dict[str, torch.Tensor], spec: PackSpec) -> float:
-    """Packed bytes divided by the number of weights."""
-    return packed_bytes(tensors) / math.prod(spec.shape)
