@@ -133,6 +133,12 @@ def _recover_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--lora-dtype", choices=list(LORA_DTYPES), help="adapter dtype (default: the weight's)"
     )
+    g.add_argument(
+        "--compress",
+        action="store_true",
+        help="train on a compressed student (qpeft.compress after the adapter init: packed "
+        "codes and scales instead of master weights, bit-identical results, less memory)",
+    )
     g = p.add_argument_group("training")
     g.add_argument(
         "--block-epochs",
@@ -247,6 +253,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         lr=args.lr,
         patience=args.patience,
+        compress=args.compress,
         progress=not args.no_progress,
     )
     if args.threads:
