@@ -66,9 +66,8 @@ def _recover_parser(sub: argparse._SubParsersAction) -> None:
         "reconstruction of each transformer block's output, then end-to-end distillation with a "
         "warm-up + cosine learning-rate schedule and held-out early stopping. Evaluates before "
         "quantization, after quantization, after init, after the block-wise phase and after "
-        "recovery; "
-        "writes the checkpoint, the adapters in HF PEFT format, report.json, summary.txt and PNG "
-        "plots.",
+        "recovery; writes the checkpoint, the adapters in HF PEFT format, report.json, "
+        "summary.txt and PNG plots.",
     )
     g = p.add_argument_group("model and data")
     g.add_argument(
@@ -136,8 +135,7 @@ def _recover_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--compress",
         action="store_true",
-        help="train on a compressed student (qpeft.compress after the adapter init: packed "
-        "codes and scales instead of master weights, bit-identical results, less memory)",
+        help="train a compressed student (qpeft.compress: packed weights, same results)",
     )
     g = p.add_argument_group("training")
     g.add_argument(
