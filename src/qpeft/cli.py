@@ -132,11 +132,7 @@ def _recover_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--lora-dtype", choices=list(LORA_DTYPES), help="adapter dtype (default: the weight's)"
     )
-    g.add_argument(
-        "--compress",
-        action="store_true",
-        help="train a compressed student (qpeft.compress: packed weights, same results)",
-    )
+    g.add_argument("--compress", action="store_true", help="train a compressed student")
     g = p.add_argument_group("training")
     g.add_argument(
         "--block-epochs",
