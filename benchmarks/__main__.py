@@ -12,7 +12,7 @@ import torch
 
 from .report import machine, save
 
-SCENARIOS = ["train", "infer", "quant", "svd", "serve", "memory"]
+SCENARIOS = ["train", "infer", "quant", "svd", "serve", "memory", "compress"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -97,6 +97,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         lr=args.lr,
         patience=args.patience,
+        compress=args.compress,
         progress=not args.no_progress,
     )
     check_model_dir(opts.model)

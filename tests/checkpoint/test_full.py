@@ -93,7 +93,8 @@ def test_log_is_plain_json_with_callables_resolved(tmp_path):
 
 
 def _scenario(mode):
-    model = quantize_tiny(TinyBlock()) if "quant" in mode else TinyBlock()
+    quantized = "quant" in mode or mode == "compress"
+    model = quantize_tiny(TinyBlock()) if quantized else TinyBlock()
     update_model(model, {"adapter_cfg": {"*": {"rank": 2}}})
     update_model(model, {"adapter_name": "b", "adapter_cfg": {"*mlp*": {"rank": 3}}})
     randomize_adapters(model)
@@ -120,6 +121,7 @@ def _scenario(mode):
             qpeft.enable_quantizer(model, "*attn*"),
         ),
         "refine_svdquant": lambda: qpeft.refine_svdquant(model, "b", iters=1),
+        "compress": lambda: qpeft.compress(model),
     }
     assert mode in steps, f"mode {mode!r} has no save/restore scenario: add one here"
     steps[mode]()

@@ -109,7 +109,8 @@ class _LinearLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        x2, t, a, b, weight = ctx.saved_tensors
+        x2, t, a, b, *saved = ctx.saved_tensors
+        weight = saved[0] if saved else ctx.lazy.dequantize()
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
         g_b = torch.mm(g, b) if need_x or need_a else None
@@ -125,7 +126,14 @@ class _LinearLoRA(torch.autograd.Function):
 
 
 def _linear_lora_values(x, weight, bias, a, b, alpha: float, ctx=None) -> torch.Tensor:
-    """The forward arithmetic of :class:`_LinearLoRA`; saves for backward when given ``ctx``."""
+    """The forward arithmetic of :class:`_LinearLoRA`; saves for backward when given ``ctx``.
+
+    A lazy ``weight`` (not a tensor: a compressed layer's packed weight) is dequantized here and
+    again in backward, never saved.
+    """
+    lazy = None if isinstance(weight, torch.Tensor) else weight
+    if lazy is not None:
+        weight = lazy.dequantize()
     y = F.linear(x, weight, bias)  # exactly what nn.Linear computes
     if not y.is_contiguous():  # the in-place update below needs a flat view
         y = y.contiguous()
@@ -133,8 +141,8 @@ def _linear_lora_values(x, weight, bias, a, b, alpha: float, ctx=None) -> torch.
     t = torch.mm(x2, a.t())
     y.view(-1, y.shape[-1]).addmm_(t, b.t(), alpha=alpha)
     if ctx is not None:
-        ctx.save_for_backward(x2, t, a, b, weight)
-        ctx.alpha, ctx.x_shape = alpha, x.shape
+        ctx.save_for_backward(x2, t, a, b, *([] if lazy is not None else [weight]))
+        ctx.alpha, ctx.x_shape, ctx.lazy = alpha, x.shape, lazy
     return y
 
 
@@ -163,7 +171,8 @@ def linear_lora(
 
     Args:
         x: the layer input ``[..., in]``.
-        weight, bias: the ``nn.Linear`` base's ``[out, in]`` weight and ``[out]`` bias (or None).
+        weight, bias: the ``nn.Linear`` base's ``[out, in]`` weight and ``[out]`` bias (or None);
+            ``weight`` may be lazy, an object whose ``dequantize()`` gives it (compressed layers).
         factors: non-empty list of ``(A [r, in], B [out, r], scale)`` in the dtype of ``x``.
 
     Returns:
@@ -171,6 +180,7 @@ def linear_lora(
         every ``A`` and ``B``.
     """
     a, b, alpha = concat_factors(factors)
-    if _needs_graph(x, weight, bias, a, b):
+    dense = weight if isinstance(weight, torch.Tensor) else None
+    if _needs_graph(x, dense, bias, a, b):
         return _LinearLoRA.apply(x, weight, bias, a, b, alpha)
     return _linear_lora_values(x, weight, bias, a, b, alpha)

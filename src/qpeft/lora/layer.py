@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..core.wrapping import ModuleWrapper, innermost
+from ..quant.compressed import compressed_error, is_compressed
 from ..quant.layer import find_weight_quantizer
 from .adapter import LoRAAdapter
 from .fused import linear_lora, lora_addmm
@@ -132,8 +133,9 @@ class LoRAModule(ModuleWrapper):
 
     def new_adapter(self, config: Any, dtype: torch.dtype | None) -> LoRAAdapter:
         """A zero-filled adapter sized for this layer, on the base weight's device."""
-        in_f, out_f = self.features(innermost(self))
-        weight = self.base_weight
+        inner = innermost(self)
+        in_f, out_f = self.features(inner)
+        weight = inner if is_compressed(inner) else self.base_weight  # no dequantizing for this
         return LoRAAdapter(in_f, out_f, config, dtype or weight.dtype, weight.device)
 
     @torch.no_grad()
@@ -148,6 +150,8 @@ class LoRAModule(ModuleWrapper):
         if config.lora_init_method != "svdquant":
             init_factors(adapter.lora_a, adapter.lora_b, config)
             return
+        if is_compressed(self):
+            raise compressed_error("svdquant init", layer_name, "run update_model before compress")
         found = svdquant_factors(
             self.quantization_residual(), adapter.rank, adapter.scale, layer_name
         )
@@ -197,7 +201,8 @@ class LoRAConv1D(LoRAModule):
 
     @staticmethod
     def features(base: nn.Module) -> tuple[int, int]:
-        return base.weight.shape[0], base.weight.shape[1]
+        shape = getattr(base, "weight_shape", None) or base.weight.shape  # packed: no dequant
+        return shape[0], shape[1]
 
     @staticmethod
     def to_out_in(weight: torch.Tensor) -> torch.Tensor:

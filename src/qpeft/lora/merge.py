@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..core.modes import is_restoring, record, register_mode, swap_module
+from ..quant.compressed import compressed_error, is_compressed
 from ..quant.layer import QuantModule, find_weight_quantizer
 from .config import ExportPEFTConfig
 from .layer import (
@@ -68,6 +69,15 @@ def _check_untied(model: nn.Module, layers: dict[str, LoRAModule], folds: dict, 
             )
 
 
+def _refuse_compressed(layers: dict[str, LoRAModule], selection: dict[str, list[str]], what: str):
+    hint = f"run {what} before qpeft.compress"
+    if what == "export":
+        hint += ", or write a quantized checkpoint with export_hf_checkpoint"
+    for layer_name, names in selection.items():
+        if names and not is_restoring() and is_compressed(layers[layer_name]):
+            raise compressed_error(what, layer_name, hint)
+
+
 def merge_selection(model: nn.Module, selection: dict[str, list[str]], log: bool = True) -> None:
     """Merge exactly the adapters ``{layer name: [adapter names]}``; record it when ``log``.
 
@@ -78,6 +88,7 @@ def merge_selection(model: nn.Module, selection: dict[str, list[str]], log: bool
     layers = require_lora_layers(model)
     check_selection(layers, selection, "merge_adapters")
     check_not_routing(layers, "merge_adapters")
+    _refuse_compressed(layers, selection, "merge_adapters")
     _check_untied(model, layers, selection, "merge_adapters")
     for layer_name, names in selection.items():
         for name in names:
@@ -104,6 +115,7 @@ def unmerge_selection(model: nn.Module, selection: dict[str, list[str]], log: bo
     """
     layers = require_lora_layers(model)
     check_selection(layers, selection, "unmerge_adapters")
+    _refuse_compressed(layers, selection, "unmerge_adapters")
     for layer_name, names in selection.items():
         for name in reversed(names):
             adapter = layers[layer_name].adapters[name]
@@ -184,6 +196,7 @@ def _export(model: nn.Module, folds: dict[str, list[str]]) -> nn.Module:
     layers = require_lora_layers(model)
     check_selection(layers, folds, "export")
     check_not_routing(layers, "export")
+    _refuse_compressed(layers, folds, "export")
     _check_untied(model, layers, folds, "export")
     quantized: dict[str, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
     with torch.no_grad():

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..core.modes import record, register_mode
+from ..quant.compressed import compressed_error, is_compressed
 from ..quant.layer import find_weight_quantizer
 from .init import svd_factors
 from .layer import LoRAModule, check_adapter_names, require_lora_layers
@@ -83,6 +84,9 @@ def _targets(model: nn.Module, adapter_name: str) -> dict[str, LoRAModule]:
     check_adapter_names(layers, [adapter_name], "refine_svdquant")
     holders = {n: m for n, m in layers.items() if adapter_name in m.adapters}
     chosen = {n: m for n, m in holders.items() if find_weight_quantizer(m.base) is not None}
+    for name, layer in chosen.items():
+        if is_compressed(layer):
+            raise compressed_error("refine_svdquant", name)
     if not chosen:
         raise ValueError(
             f"refine_svdquant: none of the {len(holders)} layers with adapter {adapter_name!r} has "

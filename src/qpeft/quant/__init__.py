@@ -2,6 +2,8 @@
 quantize()."""
 
 from .api import QuantizeConfig, quantize
+from .compress import compress
+from .compressed import CompressedConv1D, CompressedLinear, PackedConv1D, PackedLinear
 from .config import QuantizerAttributeConfig
 from .layer import QuantConv1D, QuantDense, QuantLinear, QuantModule, TransposedTensorQuantizer
 from .numerics import (
@@ -22,6 +24,11 @@ from .targets import quantized_layers
 from .toggle import disable_quantizer, enable_quantizer, model_quantizers
 
 __all__ = [
+    "CompressedConv1D",
+    "CompressedLinear",
+    "PackedConv1D",
+    "PackedLinear",
+    "compress",
     "QuantConv1D",
     "QuantDense",
     "QuantLinear",

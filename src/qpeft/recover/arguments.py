@@ -115,6 +115,7 @@ def add_recover_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     g.add_argument(
         "--lora-dtype", choices=list(LORA_DTYPES), help="adapter dtype (default: the weight's)"
     )
+    g.add_argument("--compress", action="store_true", help="train a compressed student")
     g = p.add_argument_group("training")
     g.add_argument(
         "--block-epochs",

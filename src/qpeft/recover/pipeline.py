@@ -6,6 +6,11 @@
 4. block-by-block reconstruction of each transformer block's output (:mod:`.blockwise`);
 5. end-to-end distillation with a warm-up + cosine schedule and held-out early stopping
    (:mod:`.distill`);
+
+with ``compress`` the student's quantized layers are compressed right after step 3
+(:func:`qpeft.compress`: packed codes and scales, bit-identical training, so the metrics equal the
+uncompressed run's; the recovered per-layer error is then not measured, it needs the master
+weights); the peak resident memory of the process is reported either way;
 and the eval metrics after every stage, the per-layer weight error ``||W - Q(W) - sBA|| / ||W||``
 before and after init and after recovery, the time of each stage.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +32,8 @@ from tqdm.auto import tqdm
 from ..core.wrapping import innermost
 from ..lora.convert import lora_layers, update_model
 from ..lora.layer import LoRAModule
+from ..quant.compress import compress
+from ..quant.compressed import is_compressed
 from . import tasks
 from .blockwise import find_blocks, reconstruct_blocks
 from .data import load_texts
@@ -58,6 +66,7 @@ class RecoverOptions:
     epochs: int = 3
     lr: float = 3e-4
     patience: int = 3
+    compress: bool = False
     progress: bool = True
 
 
@@ -224,6 +233,8 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
     t = time.perf_counter()
     _attach(opts, student, names)
     run.layer_error["init"] = _layer_errors(student, names)
+    if opts.compress:
+        student = compress(student, layer_patterns=names)
     _stage(run, "init", t, evaluate)
     say(
         f"quantized {len(names)} layers to {opts.format}; LoRA rank {opts.rank} ({opts.init}) "
@@ -264,7 +275,8 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
         )
     run.train_losses, run.valid_losses = dreport.losses, dreport.valid
     run.early_stopping = {"best_step": dreport.best_step, "stopped_early": dreport.stopped_early}
-    run.layer_error["recovered"] = _layer_errors(student, names)
+    if not opts.compress:
+        run.layer_error["recovered"] = _layer_errors(student, names)
     _stage(run, "recovered", t, evaluate)
 
     run.sizes = _sizes(student)
@@ -272,9 +284,21 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
     return run
 
 
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (``getrusage`` max RSS), MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _sizes(model: nn.Module) -> dict[str, float]:
     adapter = {id(p) for layer in lora_layers(model).values() for p in layer.adapters.parameters()}
     params = list(model.parameters())
+    packed = [b for m in model.modules() if is_compressed(m) for b in m.buffers(recurse=False)]
     adapter_bytes = sum(p.numel() * p.element_size() for p in params if id(p) in adapter)
-    model_bytes = sum(p.numel() * p.element_size() for p in params if id(p) not in adapter)
-    return {"adapter_mb": adapter_bytes / 2**20, "model_mb": model_bytes / 2**20}
+    model_bytes = sum(
+        p.numel() * p.element_size() for p in [*params, *packed] if id(p) not in adapter
+    )
+    return {
+        "adapter_mb": adapter_bytes / 2**20,
+        "model_mb": model_bytes / 2**20,
+        "peak_rss_mb": peak_rss_mb(),
+    }

@@ -48,6 +48,8 @@ def summary_table(run: dict[str, Any]) -> str:
         f"adapter {sizes['adapter_mb']:.2f} MB vs model {sizes['model_mb']:.2f} MB "
         f"({100 * sizes['adapter_mb'] / max(sizes['model_mb'], 1e-9):.1f}%); "
         f"total time {sum(run['seconds'].values()):.1f} s",
+        f"peak memory {sizes.get('peak_rss_mb', float('nan')):.0f} MiB (max RSS)"
+        + (", compressed student" if opts.get("compress") else ""),
     ]
     return "\n".join(lines)
 

@@ -1,0 +1,40 @@
+"""``qpeft recover --compress``: training on the compressed student gives the uncompressed run's
+metrics and losses exactly, and the summary reports peak memory."""
+
+import pytest
+
+from qpeft.quant import CompressedLinear
+from qpeft.recover.pipeline import RecoverOptions, run_recipe
+from qpeft.recover.report import summary_table
+from tests.recover.tiny_lm import build_tiny_causal_lm, write_corpus
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4_weight_only", "int8"])
+def test_compressed_recovery_matches_the_uncompressed_one(tmp_path, fmt):
+    model, corpus = build_tiny_causal_lm(tmp_path / "lm"), write_corpus(tmp_path / "corpus.txt")
+    runs = {}
+    for compress in (False, True):
+        opts = RecoverOptions(
+            model=str(model),
+            data=str(corpus),
+            format=fmt,
+            rank=8,
+            train_texts=16,
+            valid_texts=4,
+            eval_texts=8,
+            batch_size=8,
+            block_epochs=1,
+            epochs=1,
+            compress=compress,
+            progress=False,
+        )
+        runs[compress] = run_recipe(opts, say=lambda _: None)
+    plain, packed = runs[False], runs[True]
+    assert any(isinstance(m, CompressedLinear) for m in packed.student.modules())
+    assert not any(isinstance(m, CompressedLinear) for m in plain.student.modules())
+    assert packed.stages == plain.stages
+    assert packed.train_losses == plain.train_losses and packed.block_losses == plain.block_losses
+    assert packed.sizes["model_mb"] < plain.sizes["model_mb"]
+    for run in (plain, packed):
+        assert run.sizes["peak_rss_mb"] > 0
+        assert "peak memory" in summary_table(run.to_json())
