@@ -211,11 +211,27 @@ def _unpack_fp8(tensors: dict[str, torch.Tensor], spec: PackSpec, dtype: torch.d
     return _ungrouped(_grouped(tensors["packed"].float(), spec) * torch.reciprocal(s), spec, dtype)
 
 
+_FP4_PAIRS: dict[torch.device, torch.Tensor] = {}
+
+
+def _fp4_pairs(device: torch.device) -> torch.Tensor:
+    """``[256, 2]`` fp32: the two signed E2M1 values of every packed byte (low nibble first)."""
+    if device not in _FP4_PAIRS:
+        byte = torch.arange(256, dtype=torch.uint8)
+        grid = torch.tensor(E2M1_GRID)
+
+        def value(code: torch.Tensor) -> torch.Tensor:
+            mag = grid[(code & 7).long()]
+            return torch.where((code & 8) > 0, -mag, mag)  # code 8 is -0.0, as packed
+
+        _FP4_PAIRS[device] = torch.stack((value(byte & 0xF), value(byte >> 4)), -1).to(device)
+    return _FP4_PAIRS[device]
+
+
 def _fp4_values(tensors: dict[str, torch.Tensor], spec: PackSpec) -> torch.Tensor:
-    codes = unpack_nibbles(tensors["packed"], 2 * tensors["packed"].shape[-1])
-    grid = torch.tensor(E2M1_GRID, device=codes.device)
-    mag = grid[(codes & 7).long()]
-    q = torch.where((codes & 8) > 0, -mag, mag)
+    # one gather per byte instead of unpacking nibbles, looking up and signing them
+    packed = tensors["packed"]
+    q = _fp4_pairs(packed.device)[packed.long()].reshape(*packed.shape[:-1], -1)
     return q.reshape(*q.shape[:-1], -1, fp4_block(spec))
 
 
