@@ -169,3 +169,19 @@ def test_layers_without_a_layout_are_refused(tmp_path, build):
     model = build()
     qpeft.quantize(model, "fp8_weight_only", lambda m: m(IDS))
     _refused(tmp_path, model, "Conv1D|grouped experts")
+
+
+@pytest.mark.parametrize("preset", sorted(qpeft.PRESETS))
+def test_compressed_mode_loads_every_format(tmp_path, preset):
+    """transformers' default path (compressed modules, compressed-tensors' own forward) takes the
+    tensors as written; weight-only presets give qpeft's outputs (bf16 rounding aside)."""
+    model, _ = _quantized(preset, BF16)
+    qpeft.export_hf_checkpoint(model, tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        got, want = loaded(IDS).logits, model(IDS).logits
+    assert got.dtype == BF16 and bool(torch.isfinite(got).all())
+    if preset.endswith("weight_only") or preset in ("int4", "fp8_block128"):
+        torch.testing.assert_close(got, want, atol=BF16_ATOL, rtol=BF16_RTOL)
