@@ -131,6 +131,14 @@ def test_reexport_replaces_its_own_directory_only(tmp_path):
     model, _ = _quantized("fp8_weight_only")
     qpeft.export_hf_checkpoint(model, tmp_path / "hf")
     qpeft.export_hf_checkpoint(model, tmp_path / "hf", tokenizer=_tokenizer())  # ours: replaced
+    model.requires_grad_(False)
+    qpeft.update_model(model, {"adapter_cfg": {"*q_proj": {"rank": 2}}})
+    qpeft.export_hf_checkpoint(model, tmp_path / "hf")  # ours with adapters/: replaced
+    assert (tmp_path / "hf" / "adapters" / "default" / "adapter_config.json").is_file()
+    qpeft.export_hf_checkpoint(model, tmp_path / "hf")
+    (tmp_path / "hf" / "adapters" / "default" / "NOTES.md").write_text("mine")
+    with pytest.raises(FileExistsError, match="adapters"):
+        qpeft.export_hf_checkpoint(model, tmp_path / "hf")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="notes.txt"):
@@ -151,6 +159,10 @@ def test_refusals_write_nothing(tmp_path):
         tmp_path, model, "'modelopt' is not implemented yet.*compressed-tensors", format="modelopt"
     )
     _refused(tmp_path, model, "unknown format", format="gguf")
+    model.requires_grad_(False)
+    qpeft.update_model(model, {"adapter_cfg": {"*q_proj": {"rank": 2}}})
+    qpeft.merge_adapters(model)
+    _refused(tmp_path, model, "merged into layer")
     small = tiny_llama()  # 32 input features: no whole 128-block
     qpeft.quantize(small, "int4", lambda m: m(IDS))
     _refused(tmp_path, small, "not a multiple")

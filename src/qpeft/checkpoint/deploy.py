@@ -28,6 +28,7 @@ from ..quant.layer import QuantLinear, QuantModule
 from ..quant.targets import logical_named_modules, quantized_layers
 from .deploy_formats import ct_weight_tensors, input_args, weight_args
 from .files import _default_mode, atomic_directory, read_json, write_json
+from .hf_peft import UNEXPECTED as PEFT_UNEXPECTED
 from .hf_peft import peft_files, write_peft_files
 from .tensor_files import write_tensors
 
@@ -57,6 +58,15 @@ def _own_file(name: str) -> bool:
     return name in _OWN_FILES or name.startswith(_OWN_PREFIXES)
 
 
+def _own_adapters_dir(adapters: Path) -> bool:
+    """Whether ``adapters`` is a folder of HF PEFT adapter folders only (as an export writes)."""
+    if not adapters.is_dir() or adapters.is_symlink():
+        return False
+    return all(
+        a.is_dir() and not a.is_symlink() and not PEFT_UNEXPECTED(a) for a in adapters.iterdir()
+    )
+
+
 def _unexpected(path: Path) -> list[str]:
     """Entries of ``path`` that an export would not have written (see ``atomic_directory``)."""
     names = sorted(os.listdir(path))
@@ -70,8 +80,7 @@ def _unexpected(path: Path) -> list[str]:
         problem = None if method == "compressed-tensors" else f"quant_method {method!r}"
     except (OSError, ValueError) as err:
         problem = f"unreadable: {err}"
-    adapters = path / ADAPTERS_DIR
-    own_dir = adapters.is_dir() and not adapters.is_symlink()
+    own_dir = _own_adapters_dir(path / ADAPTERS_DIR)
     foreign = [
         n
         for n in names
@@ -204,6 +213,14 @@ def _model_config(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[st
 
 def _adapters(model: nn.Module) -> dict[str, tuple[dict, dict]]:
     """``{name: peft_files(...)}`` of every adapter enabled on at least one layer."""
+    for layer_name, layer in lora_layers(model).items():
+        for name, adapter in layer.adapters.items():
+            if adapter.merged:
+                raise ValueError(
+                    f"export_hf_checkpoint: adapter {name!r} is merged into layer "
+                    f"{layer_name!r}; adapters are exported beside the quantized base, never "
+                    "merged into it: call qpeft.unmerge_adapters first"
+                )
     layers = lora_layers(model).values()
     names = sorted({a for layer in layers for a, ad in layer.adapters.items() if ad.enable})
     return {n: peft_files(model, n) for n in names}
