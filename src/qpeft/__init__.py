@@ -3,7 +3,15 @@
 The public API is flat: everything a user needs is importable from ``qpeft``.
 """
 
-from .checkpoint import export_hf_peft, import_hf_peft, load_adapters, restore, save, save_adapters
+from .checkpoint import (
+    export_hf_checkpoint,
+    export_hf_peft,
+    import_hf_peft,
+    load_adapters,
+    restore,
+    save,
+    save_adapters,
+)
 from .core.modes import state
 from .core.patterns import matches_pattern
 from .lora import (
@@ -100,6 +108,7 @@ __all__ = [
     "disabled_adapters",
     "enable_adapters",
     "export",
+    "export_hf_checkpoint",
     "export_hf_peft",
     "freeze_lora_weights",
     "import_hf_peft",

@@ -2,6 +2,7 @@
 writes."""
 
 from .adapter_files import load_adapters, save_adapters
+from .deploy import export_hf_checkpoint
 from .full import ADAPTER_FILE, FORMAT_VERSION, MODEL_FILE, restore, save
 from .hf_import import import_hf_peft
 from .hf_peft import export_hf_peft
@@ -10,6 +11,7 @@ __all__ = [
     "ADAPTER_FILE",
     "FORMAT_VERSION",
     "MODEL_FILE",
+    "export_hf_checkpoint",
     "export_hf_peft",
     "import_hf_peft",
     "load_adapters",

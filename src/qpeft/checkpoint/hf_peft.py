@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -32,7 +33,7 @@ from .files import atomic_directory, write_json
 from .kinds import own_files
 from .tensor_files import write_tensors
 
-__all__ = ["export_hf_peft"]
+__all__ = ["export_hf_peft", "peft_files", "write_peft_files"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -117,22 +118,14 @@ def _hf_config(
     }
 
 
-def export_hf_peft(
-    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"
-) -> None:
-    """Write adapter ``adapter_name`` as a HF PEFT LoRA adapter directory, atomically.
-
-    Only layers where the adapter is enabled are written (a disabled layer is by-passed in qpeft,
-    and HF PEFT has no per-layer switch). Load it with ``peft.PeftModel.from_pretrained(base,
-    path)``.
+def peft_files(
+    model: nn.Module, adapter_name: str = "default"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(adapter_config.json contents, adapter_model.safetensors tensors)`` of one adapter.
 
     Raises:
-        ValueError: the model has no enabled adapter ``adapter_name``.
-        FileExistsError: ``path`` is a file or a non-empty directory holding anything but a LoRA
-            ``adapter_config.json`` and ``adapter_model.safetensors`` (a trainer's output folder
-            with its README.md, checkpoints...; names the entries). Nothing is written then.
-        ValueError, PermissionError, TimeoutError: as
-            :func:`qpeft.checkpoint.files.atomic_directory`.
+        ValueError: the model has no enabled adapter ``adapter_name``, or it sits on grouped
+            experts (no HF PEFT layout).
     """
     layers = {
         n: layer
@@ -161,6 +154,32 @@ def export_hf_peft(
         for name, layer in layers.items()
         for hf, ours in _FACTORS.items()
     }
+    return config, tensors
+
+
+def write_peft_files(folder: Path, config: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """Write :func:`peft_files`' output into the (existing, empty) ``folder``."""
+    write_tensors(folder / WEIGHTS_FILE, tensors)
+    write_json(folder / CONFIG_FILE, config)
+
+
+def export_hf_peft(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"
+) -> None:
+    """Write adapter ``adapter_name`` as a HF PEFT LoRA adapter directory, atomically.
+
+    Only layers where the adapter is enabled are written (a disabled layer is by-passed in qpeft,
+    and HF PEFT has no per-layer switch). Load it with ``peft.PeftModel.from_pretrained(base,
+    path)``.
+
+    Raises:
+        ValueError: the model has no enabled adapter ``adapter_name``.
+        FileExistsError: ``path`` is a file or a non-empty directory holding anything but a LoRA
+            ``adapter_config.json`` and ``adapter_model.safetensors`` (a trainer's output folder
+            with its README.md, checkpoints...; names the entries). Nothing is written then.
+        ValueError, PermissionError, TimeoutError: as
+            :func:`qpeft.checkpoint.files.atomic_directory`.
+    """
+    config, tensors = peft_files(model, adapter_name)
     with atomic_directory(path, "a HF PEFT LoRA adapter", UNEXPECTED) as tmp:
-        write_tensors(tmp / WEIGHTS_FILE, tensors)
-        write_json(tmp / CONFIG_FILE, config)
+        write_peft_files(tmp, config, tensors)

@@ -33,7 +33,7 @@ from .layer import QuantConv1D, QuantLinear, QuantModule
 from .packing import PackSpec, check_packable, pack, packed_layout
 from .targets import logical_named_modules
 
-__all__ = ["compress"]
+__all__ = ["compress", "packed_weight"]
 
 _KINDS = {
     QuantLinear: (PackedLinear, CompressedLinear),
@@ -60,7 +60,7 @@ def _spec(layer: QuantModule) -> PackSpec:
     return PackSpec(q.fmt, shape, q.num_bits, q.axis, blocks, q.narrow_range)
 
 
-def _refusal(name: str, layer: QuantModule) -> str | None:
+def _refusal(name: str, layer: QuantModule, frozen: bool = True) -> str | None:
     """Why ``layer`` cannot be compressed, or None."""
     if isinstance(layer, QuantExperts):
         return (
@@ -70,7 +70,7 @@ def _refusal(name: str, layer: QuantModule) -> str | None:
     if type(layer) not in _KINDS:
         return f"{type(layer).__name__} layers cannot be compressed (only QuantLinear, QuantConv1D)"
     weight, quantizer = innermost(layer).weight, layer.weight_quantizer
-    if weight.requires_grad:
+    if frozen and weight.requires_grad:
         return (
             "its weight is trainable (requires_grad); compress needs a frozen base: freeze it "
             "(update_model freezes the base by default, or weight.requires_grad_(False))"
@@ -123,6 +123,22 @@ def _pack_layer(layer: QuantModule) -> tuple[PackSpec, dict[str, torch.Tensor]]:
     amax = q._fresh_amax(oriented) if q.dynamic else q.amax
     tensors, spec = pack(oriented, _spec(layer), amax)
     return spec, tensors
+
+
+def packed_weight(layer: QuantModule) -> tuple[PackSpec, dict[str, torch.Tensor]]:
+    """The packed codes and scales of a quantized ``nn.Linear`` / ``Conv1D`` layer: those it holds
+    when compressed, else :func:`qpeft.quant.packing.pack` of its weight (nothing changes).
+
+    Raises:
+        ValueError: as :func:`compress` refuses the layer (the name is left to the caller).
+    """
+    if is_compressed(layer):
+        raw = innermost(layer)
+        return raw.spec, raw.packed_tensors()
+    reason = _refusal("", layer, frozen=False)
+    if reason is not None:
+        raise ValueError(reason)
+    return _pack_layer(layer)
 
 
 def compress(model: nn.Module, layer_patterns: Any = None) -> nn.Module:
