@@ -210,3 +210,37 @@ def test_a_tensor_file_linked_from_outside_the_folder_is_refused(tmp_path, saved
     with pytest.raises(ValueError, match="symbolic link to .*outside the checkpoint folder"):
         qpeft.restore(TinyBlock(), saved)
     assert outside.exists()
+
+
+def _compressed(tmp_path):
+    model = TinyBlock(d=32)
+    qpeft.quantize(model, "int4")
+    model.requires_grad_(False)
+    qpeft.compress(model)
+    qpeft.save(model, tmp_path / "ck")
+    return tmp_path / "ck"
+
+
+def _spec_of_first_layer(manifest):
+    entry = next(e for e in manifest["modes"] if e["mode"] == "compress")
+    return next(iter(entry["config"]["layers"].values()))["spec"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("num_bits", "4", "packing spec: invalid num_bits"),
+        ("num_bits", True, "packing spec: invalid num_bits"),
+        ("shape", [1 << 30, 1 << 30], "the log and the checkpoint disagree"),
+        ("fmt", "nvfp4", "the log and the checkpoint disagree"),
+        ("narrow_range", "no", "packing spec: invalid narrow_range"),
+    ],
+)
+def test_a_tampered_packing_spec_is_refused(tmp_path, key, value, words):
+    path = _compressed(tmp_path)
+    _edit(path, lambda m: _spec_of_first_layer(m).__setitem__(key, value))
+    model = TinyBlock(d=32)
+    unchanged = untouched(model)
+    with pytest.raises(ValueError, match=words):
+        qpeft.restore(model, path)
+    unchanged()

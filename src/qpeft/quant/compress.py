@@ -13,6 +13,7 @@ builds the packed layers with zero placeholders that the checkpoint's tensors th
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -184,6 +185,11 @@ def _replay_compress(model: nn.Module, config: dict[str, Any]) -> nn.Module:
         slot, layer = slots[name]
         spec, dtype = PackSpec.from_json(entry["spec"]), _DTYPES[entry["dtype"]]
         weight = innermost(layer).weight
+        if replace(spec, neg_zero=True) != _spec(layer):  # neg_zero depends on the values
+            raise ValueError(
+                f"compress replay: layer {name!r} records packing {spec}, but its quantizer "
+                f"packs as {_spec(layer)} (the log and the checkpoint disagree)"
+            )
         if weight.dtype != dtype or _spec(layer).shape != spec.shape:
             raise ValueError(
                 f"compress replay: layer {name!r} has a {weight.dtype} weight of shape "

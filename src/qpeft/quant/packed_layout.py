@@ -56,17 +56,49 @@ class PackSpec:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PackSpec:
-        """Inverse of :meth:`to_json`."""
-        axis = data.get("axis")
-        blocks = data.get("block_sizes")
+        """Inverse of :meth:`to_json`, as strict as the API (no coercion).
+
+        Raises:
+            ValueError: a field of another type or out of range (names the field).
+        """
+
+        def is_int(v: Any, low: int = 0) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        def ints(v: Any) -> bool:
+            return isinstance(v, list) and all(is_int(d, -64) for d in v)
+
+        axis, blocks = data.get("axis"), data.get("block_sizes")
+        checks = {
+            "fmt": data.get("fmt") in _FORMATS,
+            "shape": isinstance(data.get("shape"), list) and all(is_int(d) for d in data["shape"]),
+            "num_bits": is_int(data.get("num_bits", 8), 1) and data.get("num_bits", 8) <= 32,
+            "axis": axis is None or is_int(axis, -64) or (ints(axis) and len(axis) > 0),
+            "block_sizes": blocks is None
+            or (
+                isinstance(blocks, list)
+                and all(
+                    isinstance(b, list)
+                    and len(b) == 2
+                    and is_int(b[0], -64)
+                    and (b[1] is None or is_int(b[1], 1))
+                    for b in blocks
+                )
+            ),
+            "narrow_range": isinstance(data.get("narrow_range", False), bool),
+            "neg_zero": isinstance(data.get("neg_zero", True), bool),
+        }
+        bad = [field for field, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"packing spec: invalid {bad[0]} {data.get(bad[0])!r}")
         return cls(
             fmt=data["fmt"],
             shape=tuple(data["shape"]),
-            num_bits=int(data.get("num_bits", 8)),
+            num_bits=data.get("num_bits", 8),
             axis=tuple(axis) if isinstance(axis, list) else axis,
-            block_sizes=None if blocks is None else tuple((int(a), s) for a, s in blocks),
-            narrow_range=bool(data.get("narrow_range", False)),
-            neg_zero=bool(data.get("neg_zero", True)),
+            block_sizes=None if blocks is None else tuple((a, s) for a, s in blocks),
+            narrow_range=data.get("narrow_range", False),
+            neg_zero=data.get("neg_zero", True),
         )
 
 
