@@ -366,18 +366,23 @@ def _sharded(model):
     return out
 
 
-def _worker(rank, port, ckpt_dir):
+def _worker(rank, port, check, ckpt_dir):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        _check_against_reference(rank, ckpt_dir)
+        check(rank, ckpt_dir)
     finally:
         dist.destroy_process_group()
 
 
-def test_tensor_parallel_2_on_cpu_gloo(tmp_path):
+def spawn_gloo(check, ckpt_dir):
+    """Run ``check(rank, ckpt_dir)`` (a module-level function) on ``WORLD`` gloo ranks."""
     torch.multiprocessing.spawn(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True
+        _worker, args=(_free_port(), check, str(ckpt_dir)), nprocs=WORLD, join=True
     )
+
+
+def test_tensor_parallel_2_on_cpu_gloo(tmp_path):
+    spawn_gloo(_check_against_reference, tmp_path)

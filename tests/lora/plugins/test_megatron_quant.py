@@ -24,12 +24,12 @@ from tests.lora.plugins.test_megatron import (  # noqa: E402
     HIDDEN,
     WORLD,
     _cpu_shims,
-    _free_port,
     _gather,
     _MegatronMLP,
     _sequential_mlp,
     _sharded,
     _TorchMLP,
+    spawn_gloo,
 )
 from tests.tolerances import DIST_ATOL  # noqa: E402
 
@@ -221,18 +221,5 @@ def _run(rank, ckpt_dir):
     _check_sequential_mlp_experts()
 
 
-def _worker(rank, port, ckpt_dir):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        _run(rank, ckpt_dir)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_quantized_tensor_parallel_2_matches_one_process(tmp_path):
-    torch.multiprocessing.spawn(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True
-    )
+    spawn_gloo(_run, tmp_path)
