@@ -38,6 +38,7 @@ from ..core.modes import record, register_mode, swap_module
 from ..core.patterns import merge_matching
 from .calibrate import calibrate_inputs
 from .config import QuantizerAttributeConfig
+from .fused_scales import tie_scales
 from .layer import QuantModule
 from .presets import DISABLED_PARENT_CLASSES, PRESETS
 from .quantizer import TensorQuantizer
@@ -229,6 +230,8 @@ def quantize(
     model: nn.Module,
     config: str | QuantizeConfig | dict[str, Any],
     forward_loop: Callable[..., Any] | None = None,
+    *,
+    tie_fused_scales: bool = False,
 ) -> nn.Module:
     """Fake-quantize ``model`` in place: wrap targeted layers with weight and input quantizers.
 
@@ -244,6 +247,9 @@ def quantize(
             called as ``forward_loop()``, as ModelOpt allows. Dynamic quantizers need none.
             Without it, static input quantizers stay uncalibrated and raise at their first
             forward (a warning says so).
+        tie_fused_scales: give the layers an engine fuses (q/k/v, gate/up siblings) the group's
+            max of every per-tensor amax, as engines will (:mod:`qpeft.quant.fused_scales`);
+            recorded in the mode log.
 
     Returns:
         The model to use from now on: ``model`` itself, changed in place, or, when ``model`` is
@@ -260,9 +266,15 @@ def quantize(
     wrappers, resolved = _plan(model, cfg)
     if forward_loop is not None:
         calibrate_inputs(model, wrappers, quant_targets(model), forward_loop)
+    if not isinstance(tie_fused_scales, bool):
+        raise TypeError(f"tie_fused_scales must be a bool, got {tie_fused_scales!r}")
+    tied = tie_scales(wrappers) if tie_fused_scales else []
     model = _apply(model, wrappers)
     _warn_uncalibrated(wrappers)
-    record(model, "quantize", _log_entry(cfg.algorithm, resolved, wrappers))
+    entry = _log_entry(cfg.algorithm, resolved, wrappers)
+    if tie_fused_scales:
+        entry["tied_scales"] = tied  # the values are the amax tensors a checkpoint holds
+    record(model, "quantize", entry)
     return model
 
 
