@@ -86,6 +86,22 @@ def test_frozen_weight_is_quantized_once_and_reused():
     assert_bits_equal(first, layer.weight_quantizer(layer.weight))
 
 
+def test_a_view_made_afresh_each_call_hits_the_cache_until_its_base_changes():
+    # GroupedMLP's quantized wrapper reads [E, in, out] views of its 2-D weights: a new view
+    # object at every forward must not mean a new Q(W)
+    from qpeft.quant.cache import WeightCache
+
+    weight = nn.Parameter(torch.randn(4, 32), requires_grad=False)
+    quantizer = TensorQuantizer.from_config(NVFP4)
+    cache = WeightCache()
+    first = cache.get(weight.view(2, 2, 32), quantizer)
+    assert cache.get(weight.view(2, 2, 32), quantizer) is first
+    assert cache.get(weight.view(4, 32), quantizer) is not first  # another shape
+    with torch.no_grad():
+        weight.mul_(2)
+    assert not torch.equal(cache.get(weight.view(2, 2, 32), quantizer), first)
+
+
 def _edit_in_place(layer):
     with torch.no_grad():
         layer.weight.mul_(0.5)

@@ -3,8 +3,9 @@
 A frozen base weight ``W`` gives the same ``Q(W)`` at every forward, so it is computed once and
 reused. The cache is valid while everything ``Q(W)`` depends on is unchanged:
 
-* the weight: same ``Parameter`` object, storage (``data_ptr``), in-place version counter
-  (``_version``: ``copy_``, ``load_state_dict``, optimizer steps bump it), dtype, device, shape;
+* the weight: same ``Parameter`` object (for a view made afresh at each call, the same base
+  ``Parameter`` at the same offset, shape and strides), storage (``data_ptr``), in-place version
+  counter (``_version``: ``copy_``, ``load_state_dict``, optimizer steps bump it), dtype, device;
 * its ``requires_grad`` (a trainable weight is never cached: it changes every step and needs
   the straight-through gradient);
 * the quantizer: same module object, enable/calibration flags, format settings, and the same
@@ -57,13 +58,17 @@ class WeightCache:
     @staticmethod
     def _key(weight: torch.Tensor, quantizer: TensorQuantizer) -> tuple[tuple, tuple]:
         amax = quantizer._amax
-        refs = (weight, quantizer, amax)
+        # A view (GroupedMLP's [E, in, out] views of its 2-D weights) is a new object at every
+        # call: it is the same weight when its base, storage offset, shape and strides are.
+        root = weight if weight._base is None else weight._base
+        refs = (root, quantizer, amax)
         values = (
             weight.data_ptr(),
             weight._version,
             weight.dtype,
             weight.device,
             tuple(weight.shape),
+            weight.stride(),
             weight.requires_grad,
             _settings(quantizer),
             None if amax is None else amax._version,
