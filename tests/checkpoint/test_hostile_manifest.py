@@ -244,3 +244,15 @@ def test_a_tampered_packing_spec_is_refused(tmp_path, key, value, words):
     with pytest.raises(ValueError, match=words):
         qpeft.restore(model, path)
     unchanged()
+
+
+def test_a_compress_entry_with_an_unknown_dtype_is_refused_naming_it(tmp_path):
+    path = _compressed(tmp_path)
+
+    def change(manifest):
+        entry = next(e for e in manifest["modes"] if e["mode"] == "compress")
+        next(iter(entry["config"]["layers"].values()))["dtype"] = "float64"
+
+    _edit(path, change)
+    with pytest.raises(ValueError, match="needs a 'spec' and a 'dtype' among"):
+        qpeft.restore(TinyBlock(d=32), path)

@@ -183,6 +183,11 @@ def _replay_compress(model: nn.Module, config: dict[str, Any]) -> nn.Module:
         if name not in slots or type(slots[name][1]) not in _KINDS:
             raise ValueError(f"compress replay: model has no quantized layer {name!r}")
         slot, layer = slots[name]
+        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES or "spec" not in entry:
+            raise ValueError(
+                f"compress replay: layer {name!r} needs a 'spec' and a 'dtype' among "
+                f"{sorted(_DTYPES)}, got {str(entry)[:80]}"
+            )
         spec, dtype = PackSpec.from_json(entry["spec"]), _DTYPES[entry["dtype"]]
         weight = innermost(layer).weight
         if replace(spec, neg_zero=True) != _spec(layer):  # neg_zero depends on the values
