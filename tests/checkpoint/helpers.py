@@ -96,3 +96,15 @@ def untouched(model):
     """A checker that ``model`` is exactly as it is now (structure, tensors, flags, mode log)."""
     ref = copy.deepcopy(model)
     return lambda: assert_same(model, ref, x=None)
+
+
+def assert_same_state(got, want):
+    """Equal ``state_dict`` keys and tensors; non-tensor entries (Megatron's ``_extra_state``)
+    are None on both sides."""
+    got, want = got.state_dict(), want.state_dict()
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(got[key], value), key
+        else:
+            assert value is None and got[key] is None, key

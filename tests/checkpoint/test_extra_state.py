@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import qpeft
+from tests.checkpoint.helpers import assert_same_state
 from tests.lora.layer_kinds import single_process_group
 
 LORA = {"adapter_cfg": {"*": {"rank": 2, "lora_b_init": "torch.nn.init.normal_"}}}
@@ -33,23 +34,13 @@ def _model(extra=None):
     return nn.Sequential(_WithExtraState(extra), nn.ReLU(), nn.Linear(3, 2))
 
 
-def _assert_same_state(got, want):
-    got, want = got.state_dict(), want.state_dict()
-    assert got.keys() == want.keys()
-    for key, value in want.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(got[key], value), key
-        else:
-            assert value is None and got[key] is None, key
-
-
 def test_none_extra_state_is_skipped_and_its_absence_accepted(tmp_path):
     model = _model()
     assert model.state_dict()["0._extra_state"] is None
     qpeft.update_model(model, LORA)
     qpeft.save(model, tmp_path / "ck")
     restored = qpeft.restore(_model(), tmp_path / "ck")
-    _assert_same_state(restored, model)
+    assert_same_state(restored, model)
     x = torch.randn(5, 4)
     assert torch.equal(restored(x), model(x))
 
@@ -120,10 +111,10 @@ def test_megatron_gpt_save_restore_and_adapter_files(megatron_tp1, tmp_path):
     qpeft.update_model(gpt, LORA)
     assert any(k.endswith("linear_qkv._extra_state") for k in gpt.state_dict())
     qpeft.save(gpt, tmp_path / "full")
-    _assert_same_state(qpeft.restore(_gpt(), tmp_path / "full"), gpt)
+    assert_same_state(qpeft.restore(_gpt(), tmp_path / "full"), gpt)
     qpeft.save_adapters(gpt, tmp_path / "adapters")
     loaded = qpeft.load_adapters(_gpt(), tmp_path / "adapters")
-    _assert_same_state(loaded, gpt)
+    assert_same_state(loaded, gpt)
 
 
 def test_megatron_readme_mlp_save_restore_is_bit_exact(megatron_tp1, tmp_path):
@@ -133,4 +124,4 @@ def test_megatron_readme_mlp_save_restore_is_bit_exact(megatron_tp1, tmp_path):
     restored = qpeft.restore(_readme_mlp(), tmp_path / "full")
     x = torch.randn(4, 2, 8)
     assert torch.equal(_run_mlp(restored, x), _run_mlp(mlp, x))
-    _assert_same_state(restored, mlp)
+    assert_same_state(restored, mlp)

@@ -144,9 +144,15 @@ def _check_svdquant(tp, ref, rank):
                 "adapter_cfg": {"*": {"rank": 3, "lora_init_method": "svdquant"}},
             },
         )
+    assert_svdquant_shards(tp, ref, "sq", rank)
+
+
+def assert_svdquant_shards(tp, ref, name, rank):
+    """Each rank's svdquant factors are its slices of the one-process factors (column: B on out,
+    row: A on in)."""
     shard = slice(rank * FFN // WORLD, (rank + 1) * FFN // WORLD)
-    a1, a2 = tp.fc1.adapters["sq"], tp.fc2.adapters["sq"]
-    r1, r2 = ref.fc1.adapters["sq"], ref.fc2.adapters["sq"]
+    a1, a2 = tp.fc1.adapters[name], tp.fc2.adapters[name]
+    r1, r2 = ref.fc1.adapters[name], ref.fc2.adapters[name]
     assert r1.lora_b.abs().sum() > 0
     for got, want in [
         (a1.lora_a, r1.lora_a),

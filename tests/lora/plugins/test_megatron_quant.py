@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 import qpeft  # noqa: E402
+from tests.checkpoint.helpers import assert_same_state  # noqa: E402
 from tests.lora.plugins.test_megatron import (  # noqa: E402
     FFN,
     HIDDEN,
@@ -29,6 +30,7 @@ from tests.lora.plugins.test_megatron import (  # noqa: E402
     _sequential_mlp,
     _sharded,
     _TorchMLP,
+    assert_svdquant_shards,
     spawn_gloo,
 )
 from tests.tolerances import DIST_ATOL  # noqa: E402
@@ -126,17 +128,7 @@ def _check_svdquant(config, rank):
         qpeft.update_model(
             model, {"adapter_cfg": {"*": {"rank": 3, "lora_init_method": "svdquant"}}}
         )
-    shard = slice(rank * FFN // WORLD, (rank + 1) * FFN // WORLD)
-    a1, a2 = tp.fc1.adapters["default"], tp.fc2.adapters["default"]
-    r1, r2 = ref.fc1.adapters["default"], ref.fc2.adapters["default"]
-    assert r1.lora_b.abs().sum() > 0
-    for got, want in [
-        (a1.lora_a, r1.lora_a),
-        (a1.lora_b, r1.lora_b[shard]),
-        (a2.lora_a, r2.lora_a[:, shard]),
-        (a2.lora_b, r2.lora_b),
-    ]:
-        torch.testing.assert_close(got, want, atol=DIST_ATOL, rtol=0)
+    assert_svdquant_shards(tp, ref, "default", rank)
 
 
 def _check_straddling_blocks_refused(config, rank):
@@ -144,14 +136,6 @@ def _check_straddling_blocks_refused(config, rank):
     with pytest.raises(ValueError, match=r"fc2\.weight_quantizer: block size 16 does not divide"):
         qpeft.quantize(tp, "nvfp4_weight_only")  # blocks of 16 on fc2's local in = 8
     assert type(tp.fc2).__name__ == "RowParallelLinear"  # untouched
-
-
-def _assert_same_state(got, want):
-    got, want = got.state_dict(), want.state_dict()
-    assert got.keys() == want.keys()
-    for key, value in want.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(got[key], value), key
 
 
 def _check_checkpoints(config, rank, ckpt_dir):
@@ -165,7 +149,7 @@ def _check_checkpoints(config, rank, ckpt_dir):
     qpeft.save(tp, f"{ckpt_dir}/qpeft{rank}")
     torch.manual_seed(5)
     restored = qpeft.restore(_MegatronMLP(config), f"{ckpt_dir}/qpeft{rank}")
-    _assert_same_state(restored, tp)
+    assert_same_state(restored, tp)
     with torch.no_grad():
         assert torch.equal(restored(x), tp(x))
 
@@ -182,7 +166,7 @@ def _check_checkpoints(config, rank, ckpt_dir):
     _quantize(fresh, "int8")
     _lora(fresh, seed=8)
     fresh.load_state_dict(dist_checkpointing.load(_sharded(fresh), f"{ckpt_dir}/dist"))
-    _assert_same_state(fresh, tp)
+    assert_same_state(fresh, tp)
 
 
 def _check_sequential_mlp_experts():
