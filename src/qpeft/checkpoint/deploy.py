@@ -1,41 +1,51 @@
 """``export_hf_checkpoint``: a quantized model as a Hugging Face model directory for engines.
 
-The directory holds ``config.json`` (the model's config plus a ``quantization_config``),
-``model.safetensors`` (one file, not sharded), the tokenizer files when a tokenizer is given, and
+The directory holds ``config.json`` (the model's config plus a ``quantization_config``), the
+weights (``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` shards and
+``model.safetensors.index.json`` over ``max_shard_size``: :mod:`qpeft.checkpoint.shards`), the
+tokenizer files when a tokenizer is given, and
 every enabled LoRA adapter as a HF PEFT folder ``adapters/<name>/`` (never merged into the
 quantized base). Tensor names are the model's own (qpeft's wrapper levels removed), so
 ``transformers.AutoModelForCausalLM.from_pretrained(path)`` and
 ``peft.PeftModel.from_pretrained(model, path / "adapters" / name)`` load them.
 
-Formats: ``compressed-tensors`` (:mod:`qpeft.checkpoint.deploy_formats`); ``modelopt`` is not
-implemented yet.
+Formats: ``compressed-tensors`` (:mod:`qpeft.checkpoint.deploy_ct`, layouts in
+:mod:`qpeft.checkpoint.deploy_formats`) and ``modelopt`` (:mod:`qpeft.checkpoint.deploy_modelopt`,
+plus ``hf_quant_config.json``). Fused groups whose per-tensor scales differ are tied as the engines
+tie them, with a warning (:mod:`qpeft.checkpoint.deploy_ties`).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..core.wrapping import ModuleWrapper, innermost
 from ..lora.convert import lora_layers
-from ..quant.compress import packed_weight
-from ..quant.compressed import PackedLinear
-from ..quant.layer import QuantLinear, QuantModule
-from ..quant.targets import logical_named_modules, quantized_layers
-from .deploy_formats import ct_weight_tensors, input_args, weight_args
+from .deploy_ct import ct_collect
+from .deploy_layers import export_layers
+from .deploy_modelopt import HF_QUANT_CONFIG, modelopt_collect
+from .deploy_ties import tie_exports
 from .files import _default_mode, atomic_directory, read_json, write_json
 from .hf_peft import UNEXPECTED as PEFT_UNEXPECTED
 from .hf_peft import peft_files, write_peft_files
-from .tensor_files import write_tensors
+from .shards import (
+    DEFAULT_SHARD_SIZE,
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    is_shard_name,
+    shard_size,
+    write_weights,
+)
 
 __all__ = ["export_hf_checkpoint"]
 
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+FORMATS = ("compressed-tensors", "modelopt")
 ADAPTERS_DIR = "adapters"
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -50,12 +60,19 @@ _TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-_OWN_FILES = {CONFIG_FILE, WEIGHTS_FILE, "generation_config.json", *_TOKENIZER_FILES}
+_OWN_FILES = {
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    INDEX_FILE,
+    HF_QUANT_CONFIG,
+    "generation_config.json",
+    *_TOKENIZER_FILES,
+}
 _OWN_PREFIXES = ("tokenizer", "vocab", "merges", "chat_template", "special_tokens", "added_tokens")
 
 
 def _own_file(name: str) -> bool:
-    return name in _OWN_FILES or name.startswith(_OWN_PREFIXES)
+    return name in _OWN_FILES or name.startswith(_OWN_PREFIXES) or is_shard_name(name)
 
 
 def _own_adapters_dir(adapters: Path) -> bool:
@@ -77,7 +94,7 @@ def _unexpected(path: Path) -> list[str]:
         config = read_json(path / CONFIG_FILE)
         quant = config.get("quantization_config") if isinstance(config, dict) else None
         method = quant.get("quant_method") if isinstance(quant, dict) else None
-        problem = None if method == "compressed-tensors" else f"quant_method {method!r}"
+        problem = None if method in FORMATS else f"quant_method {method!r}"
     except (OSError, ValueError) as err:
         problem = f"unreadable: {err}"
     own_dir = _own_adapters_dir(path / ADAPTERS_DIR)
@@ -87,101 +104,6 @@ def _unexpected(path: Path) -> list[str]:
         if not (n in regular and _own_file(n)) and not (n == ADAPTERS_DIR and own_dir)
     ]
     return ([f"{CONFIG_FILE} ({problem})"] if problem else []) + foreign
-
-
-def _own_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    out = {f"{prefix}{k}": v for k, v in module._parameters.items() if v is not None}
-    skip = module._non_persistent_buffers_set
-    out.update(
-        {f"{prefix}{k}": v for k, v in module._buffers.items() if v is not None and k not in skip}
-    )
-    return out
-
-
-def _layer_tensors(name: str, layer: QuantModule) -> tuple[str, dict, dict | None, dict]:
-    """``(format, weights args, input args, tensors)`` of one quantized linear layer."""
-    if not isinstance(layer, QuantLinear) or not isinstance(
-        innermost(layer), (nn.Linear, PackedLinear)
-    ):
-        kind = type(layer).__name__
-        hint = "grouped experts" if "Experts" in kind else f"{kind} layers"
-        raise ValueError(
-            f"export_hf_checkpoint: layer {name!r}: {hint} have no compressed-tensors layout "
-            "(only quantized nn.Linear layers); disable its quantizers to export it unquantized"
-        )
-    try:
-        spec, packed = packed_weight(layer)
-    except ValueError as err:
-        raise ValueError(f"export_hf_checkpoint: layer {name!r}: {err}") from None
-    found = weight_args(spec)
-    inputs = input_args(getattr(layer, "input_quantizer", None))
-    for why in (found, inputs):
-        if isinstance(why, str):
-            raise ValueError(
-                f"export_hf_checkpoint: layer {name!r}: compressed-tensors cannot hold {why}"
-            )
-    fmt, wargs = found
-    iargs, itensors = inputs
-    tensors = {f"{name}.{k}": v for k, v in ct_weight_tensors(fmt, packed, spec).items()}
-    tensors.update({f"{name}.{k}": v for k, v in itensors.items()})
-    bias = innermost(layer).bias
-    if bias is not None:
-        tensors[f"{name}.bias"] = bias
-    return fmt, wargs, iargs, tensors
-
-
-def _is_quantized(layer: QuantModule) -> bool:
-    return any(
-        k.endswith("weight_quantizer") and q.is_enabled for k, q in layer.quantizers().items()
-    )
-
-
-def _collect(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(quantization_config, tensors)`` of the whole model; raises before anything is written."""
-    quantized = {n: layer for n, layer in quantized_layers(model).items() if _is_quantized(layer)}
-    if not quantized:
-        raise ValueError(
-            "export_hf_checkpoint: the model has no quantized layer (call qpeft.quantize first)"
-        )
-    tensors, schemes, ignore = {}, {}, []
-    for _, logical, module in logical_named_modules(model):
-        if isinstance(module, ModuleWrapper):
-            continue
-        if logical in quantized:
-            fmt, wargs, iargs, layer_tensors = _layer_tensors(logical, quantized[logical])
-            schemes.setdefault((fmt, repr(wargs), repr(iargs)), (fmt, wargs, iargs, logical))
-            tensors.update(layer_tensors)
-            continue
-        if isinstance(module, nn.Linear):
-            ignore.append(logical)
-        tensors.update(_own_tensors(module, f"{logical}." if logical else ""))
-    if len(schemes) > 1:
-        (_, _, _, a), (_, _, _, b) = list(schemes.values())[:2]
-        raise ValueError(
-            f"export_hf_checkpoint: layers {a!r} and {b!r} are quantized differently; a "
-            "compressed-tensors checkpoint written here holds one scheme (transformers "
-            "dequantizes every dense layer with the first one)"
-        )
-    fmt, wargs, iargs, _ = next(iter(schemes.values()))
-    config = {
-        "quant_method": "compressed-tensors",
-        "format": fmt,
-        "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": wargs,
-                "input_activations": iargs,
-                "output_activations": None,
-                "format": fmt,
-            }
-        },
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-        "sparsity_config": {},
-    }
-    return config, tensors
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -239,51 +161,88 @@ def _write_adapters(tmp: Path, adapters: dict[str, tuple[dict, dict]]) -> None:
         os.chmod(tmp / ADAPTERS_DIR, mode)
 
 
+def _collect(model: nn.Module, fmt: str) -> tuple[dict, dict | None, dict, list[str]]:
+    """``(quantization_config, hf_quant_config or None, tensors, tie lines)``; writes nothing."""
+    layers, lines = tie_exports(export_layers(model, fmt))
+    if fmt == "modelopt":
+        hf_quant, quant_config, tensors = modelopt_collect(model, layers)
+    else:
+        hf_quant, (quant_config, tensors) = None, ct_collect(model, layers)
+    return quant_config, hf_quant, tensors, lines
+
+
+def _warn_ties(lines: list[str]) -> None:
+    warnings.warn(
+        "export_hf_checkpoint: fused layers (run by vLLM / TensorRT-LLM as one GEMM with one "
+        "per-tensor scale) do not share their scales; the checkpoint holds each group "
+        "requantized with its largest one, as the engine would run it (the model is unchanged): "
+        + "; ".join(lines)
+        + ". Quantize with qpeft.quantize(..., tie_fused_scales=True) to train the served "
+        "numerics.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def export_hf_checkpoint(
     model: nn.Module,
     path: str | os.PathLike,
     *,
     format: str = "compressed-tensors",  # noqa: A002 - the public keyword
     tokenizer: Any = None,
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
 ) -> Path:
     """Write a quantized transformers model as a Hugging Face model directory, atomically.
 
     Args:
         model: a transformers model quantized with :func:`qpeft.quantize` (compressed with
-            :func:`qpeft.compress` or not), with or without LoRA adapters.
+            :func:`qpeft.compress` or not), with or without LoRA adapters. It is not changed.
         path: the directory to create or replace (only a directory this function wrote is
             replaced).
-        format: ``"compressed-tensors"`` (``"modelopt"`` is not implemented yet).
+        format: ``"compressed-tensors"`` (transformers, vLLM) or ``"modelopt"`` (NVIDIA
+            ModelOpt's unified checkpoint for vLLM and TensorRT-LLM: FP8 per tensor, NVFP4,
+            W4A16_NVFP4).
         tokenizer: optional; saved with ``tokenizer.save_pretrained``.
+        max_shard_size: the largest weights file, in bytes or as ``"5GB"``, ``"500MB"``,
+            ``"2GiB"`` (transformers' units); larger weights are written as
+            ``model-0000i-of-0000N.safetensors`` shards with ``model.safetensors.index.json``.
 
     Returns:
         ``path`` as a :class:`pathlib.Path`.
 
+    Warns:
+        UserWarning: fused layers (q/k/v, gate/up) whose per-tensor scales differ: they are
+            written with the group's shared scale, as the engines run them; the message names
+            each group with the fraction of weight elements changed and the largest output
+            change on a probe input (:mod:`qpeft.checkpoint.deploy_ties`).
+
     Raises:
-        ValueError: an unknown or unimplemented format; no quantized layer; a layer the format
-            cannot hold (grouped experts, Conv1D, a block size or scale layout it lacks, layers
-            quantized with different schemes). Nothing is written then.
+        ValueError: an unknown format or shard size; no quantized layer; a layer the format
+            cannot hold (grouped experts, Conv1D, a block size or scale layout it lacks, for
+            ``modelopt`` any preset but fp8 / nvfp4 / nvfp4_weight_only; layers quantized with
+            different schemes); a merged adapter. Nothing is written then.
         FileExistsError, PermissionError, TimeoutError: as
             :func:`qpeft.checkpoint.files.atomic_directory`.
     """
-    if format == "modelopt":
+    if format not in FORMATS:
         raise ValueError(
-            "export_hf_checkpoint: format 'modelopt' is not implemented yet; use "
-            "format='compressed-tensors' (read by transformers and vLLM)"
+            f"export_hf_checkpoint: unknown format {format!r} (use 'compressed-tensors' or "
+            "'modelopt')"
         )
-    if format != "compressed-tensors":
-        raise ValueError(
-            f"export_hf_checkpoint: unknown format {format!r} (use 'compressed-tensors')"
-        )
-    quant_config, tensors = _collect(model)
+    limit = shard_size(max_shard_size)
+    quant_config, hf_quant, tensors, lines = _collect(model, format)
     tensors = _unshared(tensors)
     config = _model_config(model, tensors)
     config["quantization_config"] = quant_config
     adapters = _adapters(model)
     with atomic_directory(path, "a Hugging Face model directory", _unexpected) as tmp:
-        write_tensors(tmp / WEIGHTS_FILE, tensors)
+        write_weights(tmp, tensors, limit)
         write_json(tmp / CONFIG_FILE, config)
+        if hf_quant is not None:
+            write_json(tmp / HF_QUANT_CONFIG, hf_quant)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _write_adapters(tmp, adapters)
+    if lines:
+        _warn_ties(lines)
     return Path(path)
