@@ -108,3 +108,46 @@ def assert_same_state(got, want):
             assert torch.equal(got[key], value), key
         else:
             assert value is None and got[key] is None, key
+
+
+DEPLOY_IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+
+
+def deploy_llama(preset=None, dtype=torch.float32, tie=True):
+    """A one-block Llama with 128 / 256 features, quantized with ``preset`` if given."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    if preset is not None:
+        qpeft.quantize(model, preset, lambda m: m(DEPLOY_IDS), tie_fused_scales=tie)
+    return model
+
+
+# E2M1 values of the 16 codes: bits 0-2 index the grid, bit 3 is the sign.
+_E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+E2M1_LUT = torch.tensor(_E2M1 + [-v for v in _E2M1])
+
+
+def decode_modelopt(tensors, layer, dtype):
+    """A reference decoder of one layer of a ModelOpt checkpoint, written from vLLM's and
+    ModelOpt's documented decoding (not from qpeft): FP8 ``fp32(weight) * weight_scale``; NVFP4
+    codes two per byte, element 2i in the low nibble, ``e2m1 * (fp32(weight_scale) *
+    weight_scale_2)`` per 16 input features. Computed in fp32, cast to ``dtype``."""
+    w = tensors[f"{layer}.weight"]
+    if w.dtype == torch.float8_e4m3fn:
+        return (w.float() * tensors[f"{layer}.weight_scale"]).to(dtype)
+    low, high = (w & 0xF).long(), (w >> 4).long()
+    values = torch.stack((E2M1_LUT[low], E2M1_LUT[high]), dim=-1).reshape(w.shape[0], -1)
+    scale = tensors[f"{layer}.weight_scale"].float() * tensors[f"{layer}.weight_scale_2"]
+    blocks = values.reshape(w.shape[0], -1, 16) * scale.unsqueeze(-1)
+    return blocks.reshape(w.shape[0], -1).to(dtype)
