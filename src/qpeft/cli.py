@@ -3,7 +3,8 @@
 ``qpeft recover``: quantize a pretrained model and win its accuracy back with a LoRA sidecar
 trained by distillation from the unquantized model (see :mod:`qpeft.recover.pipeline`).
 ``qpeft inspect PATH``: describe a checkpoint. Bad input prints one line ``qpeft: error: ...``
-and exits with status 2; an interrupted run exits with 130 and leaves no partial output.
+and exits with status 2; an interrupted run exits with 130 and leaves no partial output, only its
+resume state (``--resume``, :mod:`qpeft.recover.resume`).
 """
 
 from __future__ import annotations
@@ -120,12 +121,16 @@ def _cmd_recover(args: argparse.Namespace) -> int:
             result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
             plotted = _plots(result, tmp)
             write_report(result, tmp)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the state stays, as after a kill or a failed output write
         if state.saves or args.resume:
             print(
                 f"qpeft: the training state is saved in {state.folder}; --resume continues it",
                 file=sys.stderr,
             )
+        raise
+    except ValueError:  # the run's own failure (diverged, bad input): a resume would fail again
+        if state.saves:
+            state.finish()
         raise
     state.finish()
     print(summary_table(result))

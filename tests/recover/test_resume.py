@@ -248,3 +248,12 @@ def test_a_damaged_or_foreign_state_folder_is_one_line(
     line = _one_line_error(capsys, _argv(tiny, out, *OPTIONS, *(["--resume"] if resume else [])))
     assert words in line
     assert _snapshot(_state(out)) == before and not out.exists()
+
+
+def test_help_documents_resume_and_save_every(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["recover", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--resume" in out and "--save-every STEPS" in out and "(default 100;" in out
+    assert ".<output name>.qpeft-resume/ beside --output" in out
