@@ -101,7 +101,7 @@ def distill(
     if saved:
         with saved.checked():
             done = saved.load(opt, sched)
-            report, best, best_state, waited = _resumed(saved.extra, len(params))
+            report, best, best_state, waited = _resumed(saved.extra, params)
         if progress:
             progress(done)
     else:
@@ -139,13 +139,15 @@ def distill(
     return report
 
 
-def _resumed(extra: dict[str, Any], count: int) -> tuple[DistillReport, float, list, int]:
+def _resumed(
+    extra: dict[str, Any], params: list[nn.Parameter]
+) -> tuple[DistillReport, float, list, int]:
     """The loop state a save wrote: report, best validation loss and snapshot, checks waited."""
     report = DistillReport(**extra["report"])
     report.valid = [(int(s), float(v)) for s, v in report.valid]
     best_state = list(extra["best_state"])
-    if len(best_state) != count:
-        raise ValueError(f"{len(best_state)} saved best tensors for {count} parameters")
+    if [t.shape for t in best_state] != [p.shape for p in params]:
+        raise ValueError("the saved best snapshot does not fit the trainable parameters")
     return report, float(extra["best"]), best_state, int(extra["waited"])
 
 
