@@ -3,7 +3,8 @@
 ``qpeft recover``: quantize a pretrained model and win its accuracy back with a LoRA sidecar
 trained by distillation from the unquantized model (see :mod:`qpeft.recover.pipeline`).
 ``qpeft inspect PATH``: describe a checkpoint. Bad input prints one line ``qpeft: error: ...``
-and exits with status 2; an interrupted run exits with 130 and leaves no partial output.
+and exits with status 2; an interrupted run exits with 130 and leaves no partial output, only its
+resume state (``--resume``, :mod:`qpeft.recover.resume`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     from .recover.pipeline import RecoverOptions, run_recipe
     from .recover.quantizing import FORMATS
     from .recover.report import summary_table, write_report
+    from .recover.resume import open_state
     from .recover.saving import save_student
     from .recover.tasks import check_model_dir
 
@@ -105,16 +107,32 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    state = open_state(args.output, opts, resume=args.resume, every=args.save_every)
+    if args.resume:
+        print(f"resuming from {state.describe()}")
     started, cpu_started = time.perf_counter(), time.process_time()
-    with output_directory(args.output, opts.model) as tmp:
-        run = run_recipe(opts)
-        files = save_student(run.student, run.tokenizer, tmp)
-        result = run.to_json()
-        result["files"] = files
-        result["wall_seconds"] = round(time.perf_counter() - started, 1)
-        result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
-        plotted = _plots(result, tmp)
-        write_report(result, tmp)
+    try:
+        with output_directory(args.output, opts.model) as tmp:
+            run = run_recipe(opts, state=state)
+            files = save_student(run.student, run.tokenizer, tmp)
+            result = run.to_json()
+            result["files"] = files
+            result["wall_seconds"] = round(time.perf_counter() - started, 1)
+            result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
+            plotted = _plots(result, tmp)
+            write_report(result, tmp)
+    except KeyboardInterrupt:  # the state stays, as after a kill or a failed output write
+        if state.saves or args.resume:
+            print(
+                f"qpeft: the training state is saved in {state.folder}; --resume continues it",
+                file=sys.stderr,
+            )
+        raise
+    except ValueError:  # the run's own failure (diverged, bad input): a resume would fail again
+        if state.saves:
+            state.finish()
+        raise
+    state.finish()
     print(summary_table(result))
     print(f"wall time {result['wall_seconds']:.1f} s, CPU time {result['cpu_seconds']:.1f} s")
     plots = "layer_error.png, training_loss.png, metrics.png, " if plotted else ""

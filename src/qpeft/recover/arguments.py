@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["add_recover_parser"]
+__all__ = ["SAVE_EVERY", "add_recover_parser"]
+
+#: Default of ``--save-every``: training steps between two saves of the resume state.
+SAVE_EVERY = 100
 
 
 def _positive_int(text: str) -> int:
@@ -163,4 +166,22 @@ def add_recover_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
         "it is an earlier run's (default runs/recover)",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("interruption and resume")
+    g.add_argument(
+        "--save-every",
+        type=_count,
+        default=SAVE_EVERY,
+        metavar="STEPS",
+        help="save the training state (adapters, optimizer, scheduler, data position, RNG) when "
+        f"each phase starts and every STEPS training steps (default {SAVE_EVERY}; 0: only when "
+        "a phase starts) into .<output name>.qpeft-resume/ beside --output; removed when the "
+        "run completes",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run whose state is saved beside --output, with the same "
+        "options; it ends with the same adapters and report as an uninterrupted run (without "
+        "--resume a run starts afresh and replaces that state at its first save)",
+    )
     return p

@@ -12,7 +12,7 @@ AdamW under a one-cycle (warm-up then cosine) schedule. ``X_{i+1} = f_i(X_i)`` o
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -95,7 +95,10 @@ def _block_error(block: nn.Module, xs, kwargs, targets, masks) -> float:
     return (num / max(den, 1e-30)) ** 0.5
 
 
-def _fit_block(block, xs, kwargs, targets, masks, epochs, lr, generator, losses, tick) -> None:
+def _fit_block(block, data, epochs, lr, generator, report, tick, where) -> None:
+    """Train ``block``'s adapters on ``data = (xs, kwargs, targets, masks)``; ``where = (block
+    index, PhaseState or None, Saved to continue or None)``."""
+    xs, kwargs, targets, masks = data
     params = [p for p in block.parameters() if p.requires_grad]
     if not params or epochs == 0:
         return
@@ -103,18 +106,26 @@ def _fit_block(block, xs, kwargs, targets, masks, epochs, lr, generator, losses,
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * len(xs), pct_start=0.1
     )
-    for _ in range(epochs):
-        for j in torch.randperm(len(xs), generator=generator).tolist():
-            loss = masked_relative_mse(
-                _first(block(xs[j], *kwargs[j][0], **kwargs[j][1])), targets[j], masks[j]
-            )
-            check_finite(loss, "block-wise", len(losses) + 1, "--block-lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            tick()
+    index, state, saved = where
+    start = generator.get_state()  # a resumed block draws its batch order from here again
+    order = [
+        j for _ in range(epochs) for j in torch.randperm(len(xs), generator=generator).tolist()
+    ]
+    done = saved.load(opt, sched) if saved else 0
+    for step, j in enumerate(order[done:], done + 1):
+        loss = masked_relative_mse(
+            _first(block(xs[j], *kwargs[j][0], **kwargs[j][1])), targets[j], masks[j]
+        )
+        check_finite(loss, "block-wise", len(report.losses) + 1, "--block-lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        report.losses.append(float(loss.detach()))
+        tick()
+        if state and state.due(len(report.losses)):
+            extra = {"report": asdict(report), "generator": start}
+            state.save({"block": index, "step": step}, opt, sched, extra)
 
 
 def reconstruct_blocks(
@@ -126,6 +137,7 @@ def reconstruct_blocks(
     lr: float,
     seed: int,
     progress: Callable[[int], Any] | None = None,
+    state: Any = None,
 ) -> BlockReport:
     """Fit the adapters of every student block, in order, to the teacher's block outputs.
 
@@ -137,9 +149,12 @@ def reconstruct_blocks(
         lr: peak learning rate of the one-cycle schedule.
         seed: seeds the batch order.
         progress: called with 1 after each step (e.g. a tqdm ``update``).
+        state: a :class:`~qpeft.recover.resume.PhaseState`: continue its saved block and step,
+            save every ``--save-every`` steps (None: no saving).
 
     Raises:
-        ValueError: when the student has no block list (see :func:`find_blocks`).
+        ValueError: when the student has no block list (see :func:`find_blocks`); a damaged
+            saved state.
     """
     name, blocks = find_blocks(student)
     teacher_blocks = teacher.get_submodule(name)
@@ -150,21 +165,22 @@ def reconstruct_blocks(
     generator = torch.Generator().manual_seed(seed)
     report = BlockReport()
     tick = progress or (lambda _n: None)
+    saved = state.saved if state else None
+    first = 0
+    if saved:
+        with saved.checked():
+            report = BlockReport(**saved.extra["report"])
+            first = int(saved.position["block"])
+            generator.set_state(saved.extra["generator"])
+        tick(len(report.losses))
     for i, block in enumerate(blocks):
-        report.before.append(_block_error(block, xs, kwargs, targets[i], masks))
-        _fit_block(
-            block,
-            xs,
-            kwargs,
-            targets[i],
-            masks,
-            epochs,
-            lr,
-            generator,
-            report.losses,
-            lambda: tick(1),
-        )
-        report.after.append(_block_error(block, xs, kwargs, targets[i], masks))
+        if i >= first:
+            if len(report.before) == i:  # a resumed block measured it before the interruption
+                report.before.append(_block_error(block, xs, kwargs, targets[i], masks))
+            where = (i, state, saved if i == first else None)
+            data = (xs, kwargs, targets[i], masks)
+            _fit_block(block, data, epochs, lr, generator, report, lambda: tick(1), where)
+            report.after.append(_block_error(block, xs, kwargs, targets[i], masks))
         with torch.no_grad():
             xs = [_first(block(x, *kw[0], **kw[1])) for x, kw in zip(xs, kwargs, strict=True)]
     return report

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -66,6 +66,7 @@ def distill(
     eval_every: int = 0,
     patience: int = 3,
     progress: Callable[[int], Any] | None = None,
+    state: Any = None,
 ) -> DistillReport:
     """Train the student's trainable parameters to match the teacher's outputs.
 
@@ -79,6 +80,11 @@ def distill(
         eval_every: steps between validation checks (0: once per epoch).
         patience: checks without improvement before stopping.
         progress: called with 1 after each step.
+        state: a :class:`~qpeft.recover.resume.PhaseState`: continue its saved step, save every
+            ``--save-every`` steps (None: no saving).
+
+    Raises:
+        ValueError: the loss is not finite; a damaged saved state.
     """
     report = DistillReport()
     params = [p for p in student.parameters() if p.requires_grad]
@@ -91,13 +97,22 @@ def distill(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total))
     every = eval_every or len(train)
-    best, best_state, waited = _valid_loss(student, task, valid, valid_t), _snapshot(params), 0
-    report.valid.append((0, best))
+    saved = state.saved if state else None
+    if saved:
+        with saved.checked():
+            done = saved.load(opt, sched)
+            report, best, best_state, waited = _resumed(saved.extra, params)
+        if progress:
+            progress(done)
+    else:
+        best, best_state, waited = _valid_loss(student, task, valid, valid_t), _snapshot(params), 0
+        report.valid.append((0, best))
+        done = 0
     generator = torch.Generator().manual_seed(seed)
     order = [
         j for _ in range(epochs) for j in torch.randperm(len(train), generator=generator).tolist()
     ]
-    for step, j in enumerate(order, 1):
+    for step, j in enumerate(order[done:], done + 1):
         loss = task.loss(task.forward(student, train[j]), train_t[j], train[j])
         check_finite(loss, "end-to-end", step, "--lr")
         opt.zero_grad(set_to_none=True)
@@ -117,8 +132,23 @@ def distill(
                 if waited >= patience:
                     report.stopped_early = step < total
                     break
+        if state and state.due(step):
+            extra = {"report": asdict(report), "best": best, "best_state": best_state}
+            state.save({"step": step}, opt, sched, {**extra, "waited": waited})
     _restore(params, best_state)
     return report
+
+
+def _resumed(
+    extra: dict[str, Any], params: list[nn.Parameter]
+) -> tuple[DistillReport, float, list, int]:
+    """The loop state a save wrote: report, best validation loss and snapshot, checks waited."""
+    report = DistillReport(**extra["report"])
+    report.valid = [(int(s), float(v)) for s, v in report.valid]
+    best_state = list(extra["best_state"])
+    if [t.shape for t in best_state] != [p.shape for p in params]:
+        raise ValueError("the saved best snapshot does not fit the trainable parameters")
+    return report, float(extra["best"]), best_state, int(extra["waited"])
 
 
 def _snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:

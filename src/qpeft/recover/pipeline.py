@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import random
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,20 +28,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.wrapping import innermost
-from ..lora.convert import lora_layers, update_model
-from ..lora.layer import LoRAModule
 from ..quant.compress import compress
-from ..quant.compressed import is_compressed
 from . import tasks
 from .blockwise import find_blocks, reconstruct_blocks
 from .data import load_texts
 from .distill import distill
 from .quantizing import quantize_student, quantizes_inputs
+from .resume import RunState, start_phase
+from .student import ADAPTER, attach, check_rank, layer_errors, peak_rss_mb, quantized_names, sizes
 
-__all__ = ["RecoverOptions", "RecoverRun", "run_recipe"]
-
-ADAPTER = "default"
+__all__ = ["RecoverOptions", "RecoverRun", "run_recipe", "check_rank", "peak_rss_mb", "ADAPTER"]
 
 
 @dataclass
@@ -110,72 +105,11 @@ def _bar(opts: RecoverOptions, total: int, desc: str) -> tqdm:
     )
 
 
-def _layer_errors(model: nn.Module, names: list[str]) -> dict[str, float]:
-    """``||W - Q(W) - sum scale*B@A|| / ||W||`` per quantized layer (no adapter: ``||W - Q(W)|| /
-    ||W||``)."""
-    errors = {}
-    with torch.no_grad():
-        for name in names:
-            layer = model.get_submodule(name)
-            weight = innermost(layer).weight.float()
-            residual = weight - layer.weight_quantizer(innermost(layer).weight).float()
-            if isinstance(layer, LoRAModule):
-                residual = layer.to_out_in(residual)
-                for adapter in layer.adapters.values():
-                    if adapter.enable:
-                        residual = residual - adapter.delta_weight()
-            errors[name] = float(residual.norm() / weight.norm().clamp(min=1e-30))
-    return errors
-
-
-def _quantized_names(model: nn.Module) -> list[str]:
-    """Quantized layers inside the transformer blocks (the module list holding most of them)."""
-    names = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(getattr(m, "weight_quantizer", None), nn.Module)
-        and m.weight_quantizer.is_enabled
-    ]
-    lists = [n + "." for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-    best = max(lists, key=lambda p: sum(n.startswith(p) for n in names), default=None)
-    inside = [n for n in names if best and n.startswith(best)]
-    return inside or names
-
-
-def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
-    """Raise ValueError naming the first layer whose smaller side is below ``rank``."""
-    for name in names:
-        weight = model.get_submodule(name).weight
-        if rank > min(weight.shape):
-            raise ValueError(
-                f"--rank {rank} is above the size of layer {name!r} (weight {tuple(weight.shape)})"
-            )
-
-
-def _attach(opts: RecoverOptions, model: nn.Module, names: list[str]) -> None:
-    """One ``update_model`` call per transformer block (so the init bar moves), same adapter."""
-    attrs = {"rank": opts.rank, "lora_init_method": opts.init, "lora_dtype": opts.lora_dtype}
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        parts = name.split(".")
-        block = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)
-        groups.setdefault(".".join(parts[: block + 1]), []).append(name)
-    with _bar(opts, len(names), "init") as bar:
-        for group in groups.values():
-            chosen = set(group)
-            update_model(
-                model,
-                {
-                    "adapter_name": ADAPTER,
-                    "adapter_cfg": {lambda n, chosen=chosen: n in chosen: attrs},
-                },
-            )
-            bar.update(len(group))
-
-
 def _stage(
     run: RecoverRun, name: str, started: float, evaluate: Callable[[], dict[str, float]]
 ) -> None:
+    if name in run.stages:  # a resumed run: done before the interruption
+        return
     run.seconds[name] = round(time.perf_counter() - started, 2)
     run.stages[name] = evaluate()
     bad = sorted(k for k, v in run.stages[name].items() if not math.isfinite(v))
@@ -186,11 +120,20 @@ def _stage(
         )
 
 
-def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> RecoverRun:
+def run_recipe(
+    opts: RecoverOptions, say: Callable[[str], None] = print, state: RunState | None = None
+) -> RecoverRun:
     """Run the whole recipe (see the module docstring) and return what it measured.
 
+    Args:
+        opts: the options.
+        say: prints a line of progress.
+        state: saves the training state while it trains and resumes a saved one
+            (:func:`qpeft.recover.resume.open_state`); None: no saving.
+
     Raises:
-        ValueError: bad input (model directory, data, format, rank), with a message naming it.
+        ValueError: bad input (model directory, data, format, rank), with a message naming it; a
+            saved state that does not fit.
     """
     _seed(opts.seed)
     t = time.perf_counter()
@@ -210,6 +153,8 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
         "valid": min(len(splits.valid), opts.valid_texts),
         "eval": min(len(splits.eval), opts.eval_texts),
     }
+    if state:
+        state.restore_run(run)
     evaluate = lambda: task.evaluate(student, teacher, evals)  # noqa: E731
     _stage(run, "original", t, evaluate)
 
@@ -223,16 +168,18 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
                     bar.update(1)
 
         quantize_student(student, opts.format, forward_loop)
-    names = _quantized_names(student)
+    names = quantized_names(student)
     if not names:
         raise ValueError(f"format {opts.format!r} quantized no layer of {opts.model!r}")
     check_rank(student, names, opts.rank)
-    run.layer_error["quantized"] = _layer_errors(student, names)
+    run.layer_error["quantized"] = layer_errors(student, names)
     _stage(run, "quantized", t, evaluate)
 
     t = time.perf_counter()
-    _attach(opts, student, names)
-    run.layer_error["init"] = _layer_errors(student, names)
+    attrs = {"rank": opts.rank, "lora_init_method": opts.init, "lora_dtype": opts.lora_dtype}
+    with _bar(opts, len(names), "init") as bar:
+        attach(student, names, attrs, bar.update)
+    run.layer_error["init"] = layer_errors(student, names)
     if opts.compress:
         student = compress(student, layer_patterns=names)
     _stage(run, "init", t, evaluate)
@@ -241,24 +188,26 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
         "attached"
     )
 
-    t = time.perf_counter()
+    phase = start_phase(state, "blockwise", student)
     blocks = len(find_blocks(student)[1])
-    with _bar(opts, opts.block_epochs * len(train) * blocks, "blockwise") as bar:
-        report = reconstruct_blocks(
-            student,
-            teacher,
-            task.forward,
-            train,
-            opts.block_epochs,
-            opts.block_lr,
-            opts.seed,
-            bar.update,
-        )
-    run.block_error = {"before": report.before, "after": report.after}
-    run.block_losses = report.losses
-    _stage(run, "blockwise", t, evaluate)
+    with _bar(opts, 0 if phase.skip else opts.block_epochs * len(train) * blocks, "blockwise") as b:
+        if not phase.skip:
+            report = reconstruct_blocks(
+                student,
+                teacher,
+                task.forward,
+                train,
+                opts.block_epochs,
+                opts.block_lr,
+                opts.seed,
+                b.update,
+                state=phase,
+            )
+            run.block_error = {"before": report.before, "after": report.after}
+            run.block_losses = report.losses
+    _stage(run, "blockwise", phase.started, evaluate)
 
-    t = time.perf_counter()
+    phase = start_phase(state, "end-to-end", student)
     with _bar(opts, opts.epochs * len(train), "end-to-end") as bar:
         dreport = distill(
             student,
@@ -272,33 +221,14 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
             patience=opts.patience,
             eval_every=max(1, len(train) // 2),
             progress=bar.update,
+            state=phase,
         )
     run.train_losses, run.valid_losses = dreport.losses, dreport.valid
     run.early_stopping = {"best_step": dreport.best_step, "stopped_early": dreport.stopped_early}
     if not opts.compress:
-        run.layer_error["recovered"] = _layer_errors(student, names)
-    _stage(run, "recovered", t, evaluate)
+        run.layer_error["recovered"] = layer_errors(student, names)
+    _stage(run, "recovered", phase.started, evaluate)
 
-    run.sizes = _sizes(student)
+    run.sizes = sizes(student)
     run.student = student
     return run
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory so far (``getrusage`` max RSS), MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _sizes(model: nn.Module) -> dict[str, float]:
-    adapter = {id(p) for layer in lora_layers(model).values() for p in layer.adapters.parameters()}
-    params = list(model.parameters())
-    packed = [b for m in model.modules() if is_compressed(m) for b in m.buffers(recurse=False)]
-    adapter_bytes = sum(p.numel() * p.element_size() for p in params if id(p) in adapter)
-    model_bytes = sum(
-        p.numel() * p.element_size() for p in [*params, *packed] if id(p) not in adapter
-    )
-    return {
-        "adapter_mb": adapter_bytes / 2**20,
-        "model_mb": model_bytes / 2**20,
-        "peak_rss_mb": peak_rss_mb(),
-    }
