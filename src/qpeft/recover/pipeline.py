@@ -29,15 +29,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.wrapping import innermost
 from ..lora.convert import lora_layers, update_model
-from ..lora.layer import LoRAModule
 from ..quant.compress import compress
 from ..quant.compressed import is_compressed
 from . import tasks
 from .blockwise import find_blocks, reconstruct_blocks
 from .data import load_texts
 from .distill import distill
+from .layers import check_rank, layer_errors, quantized_names
 from .quantizing import quantize_student, quantizes_inputs
 
 __all__ = ["RecoverOptions", "RecoverRun", "run_recipe"]
@@ -108,48 +107,6 @@ def _bar(opts: RecoverOptions, total: int, desc: str) -> tqdm:
         leave=False,
         dynamic_ncols=True,
     )
-
-
-def _layer_errors(model: nn.Module, names: list[str]) -> dict[str, float]:
-    """``||W - Q(W) - sum scale*B@A|| / ||W||`` per quantized layer (no adapter: ``||W - Q(W)|| /
-    ||W||``)."""
-    errors = {}
-    with torch.no_grad():
-        for name in names:
-            layer = model.get_submodule(name)
-            weight = innermost(layer).weight.float()
-            residual = weight - layer.weight_quantizer(innermost(layer).weight).float()
-            if isinstance(layer, LoRAModule):
-                residual = layer.to_out_in(residual)
-                for adapter in layer.adapters.values():
-                    if adapter.enable:
-                        residual = residual - adapter.delta_weight()
-            errors[name] = float(residual.norm() / weight.norm().clamp(min=1e-30))
-    return errors
-
-
-def _quantized_names(model: nn.Module) -> list[str]:
-    """Quantized layers inside the transformer blocks (the module list holding most of them)."""
-    names = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(getattr(m, "weight_quantizer", None), nn.Module)
-        and m.weight_quantizer.is_enabled
-    ]
-    lists = [n + "." for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-    best = max(lists, key=lambda p: sum(n.startswith(p) for n in names), default=None)
-    inside = [n for n in names if best and n.startswith(best)]
-    return inside or names
-
-
-def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
-    """Raise ValueError naming the first layer whose smaller side is below ``rank``."""
-    for name in names:
-        weight = model.get_submodule(name).weight
-        if rank > min(weight.shape):
-            raise ValueError(
-                f"--rank {rank} is above the size of layer {name!r} (weight {tuple(weight.shape)})"
-            )
 
 
 def _attach(opts: RecoverOptions, model: nn.Module, names: list[str]) -> None:
@@ -223,16 +180,16 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
                     bar.update(1)
 
         quantize_student(student, opts.format, forward_loop)
-    names = _quantized_names(student)
+    names = quantized_names(student)
     if not names:
         raise ValueError(f"format {opts.format!r} quantized no layer of {opts.model!r}")
     check_rank(student, names, opts.rank)
-    run.layer_error["quantized"] = _layer_errors(student, names)
+    run.layer_error["quantized"] = layer_errors(student, names)
     _stage(run, "quantized", t, evaluate)
 
     t = time.perf_counter()
     _attach(opts, student, names)
-    run.layer_error["init"] = _layer_errors(student, names)
+    run.layer_error["init"] = layer_errors(student, names)
     if opts.compress:
         student = compress(student, layer_patterns=names)
     _stage(run, "init", t, evaluate)
@@ -276,7 +233,7 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
     run.train_losses, run.valid_losses = dreport.losses, dreport.valid
     run.early_stopping = {"best_step": dreport.best_step, "stopped_early": dreport.stopped_early}
     if not opts.compress:
-        run.layer_error["recovered"] = _layer_errors(student, names)
+        run.layer_error["recovered"] = layer_errors(student, names)
     _stage(run, "recovered", t, evaluate)
 
     run.sizes = _sizes(student)
