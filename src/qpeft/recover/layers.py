@@ -18,7 +18,13 @@ from ..lora.experts import LoRAExperts
 from ..lora.layer import LoRAModule
 from ..quant.layer import QuantModule
 
-__all__ = ["quantized_names", "check_rank", "layer_errors", "weight_quantizers"]
+__all__ = [
+    "quantized_names",
+    "check_rank",
+    "check_compressible",
+    "layer_errors",
+    "weight_quantizers",
+]
 
 _SUFFIX = "weight_quantizer"
 
@@ -70,6 +76,17 @@ def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
                     f"--rank {rank} is above the size of layer {name!r}{what} (weight "
                     f"{tuple(weight.shape)})"
                 )
+
+
+def check_compressible(model: nn.Module, names: list[str]) -> None:
+    """Raise ValueError naming the first grouped-experts layer: ``--compress`` packs linear and
+    ``Conv1D`` weights only (checked before the adapters are attached)."""
+    for name in names:
+        if set(_quantized_weights(model.get_submodule(name))) != {_SUFFIX}:
+            raise ValueError(
+                f"--compress: layer {name!r} is grouped MoE experts, which are not compressed "
+                "(only linear and Conv1D layers); run without --compress"
+            )
 
 
 def _minus_adapters(layer: nn.Module, qname: str, residual: torch.Tensor) -> torch.Tensor:

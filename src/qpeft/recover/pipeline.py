@@ -36,7 +36,7 @@ from . import tasks
 from .blockwise import find_blocks, reconstruct_blocks
 from .data import load_texts
 from .distill import distill
-from .layers import check_rank, layer_errors, quantized_names
+from .layers import check_compressible, check_rank, layer_errors, quantized_names
 from .quantizing import quantize_student, quantizes_inputs
 
 __all__ = ["RecoverOptions", "RecoverRun", "run_recipe"]
@@ -184,6 +184,8 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
     if not names:
         raise ValueError(f"format {opts.format!r} quantized no layer of {opts.model!r}")
     check_rank(student, names, opts.rank)
+    if opts.compress:
+        check_compressible(student, names)
     run.layer_error["quantized"] = layer_errors(student, names)
     _stage(run, "quantized", t, evaluate)
 
