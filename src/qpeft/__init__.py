@@ -6,6 +6,7 @@ The public API is flat: everything a user needs is importable from ``qpeft``.
 from .checkpoint import (
     export_hf_checkpoint,
     export_hf_peft,
+    grouped_experts_layers,
     import_hf_peft,
     load_adapters,
     restore,
@@ -111,6 +112,7 @@ __all__ = [
     "export_hf_checkpoint",
     "export_hf_peft",
     "freeze_lora_weights",
+    "grouped_experts_layers",
     "import_hf_peft",
     "is_peft_model",
     "load_adapters",

@@ -74,7 +74,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     from .recover.quantizing import FORMATS
     from .recover.report import summary_table, write_report
     from .recover.resume import open_state
-    from .recover.saving import save_student
+    from .recover.saving import hf_left_out, save_student
     from .recover.tasks import check_model_dir
 
     if args.format not in FORMATS:
@@ -117,6 +117,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
             files = save_student(run.student, run.tokenizer, tmp)
             result = run.to_json()
             result["files"] = files
+            result["hf_adapter_left_out"] = hf_left_out(run.student)
             result["wall_seconds"] = round(time.perf_counter() - started, 1)
             result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
             plotted = _plots(result, tmp)
@@ -140,7 +141,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         f"outputs in {args.output}/: summary.txt, report.json, {plots}"
         "checkpoint/ (qpeft.restore; inspect it: qpeft inspect "
         f"{args.output}/checkpoint), "
-        "hf_adapter/ (HF PEFT LoRA files)"
+        + ("hf_adapter/ (HF PEFT LoRA files)" if "hf_adapter" in files else "no hf_adapter/")
     )
     return 0
 

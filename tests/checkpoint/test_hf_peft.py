@@ -247,3 +247,32 @@ def test_export_needs_an_enabled_adapter(tmp_path):
     with pytest.raises(ValueError, match="no enabled adapter named 'nope'"):
         qpeft.export_hf_peft(model, tmp_path / "hf", adapter_name="nope")
     assert not (tmp_path / "hf").exists()
+
+
+def test_skip_grouped_writes_every_other_layer_and_names_the_experts(tmp_path):
+    from tests.models import tiny_qwen3_moe
+
+    model = tiny_qwen3_moe()
+    update_model(model, {"adapter_cfg": {"*layers*": {"rank": 4}}})
+    experts = ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert qpeft.grouped_experts_layers(model) == experts
+    with pytest.raises(ValueError, match="grouped-experts layer 'model.layers.0.mlp.experts'"):
+        qpeft.export_hf_peft(model, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    assert qpeft.export_hf_peft(model, tmp_path / "hf", skip_grouped=True) == experts
+    tensors = load_file(tmp_path / "hf" / "adapter_model.safetensors")
+    written = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in tensors}
+    assert written == set(qpeft.lora_layers(model)) - set(experts)
+    assert len(written) == 8  # q/k/v/o of 2 layers
+    config = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
+def test_skip_grouped_with_adapters_on_experts_only_is_an_error(tmp_path):
+    from tests.models import tiny_qwen3_moe
+
+    model = tiny_qwen3_moe()
+    update_model(model, {"adapter_cfg": {"*experts": {"rank": 4}}})
+    with pytest.raises(ValueError, match="on no other layer"):
+        qpeft.export_hf_peft(model, tmp_path / "hf", skip_grouped=True)
+    assert not (tmp_path / "hf").exists()

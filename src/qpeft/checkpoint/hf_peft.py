@@ -33,7 +33,7 @@ from .files import atomic_directory, write_json
 from .kinds import own_files
 from .tensor_files import write_tensors
 
-__all__ = ["export_hf_peft", "peft_files", "write_peft_files"]
+__all__ = ["export_hf_peft", "grouped_experts_layers", "peft_files", "write_peft_files"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -118,33 +118,52 @@ def _hf_config(
     }
 
 
-def peft_files(
-    model: nn.Module, adapter_name: str = "default"
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(adapter_config.json contents, adapter_model.safetensors tensors)`` of one adapter.
-
-    Raises:
-        ValueError: the model has no enabled adapter ``adapter_name``, or it sits on grouped
-            experts (no HF PEFT layout).
-    """
-    layers = {
+def _enabled_layers(model: nn.Module, adapter_name: str) -> dict[str, LoRAModule]:
+    return {
         n: layer
         for n, layer in lora_layers(model).items()
         if adapter_name in layer.adapters and layer.adapters[adapter_name].enable
     }
+
+
+def grouped_experts_layers(model: nn.Module, adapter_name: str = "default") -> list[str]:
+    """Names of the layers where adapter ``adapter_name`` is enabled on grouped experts (one
+    ``[E, r, in]`` / ``[E, out, r]`` pair per projection), which HF PEFT files cannot hold."""
+    return [
+        n
+        for n, layer in _enabled_layers(model, adapter_name).items()
+        if not hasattr(layer.adapters[adapter_name], "lora_a")
+    ]
+
+
+def peft_files(
+    model: nn.Module, adapter_name: str = "default", skip_grouped: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(adapter_config.json contents, adapter_model.safetensors tensors)`` of one adapter.
+
+    Args:
+        skip_grouped: leave the grouped-experts layers (:func:`grouped_experts_layers`) out
+            instead of raising; the caller then says what is missing.
+
+    Raises:
+        ValueError: the model has no enabled adapter ``adapter_name``; it sits on grouped experts
+            (no HF PEFT layout) and ``skip_grouped`` is False; or on grouped experts only.
+    """
+    layers = _enabled_layers(model, adapter_name)
     if not layers:
         known = sorted({a for layer in lora_layers(model).values() for a in layer.adapters})
         raise ValueError(
             f"no enabled adapter named {adapter_name!r} to export; the model has {known}"
         )
-    grouped = [
-        n for n, layer in layers.items() if not hasattr(layer.adapters[adapter_name], "lora_a")
-    ]
-    if grouped:  # one [E, r, in] pair per projection has no lora_A/lora_B module equivalent here
+    grouped = grouped_experts_layers(model, adapter_name)
+    if grouped and (not skip_grouped or len(grouped) == len(layers)):
+        # one [E, r, in] pair per projection has no lora_A/lora_B module equivalent here
+        only = " (it is on no other layer)" if len(grouped) == len(layers) else ""
         raise ValueError(
             f"adapter {adapter_name!r} on grouped-experts layer {grouped[0]!r} has no HF PEFT "
-            "layout"
+            f"layout{only}"
         )
+    layers = {n: layer for n, layer in layers.items() if n not in grouped}
     config = _hf_config(model, layers, adapter_name)
     tensors = {
         f"{PREFIX}{name}.{hf}": getattr(layer.adapters[adapter_name], ours)
@@ -164,22 +183,37 @@ def write_peft_files(folder: Path, config: dict[str, Any], tensors: dict[str, An
 
 
 def export_hf_peft(
-    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"
-) -> None:
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    skip_grouped: bool = False,
+) -> list[str]:
     """Write adapter ``adapter_name`` as a HF PEFT LoRA adapter directory, atomically.
 
     Only layers where the adapter is enabled are written (a disabled layer is by-passed in qpeft,
     and HF PEFT has no per-layer switch). Load it with ``peft.PeftModel.from_pretrained(base,
     path)``.
 
+    Args:
+        model: the model holding the adapter.
+        path: the directory to write.
+        adapter_name: the adapter to export.
+        skip_grouped: write the other layers and leave out the grouped-experts ones, which HF
+            PEFT cannot hold (otherwise they are an error); the caller must say so.
+
+    Returns:
+        The names of the layers left out (grouped experts; empty without ``skip_grouped``).
+
     Raises:
-        ValueError: the model has no enabled adapter ``adapter_name``.
+        ValueError: the model has no enabled adapter ``adapter_name``; it is on grouped experts
+            and ``skip_grouped`` is False, or on grouped experts only.
         FileExistsError: ``path`` is a file or a non-empty directory holding anything but a LoRA
             ``adapter_config.json`` and ``adapter_model.safetensors`` (a trainer's output folder
             with its README.md, checkpoints...; names the entries). Nothing is written then.
         ValueError, PermissionError, TimeoutError: as
             :func:`qpeft.checkpoint.files.atomic_directory`.
     """
-    config, tensors = peft_files(model, adapter_name)
+    config, tensors = peft_files(model, adapter_name, skip_grouped)
     with atomic_directory(path, "a HF PEFT LoRA adapter", UNEXPECTED) as tmp:
         write_peft_files(tmp, config, tensors)
+    return grouped_experts_layers(model, adapter_name) if skip_grouped else []

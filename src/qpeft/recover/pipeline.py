@@ -33,9 +33,10 @@ from . import tasks
 from .blockwise import find_blocks, reconstruct_blocks
 from .data import load_texts
 from .distill import distill
+from .layers import check_compressible, check_rank, layer_errors, quantized_names
 from .quantizing import quantize_student, quantizes_inputs
 from .resume import RunState, start_phase
-from .student import ADAPTER, attach, check_rank, layer_errors, peak_rss_mb, quantized_names, sizes
+from .student import ADAPTER, attach, peak_rss_mb, sizes
 
 __all__ = ["RecoverOptions", "RecoverRun", "run_recipe", "check_rank", "peak_rss_mb", "ADAPTER"]
 
@@ -172,6 +173,8 @@ def run_recipe(
     if not names:
         raise ValueError(f"format {opts.format!r} quantized no layer of {opts.model!r}")
     check_rank(student, names, opts.rank)
+    if opts.compress:
+        check_compressible(student, names)
     run.layer_error["quantized"] = layer_errors(student, names)
     _stage(run, "quantized", t, evaluate)
 

@@ -51,7 +51,21 @@ def summary_table(run: dict[str, Any]) -> str:
         f"peak memory {sizes.get('peak_rss_mb', float('nan')):.0f} MiB (max RSS)"
         + (", compressed student" if opts.get("compress") else ""),
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + _left_out_lines(run.get("hf_adapter_left_out")))
+
+
+def _left_out_lines(left: dict[str, Any] | None) -> list[str]:
+    """The note on adapters that the HF PEFT files cannot hold (grouped MoE experts)."""
+    if not left:
+        return []
+    layers = left["layers"]
+    names = ", ".join(layers[:2]) + (", ..." if len(layers) > 2 else "")
+    where = "hf_adapter/ holds the other layers'" if left["written"] else "no hf_adapter/ written"
+    return [
+        f"not in the HF PEFT files: the adapters of {len(layers)} {left['kind']} "
+        f"layer{'s' if len(layers) > 1 else ''} ({names}; no HF PEFT layout; {where}); "
+        f"{left['held_in']}/ holds every adapter (qpeft.restore)"
+    ]
 
 
 def write_report(run: dict[str, Any], folder: Path) -> Path:

@@ -1,9 +1,7 @@
-"""The student's quantized layers, its LoRA sidecar and what is measured on them.
+"""The student's LoRA sidecar and its sizes (the quantized layers themselves: :mod:`.layers`).
 
-``quantized_names``: the quantized layers inside the transformer blocks; ``check_rank`` refuses a
-rank above a layer's size; ``attach``: one ``update_model`` call per block; ``layer_errors``: the
-per-layer weight error ``||W - Q(W) - sum scale * B @ A|| / ||W||``; ``sizes``: adapter and model
-bytes and the peak resident memory.
+``attach``: one ``update_model`` call per block; ``sizes``: adapter and model bytes and the peak
+resident memory.
 """
 
 from __future__ import annotations
@@ -12,67 +10,19 @@ import resource
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..core.wrapping import innermost
 from ..lora.convert import lora_layers, update_model
-from ..lora.layer import LoRAModule
 from ..quant.compressed import is_compressed
 
 __all__ = [
     "ADAPTER",
     "attach",
-    "check_rank",
-    "layer_errors",
     "peak_rss_mb",
-    "quantized_names",
     "sizes",
 ]
 
 ADAPTER = "default"
-
-
-def layer_errors(model: nn.Module, names: list[str]) -> dict[str, float]:
-    """``||W - Q(W) - sum scale*B@A|| / ||W||`` per quantized layer (no adapter: ``||W - Q(W)|| /
-    ||W||``)."""
-    errors = {}
-    with torch.no_grad():
-        for name in names:
-            layer = model.get_submodule(name)
-            weight = innermost(layer).weight.float()
-            residual = weight - layer.weight_quantizer(innermost(layer).weight).float()
-            if isinstance(layer, LoRAModule):
-                residual = layer.to_out_in(residual)
-                for adapter in layer.adapters.values():
-                    if adapter.enable:
-                        residual = residual - adapter.delta_weight()
-            errors[name] = float(residual.norm() / weight.norm().clamp(min=1e-30))
-    return errors
-
-
-def quantized_names(model: nn.Module) -> list[str]:
-    """Quantized layers inside the transformer blocks (the module list holding most of them)."""
-    names = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(getattr(m, "weight_quantizer", None), nn.Module)
-        and m.weight_quantizer.is_enabled
-    ]
-    lists = [n + "." for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-    best = max(lists, key=lambda p: sum(n.startswith(p) for n in names), default=None)
-    inside = [n for n in names if best and n.startswith(best)]
-    return inside or names
-
-
-def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
-    """Raise ValueError naming the first layer whose smaller side is below ``rank``."""
-    for name in names:
-        weight = model.get_submodule(name).weight
-        if rank > min(weight.shape):
-            raise ValueError(
-                f"--rank {rank} is above the size of layer {name!r} (weight {tuple(weight.shape)})"
-            )
 
 
 def attach(
