@@ -108,9 +108,9 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     started, cpu_started = time.perf_counter(), time.process_time()
     with output_directory(args.output, opts.model) as tmp:
         run = run_recipe(opts)
-        files = save_student(run.student, run.tokenizer, tmp)
+        files, deploy = save_student(run.student, run.tokenizer, tmp, run.sizes["dense_mb"])
         result = run.to_json()
-        result["files"] = files
+        result["files"], result["deploy"] = files, deploy
         result["wall_seconds"] = round(time.perf_counter() - started, 1)
         result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
         plotted = _plots(result, tmp)
@@ -123,6 +123,11 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         "checkpoint/ (qpeft.restore; inspect it: qpeft inspect "
         f"{args.output}/checkpoint), "
         "hf_adapter/ (HF PEFT LoRA files)"
+        + (
+            ", deploy/ (compressed-tensors model for serving, adapters/default/ beside it)"
+            if deploy["written"]
+            else "; no deploy/ (see summary.txt)"
+        )
     )
     return 0
 

@@ -26,6 +26,7 @@ from .compressed import (
     CompressedConv1D,
     CompressedLinear,
     PackedConv1D,
+    PackedDense,
     PackedLinear,
     is_compressed,
 )
@@ -173,7 +174,25 @@ def compress(model: nn.Module, layer_patterns: Any = None) -> nn.Module:
         del layer
         log[name] = {"spec": spec.to_json(), "dtype": str(dtype).removeprefix("torch.")}
     record(model, "compress", {"layers": log})
+    _ddp_skips_packed(model)
     return model
+
+
+def _ddp_skips_packed(model: nn.Module) -> None:
+    """Tell DDP to leave the packed buffers alone (``_ddp_params_and_buffers_to_ignore``): they
+    are frozen and equal on every rank, DDP would broadcast the whole packed model at wrapping and
+    before every forward, and gloo cannot broadcast fp8 scales."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    packed = [
+        f"{name}.{key}" if name else key
+        for name, module in model.named_modules()
+        if isinstance(module, PackedDense)
+        for key in module._buffers
+    ]
+    known = getattr(model, "_ddp_params_and_buffers_to_ignore", [])
+    ignored = sorted({*known, *packed})
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
 
 
 @register_mode("compress")
@@ -209,4 +228,5 @@ def _replay_compress(model: nn.Module, config: dict[str, Any]) -> nn.Module:
             spec, tensors = _pack_layer(layer)
         model = swap_module(model, slot, _build(layer, spec, tensors, dtype))
     record(model, "compress", config)
+    _ddp_skips_packed(model)
     return model

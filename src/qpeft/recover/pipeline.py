@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import random
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,15 +29,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.wrapping import innermost
-from ..lora.convert import lora_layers, update_model
+from ..lora.convert import update_model
 from ..lora.layer import LoRAModule
 from ..quant.compress import compress
-from ..quant.compressed import is_compressed
 from . import tasks
 from .blockwise import find_blocks, reconstruct_blocks
 from .data import load_texts
 from .distill import distill
 from .quantizing import quantize_student, quantizes_inputs
+from .sizes import model_sizes
 
 __all__ = ["RecoverOptions", "RecoverRun", "run_recipe"]
 
@@ -279,26 +278,6 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
         run.layer_error["recovered"] = _layer_errors(student, names)
     _stage(run, "recovered", t, evaluate)
 
-    run.sizes = _sizes(student)
+    run.sizes = model_sizes(student, teacher)
     run.student = student
     return run
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory so far (``getrusage`` max RSS), MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _sizes(model: nn.Module) -> dict[str, float]:
-    adapter = {id(p) for layer in lora_layers(model).values() for p in layer.adapters.parameters()}
-    params = list(model.parameters())
-    packed = [b for m in model.modules() if is_compressed(m) for b in m.buffers(recurse=False)]
-    adapter_bytes = sum(p.numel() * p.element_size() for p in params if id(p) in adapter)
-    model_bytes = sum(
-        p.numel() * p.element_size() for p in [*params, *packed] if id(p) not in adapter
-    )
-    return {
-        "adapter_mb": adapter_bytes / 2**20,
-        "model_mb": model_bytes / 2**20,
-        "peak_rss_mb": peak_rss_mb(),
-    }

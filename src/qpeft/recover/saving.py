@@ -1,6 +1,12 @@
 """Save the recovered student: a full checkpoint (``qpeft.save``: mode log JSON plus safetensors,
-restorable with ``qpeft.restore`` on a freshly loaded base model), its tokenizer, and the adapter
-in Hugging Face PEFT format (``qpeft.export_hf_peft``), loadable by ``peft.PeftModel`` and servers.
+restorable with ``qpeft.restore`` on a freshly loaded base model), its tokenizer, the adapter in
+Hugging Face PEFT format (``qpeft.export_hf_peft``), loadable by ``peft.PeftModel`` and servers,
+and ``deploy/``: the quantized model as a compressed-tensors Hugging Face directory with the
+adapter beside it (``qpeft.export_hf_checkpoint``), for serving engines.
+
+A student that compressed-tensors cannot hold (grouped MoE experts, ``Conv1D`` layers, int4
+blocks that do not divide a layer, ...) gets no ``deploy/``; the run still succeeds and its
+deploy record says why.
 """
 
 from __future__ import annotations
@@ -10,25 +16,83 @@ from typing import Any
 
 from torch import nn
 
+from ..checkpoint.deploy import ADAPTERS_DIR, WEIGHTS_FILE, export_hf_checkpoint
 from ..checkpoint.full import save
 from ..checkpoint.hf_peft import export_hf_peft
 
-__all__ = ["save_student"]
+__all__ = ["save_student", "write_deploy"]
 
 ADAPTER = "default"
+DEPLOY = "deploy"
 
 
-def save_student(student: nn.Module, tokenizer: Any, folder: Path) -> dict[str, str]:
-    """Write ``checkpoint/``, ``checkpoint/tokenizer/`` and ``hf_adapter/`` under ``folder``.
+def _mib(files: list[Path]) -> float:
+    return sum(f.stat().st_size for f in files) / 2**20
+
+
+def write_deploy(
+    student: nn.Module, tokenizer: Any, folder: Path, dense_mb: float
+) -> dict[str, Any]:
+    """Write ``folder/deploy/`` with :func:`qpeft.export_hf_checkpoint` (compressed-tensors, the
+    tokenizer, adapters under ``deploy/adapters/<name>/``) and measure it.
+
+    Args:
+        student: the quantized student (compressed or not) with its adapters.
+        tokenizer: saved into ``deploy/`` too.
+        folder: the run's output folder.
+        dense_mb: the dense model's weight size (MiB), for the ratio.
 
     Returns:
-        ``{what: path relative to folder}``.
+        ``{"written": True, "path", "format", "model_mb", "adapters_mb", "dense_mb", "ratio"}``
+        (``model_mb``: ``deploy/model.safetensors``; ``adapters_mb``: the adapter safetensors
+        under ``deploy/adapters/``; ``ratio``: ``model_mb / dense_mb``), or
+        ``{"written": False, "reason": one line}`` when the export refused the student (a
+        ``ValueError``: a layer the format cannot hold); nothing is written then.
+    """
+    try:
+        path = export_hf_checkpoint(student, folder / DEPLOY, tokenizer=tokenizer)
+    except ValueError as err:
+        return {"written": False, "reason": str(err).splitlines()[0]}
+    model_mb = _mib([path / WEIGHTS_FILE])
+    return {
+        "written": True,
+        "path": DEPLOY,
+        "format": "compressed-tensors",
+        "model_mb": model_mb,
+        "adapters_mb": _mib(sorted((path / ADAPTERS_DIR).rglob("*.safetensors"))),
+        "dense_mb": dense_mb,
+        "ratio": model_mb / max(dense_mb, 1e-12),
+    }
+
+
+def save_student(
+    student: nn.Module, tokenizer: Any, folder: Path, dense_mb: float
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Write ``checkpoint/``, ``checkpoint/tokenizer/``, ``hf_adapter/`` and (when the student
+    exports) ``deploy/`` under ``folder``.
+
+    Args:
+        student: the recovered student.
+        tokenizer: its tokenizer.
+        folder: the run's output folder.
+        dense_mb: the dense model's weight size in MiB (see :func:`write_deploy`).
+
+    Returns:
+        ``({what: path relative to folder}, the deploy record of write_deploy)``.
+
+    Raises:
+        What ``qpeft.save`` and ``qpeft.export_hf_peft`` raise (the deploy export never raises a
+        ``ValueError``: it is recorded instead).
     """
     save(student, folder / "checkpoint")
     tokenizer.save_pretrained(str(folder / "checkpoint" / "tokenizer"))
     export_hf_peft(student, folder / "hf_adapter", adapter_name=ADAPTER)
-    return {
+    files = {
         "checkpoint": "checkpoint",
         "tokenizer": "checkpoint/tokenizer",
         "hf_adapter": "hf_adapter",
     }
+    deploy = write_deploy(student, tokenizer, folder, dense_mb)
+    if deploy["written"]:
+        files["deploy"] = DEPLOY
+    return files, deploy
