@@ -72,7 +72,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     from .recover.pipeline import RecoverOptions, run_recipe
     from .recover.quantizing import FORMATS
     from .recover.report import summary_table, write_report
-    from .recover.saving import save_student
+    from .recover.saving import save_student, write_deploy
     from .recover.tasks import check_model_dir
 
     if args.format not in FORMATS:
@@ -108,7 +108,10 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     started, cpu_started = time.perf_counter(), time.process_time()
     with output_directory(args.output, opts.model) as tmp:
         run = run_recipe(opts)
-        files, deploy = save_student(run.student, run.tokenizer, tmp, run.sizes["dense_mb"])
+        files = save_student(run.student, run.tokenizer, tmp)
+        deploy = write_deploy(run.student, run.tokenizer, tmp, run.sizes["dense_mb"])
+        if deploy["written"]:
+            files["deploy"] = deploy["path"]
         result = run.to_json()
         result["files"], result["deploy"] = files, deploy
         result["wall_seconds"] = round(time.perf_counter() - started, 1)

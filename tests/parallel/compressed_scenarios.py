@@ -66,10 +66,14 @@ def c_ddp(mesh: DeviceMesh, outdir: Path) -> dict:
 
 
 def c_fsdp2(mesh: DeviceMesh, outdir: Path) -> dict:
+    """As ``c_ddp`` under FSDP2, plus the gathered state dict (``qpeft.full_state_dict``)."""
     models = {
         p: _fsdp2(block_model(quant=p, compress=True).to(cases.device()), mesh) for p in PRESETS
     }
-    return {p: _run(m, outdir, f"c_fsdp2_{p}") for p, m in models.items()}
+    return {
+        p: {**_run(m, outdir, f"c_fsdp2_{p}"), "full": qpeft.full_state_dict(m)}
+        for p, m in models.items()
+    }
 
 
 COMPRESSED = [c_ddp, c_fsdp2]

@@ -57,3 +57,15 @@ def test_checkpoints_of_compressed_distributed_models_restore_on_one_process(
             qpeft.delete_adapter(fresh, adapter)
         qpeft.load_adapters(fresh, outdir / f"{name}_adapters")
         assert_same_tensors(_adapters(fresh), _adapters(ref), f"{name} adapter file")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_gathered_state_dict_of_a_compressed_fsdp2_model(outdir, preset):
+    want = trained_block(preset, compress=True).state_dict()
+    for rank in range(WORLD):
+        got = load(outdir, "c_fsdp2", rank)[preset]["full"]
+        assert sorted(got) == sorted(want), f"rank {rank}: keys differ"
+        bytes_ = {k: v.view(torch.uint8) for k, v in want.items() if v.element_size() == 1}
+        _assert_bitwise({k: got[k].view(torch.uint8) for k in bytes_}, bytes_, f"rank {rank}")
+        others = {k: v for k, v in want.items() if k not in bytes_}
+        assert_same_tensors({k: got[k] for k in others}, others, f"rank {rank}")

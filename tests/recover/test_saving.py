@@ -1,7 +1,10 @@
 """``deploy/`` of a run: written with ``export_hf_checkpoint`` and measured, or, for a student the
 format cannot hold, not written with the reason in the record and the summary."""
 
+import sys
+
 import pytest
+import torch
 
 import qpeft
 from qpeft.recover.quantizing import quantize_student
@@ -10,6 +13,22 @@ from qpeft.recover.saving import write_deploy
 from tests.models import tiny_gpt2, tiny_llama, token_ids
 
 pytest.importorskip("compressed_tensors")
+
+
+def _wide_llama():
+    """One Llama block whose 128-wide layers hold whole int4 blocks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
 
 
 def _student(build, fmt):
@@ -46,3 +65,12 @@ def test_a_student_the_format_cannot_hold_gets_no_deploy_and_a_reason(tmp_path, 
     assert list(tmp_path.iterdir()) == []
     assert deploy_lines({"deploy": record}) == [f"deploy/ not written: {record['reason']}"]
     assert deploy_lines({}) == []  # a report written before deploy/ existed
+
+
+def test_a_missing_deploy_package_is_a_reason_not_a_failed_run(tmp_path, monkeypatch):
+    assert write_deploy(_student(_wide_llama, "int4"), None, tmp_path / "ok", 1.0)["written"]
+    monkeypatch.setitem(sys.modules, "compressed_tensors.compressors.pack_quantized.helpers", None)
+    record = write_deploy(_student(_wide_llama, "int4"), None, tmp_path, dense_mb=1.0)
+    assert not record["written"] and "pip install 'qpeft[deploy]'" in record["reason"]
+    assert "needs the package compressed_tensors" in record["reason"]
+    assert not (tmp_path / "deploy").exists()

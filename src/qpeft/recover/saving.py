@@ -47,12 +47,19 @@ def write_deploy(
         (``model_mb``: ``deploy/model.safetensors``; ``adapters_mb``: the adapter safetensors
         under ``deploy/adapters/``; ``ratio``: ``model_mb / dense_mb``), or
         ``{"written": False, "reason": one line}`` when the export refused the student (a
-        ``ValueError``: a layer the format cannot hold); nothing is written then.
+        ``ValueError``: a layer the format cannot hold) or lacks a package (int4 packs with
+        compressed-tensors); nothing is written then.
     """
     try:
         path = export_hf_checkpoint(student, folder / DEPLOY, tokenizer=tokenizer)
     except ValueError as err:
         return {"written": False, "reason": str(err).splitlines()[0]}
+    except ImportError as err:  # int4's int32 packing is compressed-tensors' own
+        return {
+            "written": False,
+            "reason": f"export_hf_checkpoint needs the package "
+            f"{(err.name or '?').split('.')[0]} for this format (pip install 'qpeft[deploy]')",
+        }
     model_mb = _mib([path / WEIGHTS_FILE])
     return {
         "written": True,
@@ -65,34 +72,18 @@ def write_deploy(
     }
 
 
-def save_student(
-    student: nn.Module, tokenizer: Any, folder: Path, dense_mb: float
-) -> tuple[dict[str, str], dict[str, Any]]:
-    """Write ``checkpoint/``, ``checkpoint/tokenizer/``, ``hf_adapter/`` and (when the student
-    exports) ``deploy/`` under ``folder``.
-
-    Args:
-        student: the recovered student.
-        tokenizer: its tokenizer.
-        folder: the run's output folder.
-        dense_mb: the dense model's weight size in MiB (see :func:`write_deploy`).
+def save_student(student: nn.Module, tokenizer: Any, folder: Path) -> dict[str, str]:
+    """Write ``checkpoint/``, ``checkpoint/tokenizer/`` and ``hf_adapter/`` under ``folder``
+    (``deploy/`` is :func:`write_deploy`'s).
 
     Returns:
-        ``({what: path relative to folder}, the deploy record of write_deploy)``.
-
-    Raises:
-        What ``qpeft.save`` and ``qpeft.export_hf_peft`` raise (the deploy export never raises a
-        ``ValueError``: it is recorded instead).
+        ``{what: path relative to folder}``.
     """
     save(student, folder / "checkpoint")
     tokenizer.save_pretrained(str(folder / "checkpoint" / "tokenizer"))
     export_hf_peft(student, folder / "hf_adapter", adapter_name=ADAPTER)
-    files = {
+    return {
         "checkpoint": "checkpoint",
         "tokenizer": "checkpoint/tokenizer",
         "hf_adapter": "hf_adapter",
     }
-    deploy = write_deploy(student, tokenizer, folder, dense_mb)
-    if deploy["written"]:
-        files["deploy"] = DEPLOY
-    return files, deploy
