@@ -181,6 +181,7 @@ def test_tiny_causal_lm_run_writes_every_output(tiny_run):
         "metrics.png",
         "checkpoint",
         "hf_adapter",
+        "deploy",
     } <= names
     assert (tiny_run / "hf_adapter" / "adapter_config.json").is_file()
     report = json.loads((tiny_run / "report.json").read_text())
@@ -190,12 +191,17 @@ def test_tiny_causal_lm_run_writes_every_output(tiny_run):
     assert report["stages"]["quantized"]["kl"] > 0.0
     assert len(report["block_error"]["before"]) == 2  # two decoder layers
     assert report["train_losses"] and report["block_losses"]
-    assert "perplexity" in (tiny_run / "summary.txt").read_text()
+    summary = (tiny_run / "summary.txt").read_text()
+    assert "perplexity" in summary and "peak memory" in summary
+    deploy = report["deploy"]
+    assert deploy["written"] and report["files"]["deploy"] == "deploy"
+    assert 0 < deploy["model_mb"] < deploy["dense_mb"] == report["sizes"]["dense_mb"]
+    assert f"vs dense {deploy['dense_mb']:.2f} MiB" in summary
     assert all((tiny_run / p).read_bytes()[:4] == b"\x89PNG" for p in names if p.endswith(".png"))
     assert not [p for p in tiny_run.parent.iterdir() if p.name.startswith(".")]  # no temp left
 
 
-def test_same_seed_same_run(tiny, tiny_run, tmp_path):
+def test_same_seed_same_run(capsys, tiny, tiny_run, tmp_path):
     model, corpus = tiny
     assert (
         main(
@@ -217,6 +223,60 @@ def test_same_seed_same_run(tiny, tiny_run, tmp_path):
     first = json.loads((tiny_run / "report.json").read_text())
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert first["stages"] == again["stages"] and first["train_losses"] == again["train_losses"]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("outputs in ") and "deploy/ (compressed-tensors model" in last
+
+
+def test_deploy_folder_serves_the_recovered_student(tiny, tiny_run):
+    """transformers' reader plus peft on ``deploy/`` give the restored student's logits (fp32
+    nvfp4: the reader rounds the weights to bf16, so bf16 tolerances)."""
+    import warnings
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from tests.tolerances import BF16_ATOL, BF16_RTOL
+
+    model_dir, _ = tiny
+    deploy = tiny_run / "deploy"
+    student = qpeft.restore(
+        AutoModelForCausalLM.from_pretrained(model_dir), tiny_run / "checkpoint"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = AutoModelForCausalLM.from_pretrained(
+            deploy, quantization_config=CompressedTensorsConfig(dequantize=True)
+        )
+        served = PeftModel.from_pretrained(loaded, deploy / "adapters" / "default").eval()
+    ids = AutoTokenizer.from_pretrained(deploy)(
+        ["the teacher shows the student"], return_tensors="pt"
+    )
+    with torch.no_grad():
+        got, want = served(**ids).logits, student.eval()(**ids).logits
+    torch.testing.assert_close(got, want, atol=BF16_ATOL, rtol=BF16_RTOL)
+
+
+def test_a_student_that_cannot_be_exported_runs_without_deploy(capsys, tiny, tmp_path):
+    model, corpus = tiny  # 64 features: no whole int4 block of 128
+    out = tmp_path / "run"
+    argv = ["recover", "--model", str(model), "--data", str(corpus), "--format", "int4"]
+    assert main([*argv, "--output", str(out), *FEW_STEPS]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert not (out / "deploy").exists() and "deploy" not in report["files"]
+    assert not report["deploy"]["written"] and "not a multiple" in report["deploy"]["reason"]
+    assert f"deploy/ not written: {report['deploy']['reason']}" in (out / "summary.txt").read_text()
+    assert printed.strip().endswith("no deploy/ (see summary.txt)")
+
+
+def test_inspect_of_a_run_folder_reads_past_deploy(capsys, tiny_run):
+    assert main(["inspect", str(tiny_run)]) == 0
+    out = capsys.readouterr().out
+    assert "deploy/model.safetensors" in out and "weight nvfp4: 14 layers" in out
+    served = "served model deploy/: compressed-tensors nvfp4-pack-quantized, 1 linear layers left"
+    assert served in out  # lm_head
 
 
 def test_inspect_shows_modes_adapters_and_sizes(capsys, tiny_run):

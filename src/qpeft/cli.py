@@ -74,7 +74,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     from .recover.quantizing import FORMATS
     from .recover.report import summary_table, write_report
     from .recover.resume import open_state
-    from .recover.saving import hf_left_out, save_student
+    from .recover.saving import hf_left_out, save_student, write_deploy
     from .recover.tasks import check_model_dir
 
     if args.format not in FORMATS:
@@ -115,8 +115,11 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         with output_directory(args.output, opts.model) as tmp:
             run = run_recipe(opts, state=state)
             files = save_student(run.student, run.tokenizer, tmp)
+            deploy = write_deploy(run.student, run.tokenizer, tmp, run.sizes["dense_mb"])
+            if deploy["written"]:
+                files["deploy"] = deploy["path"]
             result = run.to_json()
-            result["files"] = files
+            result["files"], result["deploy"] = files, deploy
             result["hf_adapter_left_out"] = hf_left_out(run.student)
             result["wall_seconds"] = round(time.perf_counter() - started, 1)
             result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
@@ -142,6 +145,11 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         "checkpoint/ (qpeft.restore; inspect it: qpeft inspect "
         f"{args.output}/checkpoint), "
         + ("hf_adapter/ (HF PEFT LoRA files)" if "hf_adapter" in files else "no hf_adapter/")
+        + (
+            ", deploy/ (compressed-tensors model for serving, adapters/default/ beside it)"
+            if deploy["written"]
+            else "; no deploy/ (see summary.txt)"
+        )
     )
     return 0
 

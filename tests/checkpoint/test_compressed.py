@@ -109,3 +109,19 @@ def test_adapter_routing_on_a_compressed_model_matches_the_fake_quantized_one():
         with qpeft.adapter_routing(m, names):
             outs.append(m(X))
     assert_bits_equal(outs[0], outs[1])
+
+
+def test_ddp_leaves_the_packed_buffers_alone_after_compress_and_restore(tmp_path):
+    """DDP reads ``_ddp_params_and_buffers_to_ignore`` (torch's contract): the packed codes and
+    scales are frozen and equal on every rank, and gloo cannot broadcast fp8 scales (the 2-rank
+    DDP tests in tests/parallel run nvfp4 through it)."""
+    packed = ("weight_packed", "weight_scale", "weight_scale_2")
+    for lora_first in (True, False):  # adapters after compress rename the packed buffers
+        model, _ = _model("nvfp4", lora_first=lora_first)
+        want = sorted(n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in packed)
+        assert want and model._ddp_params_and_buffers_to_ignore == want
+        assert lora_first or "attn.q_proj.base.base.weight_packed" in want
+        qpeft.save(model, tmp_path / str(lora_first))
+        restored = qpeft.restore(TinyBlock(), tmp_path / str(lora_first))
+        assert restored._ddp_params_and_buffers_to_ignore == want
+    assert not hasattr(_model("nvfp4")[1], "_ddp_params_and_buffers_to_ignore")  # not compressed

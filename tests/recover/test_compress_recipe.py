@@ -1,11 +1,12 @@
 """``qpeft recover --compress``: training on the compressed student gives the uncompressed run's
-metrics and losses exactly, and the summary reports peak memory."""
+metrics and losses exactly, the same ``deploy/`` bytes, and the summary reports peak memory."""
 
 import pytest
 
 from qpeft.quant import CompressedLinear
 from qpeft.recover.pipeline import RecoverOptions, run_recipe
 from qpeft.recover.report import summary_table
+from qpeft.recover.saving import write_deploy
 from tests.recover.tiny_lm import build_tiny_causal_lm, write_corpus
 
 
@@ -35,6 +36,13 @@ def test_compressed_recovery_matches_the_uncompressed_one(tmp_path, fmt):
     assert packed.stages == plain.stages
     assert packed.train_losses == plain.train_losses and packed.block_losses == plain.block_losses
     assert packed.sizes["model_mb"] < plain.sizes["model_mb"]
-    for run in (plain, packed):
+    assert packed.sizes["dense_mb"] == plain.sizes["dense_mb"] == plain.sizes["model_mb"]
+    deployed = []
+    for name, run in (("plain", plain), ("packed", packed)):
         assert run.sizes["peak_rss_mb"] > 0
-        assert "peak memory" in summary_table(run.to_json())
+        record = write_deploy(run.student, run.tokenizer, tmp_path / name, run.sizes["dense_mb"])
+        assert record["written"] and record["ratio"] < 1
+        table = summary_table({**run.to_json(), "deploy": record})
+        assert "peak memory" in table and "deploy/ (compressed-tensors): model" in table
+        deployed.append((tmp_path / name / "deploy" / "model.safetensors").read_bytes())
+    assert deployed[0] == deployed[1]

@@ -155,8 +155,19 @@ def wrapper_map(model: nn.Module) -> dict[str, str]:
     for _, logical, module in logical_named_modules(model):
         empty_lora = isinstance(module, LoRAModule) and not len(module.adapters)
         if isinstance(module, ModuleWrapper) and not empty_lora:
-            chains.setdefault(logical, []).append(type(module).__name__)
+            chains.setdefault(logical, []).append(_class_name(module))
     return {name: "/".join(classes) for name, classes in chains.items()}
+
+
+def _class_name(module: nn.Module) -> str:
+    """The module's class name; for a module ``fully_shard`` sharded (its class swapped for a
+    dynamic ``FSDP<Name>(FSDPModule, <Name>)``) the name of the class it had before."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(module)
+    if isinstance(module, FSDPModule):
+        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls.__name__
 
 
 def check_wrappers(model: nn.Module, manifest: dict[str, Any], where: Path) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from ..core.modes import record, register_mode, swap_module
 from ..core.patterns import merge_matching
 from ..core.wrapping import ModuleWrapper, innermost
+from ..quant.compress import ddp_skips_packed
 from .adapter import AdapterState, LoRAAdapter
 from .config import PEFTAttributeConfig, PEFTConfig
 from .init import init_adapter
@@ -196,6 +197,8 @@ def _set_base_trainable(model: nn.Module, trainable: bool) -> None:
 def _apply(model: nn.Module, cfg: PEFTConfig, plan: _Plan) -> nn.Module:
     for layer_name, wrapper in plan.wrap.items():
         model = swap_module(model, layer_name, wrapper)
+    if plan.wrap:
+        ddp_skips_packed(model)  # a wrapped compressed layer's buffers have new names
     layers = lora_layers(model)
     for layer_name, adapter in plan.add.items():
         layers[layer_name].adapters[cfg.adapter_name] = adapter

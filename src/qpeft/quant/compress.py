@@ -26,6 +26,7 @@ from .compressed import (
     CompressedConv1D,
     CompressedLinear,
     PackedConv1D,
+    PackedDense,
     PackedLinear,
     is_compressed,
 )
@@ -34,7 +35,7 @@ from .layer import QuantConv1D, QuantLinear, QuantModule
 from .packing import PackSpec, check_packable, pack, packed_layout
 from .targets import logical_named_modules
 
-__all__ = ["compress", "packed_weight"]
+__all__ = ["compress", "packed_weight", "ddp_skips_packed"]
 
 _KINDS = {
     QuantLinear: (PackedLinear, CompressedLinear),
@@ -173,7 +174,30 @@ def compress(model: nn.Module, layer_patterns: Any = None) -> nn.Module:
         del layer
         log[name] = {"spec": spec.to_json(), "dtype": str(dtype).removeprefix("torch.")}
     record(model, "compress", {"layers": log})
+    ddp_skips_packed(model)
     return model
+
+
+def ddp_skips_packed(model: nn.Module) -> None:
+    """Tell DDP to leave the packed buffers alone (``_ddp_params_and_buffers_to_ignore``): they
+    are frozen and equal on every rank, DDP would broadcast the whole packed model at wrapping and
+    before every forward, and gloo cannot broadcast fp8 scales. Called again after anything that
+    renames them (a LoRA layer wrapping a compressed one); a model without packed layers is left
+    as it is."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    packed = {
+        f"{name}.{key}" if name else key
+        for name, module in model.named_modules()
+        if isinstance(module, PackedDense)
+        for key in module._buffers
+    }
+    known = getattr(model, "_ddp_params_and_buffers_to_ignore", None)
+    if not packed and known is None:
+        return
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    ignored = sorted(packed | {n for n in known or [] if n in names})  # drop stale names
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
 
 
 @register_mode("compress")
@@ -209,4 +233,5 @@ def _replay_compress(model: nn.Module, config: dict[str, Any]) -> nn.Module:
             spec, tensors = _pack_layer(layer)
         model = swap_module(model, slot, _build(layer, spec, tensors, dtype))
     record(model, "compress", config)
+    ddp_skips_packed(model)
     return model

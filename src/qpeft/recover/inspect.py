@@ -182,12 +182,34 @@ def describe(path: str | Path) -> str:
     out += [f"  {what}: {count} layers" for what, count in sorted(formats.items())] or [
         "  none recorded"
     ]
+    out += _served_lines(root, jsons)
     out += ["files:"] + [
         f"  {f.relative_to(root) if root.is_dir() else f.name}  {_mb(f.stat().st_size)}"
         for f in tensors + jsons
     ]
     out.append(f"total {_mb(sum(f.stat().st_size for f in files))}")
     return "\n".join(out)
+
+
+def _served_lines(root: Path, jsons: list[Path]) -> list[str]:
+    """One line per Hugging Face model directory (``config.json`` with a compressed-tensors
+    ``quantization_config``, as ``export_hf_checkpoint`` and a run's ``deploy/`` write)."""
+    lines = []
+    for f in jsons:
+        if f.name != "config.json":
+            continue
+        config = read_json(f)
+        quant = config.get("quantization_config") if isinstance(config, dict) else None
+        if not isinstance(quant, dict) or quant.get("quant_method") != "compressed-tensors":
+            continue
+        where = f.parent.relative_to(root).as_posix() if root.is_dir() else "."
+        ignore = quant.get("ignore")
+        unquantized = len(ignore) if isinstance(ignore, list) else 0
+        lines.append(
+            f"served model {where}/: compressed-tensors {str(quant.get('format'))[:40]}, "
+            f"{unquantized} linear layers left unquantized"
+        )
+    return lines
 
 
 def _format_name(attrs: dict[str, Any]) -> str:

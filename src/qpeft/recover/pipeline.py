@@ -36,7 +36,8 @@ from .distill import distill
 from .layers import check_compressible, check_rank, layer_errors, quantized_names
 from .quantizing import quantize_student, quantizes_inputs
 from .resume import RunState, start_phase
-from .student import ADAPTER, attach, peak_rss_mb, sizes
+from .sizes import model_sizes, peak_rss_mb
+from .student import ADAPTER, attach
 
 __all__ = ["RecoverOptions", "RecoverRun", "run_recipe", "check_rank", "peak_rss_mb", "ADAPTER"]
 
@@ -232,6 +233,6 @@ def run_recipe(
         run.layer_error["recovered"] = layer_errors(student, names)
     _stage(run, "recovered", phase.started, evaluate)
 
-    run.sizes = sizes(student)
+    run.sizes = model_sizes(student, teacher)
     run.student = student
     return run

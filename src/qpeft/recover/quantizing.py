@@ -1,5 +1,7 @@
 """Quantize the student with a ``qpeft.quantize`` preset; calibrate inputs only when the format has
-them."""
+them. The layers an engine fuses (q/k/v, gate/up) share their per-tensor scales
+(``tie_fused_scales=True``), so the student trains on the numerics its ``deploy/`` checkpoint
+serves."""
 
 from __future__ import annotations
 
@@ -23,12 +25,14 @@ def quantizes_inputs(fmt: str) -> bool:
 def quantize_student(
     model: nn.Module, fmt: str, forward_loop: Callable[[nn.Module], None]
 ) -> nn.Module:
-    """Fake-quantize ``model`` in place with preset ``fmt``; ``forward_loop`` calibrates input
-    formats.
+    """Fake-quantize ``model`` in place with preset ``fmt``, fused groups' per-tensor scales tied;
+    ``forward_loop`` calibrates input formats.
 
     Raises:
         ValueError: unknown format (lists the known ones), or what ``qpeft.quantize`` raises.
     """
     if fmt not in PRESETS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    return quantize(model, fmt, forward_loop if quantizes_inputs(fmt) else None)
+    return quantize(
+        model, fmt, forward_loop if quantizes_inputs(fmt) else None, tie_fused_scales=True
+    )

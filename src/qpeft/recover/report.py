@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["summary_table", "write_report", "write_plots", "STAGES"]
+__all__ = ["summary_table", "deploy_lines", "write_report", "write_plots", "STAGES"]
 
 STAGES = ("original", "quantized", "init", "blockwise", "recovered")
 _LABELS = {
@@ -25,7 +25,8 @@ _LABELS = {
 
 
 def summary_table(run: dict[str, Any]) -> str:
-    """The summary: headline metrics and time per stage, adapter vs model size (plain text)."""
+    """The summary: headline metrics and time per stage, adapter vs model size, peak memory and
+    the deployable size (plain text)."""
     names = list(run["headline"])
     rows = [["stage", *names, "time (s)"]]
     for stage in STAGES:
@@ -51,7 +52,7 @@ def summary_table(run: dict[str, Any]) -> str:
         f"peak memory {sizes.get('peak_rss_mb', float('nan')):.0f} MiB (max RSS)"
         + (", compressed student" if opts.get("compress") else ""),
     ]
-    return "\n".join(lines + _left_out_lines(run.get("hf_adapter_left_out")))
+    return "\n".join(lines + _left_out_lines(run.get("hf_adapter_left_out")) + deploy_lines(run))
 
 
 def _left_out_lines(left: dict[str, Any] | None) -> list[str]:
@@ -65,6 +66,23 @@ def _left_out_lines(left: dict[str, Any] | None) -> list[str]:
         f"not in the HF PEFT files: the adapters of {len(layers)} {left['kind']} "
         f"layer{'s' if len(layers) > 1 else ''} ({names}; no HF PEFT layout; {where}); "
         f"{left['held_in']}/ holds every adapter (qpeft.restore)"
+    ]
+
+
+# -- deploy/ (export_hf_checkpoint) ----------------------------------------------------------------
+def deploy_lines(run: dict[str, Any]) -> list[str]:
+    """The summary's deploy line: ``deploy/``'s size against the dense model, or why the run wrote
+    no ``deploy/`` (``run["deploy"]``, see :func:`qpeft.recover.saving.write_deploy`); nothing
+    when the run has no deploy record."""
+    deploy = run.get("deploy")
+    if not deploy:
+        return []
+    if not deploy["written"]:
+        return [f"deploy/ not written: {deploy['reason']}"]
+    return [
+        f"deploy/ ({deploy['format']}): model {deploy['model_mb']:.2f} MiB vs dense "
+        f"{deploy['dense_mb']:.2f} MiB ({100 * deploy['ratio']:.1f}%), "
+        f"adapters {deploy['adapters_mb']:.2f} MiB"
     ]
 
 

@@ -1,6 +1,12 @@
 """Save the recovered student: a full checkpoint (``qpeft.save``: mode log JSON plus safetensors,
-restorable with ``qpeft.restore`` on a freshly loaded base model), its tokenizer, and the adapter
-in Hugging Face PEFT format (``qpeft.export_hf_peft``), loadable by ``peft.PeftModel`` and servers.
+restorable with ``qpeft.restore`` on a freshly loaded base model), its tokenizer, the adapter in
+Hugging Face PEFT format (``qpeft.export_hf_peft``), loadable by ``peft.PeftModel`` and servers,
+and ``deploy/``: the quantized model as a compressed-tensors Hugging Face directory with the
+adapter beside it (``qpeft.export_hf_checkpoint``), for serving engines.
+
+A student that compressed-tensors cannot hold (grouped MoE experts, ``Conv1D`` layers, int4
+blocks that do not divide a layer, ...) gets no ``deploy/``; the run still succeeds and its
+deploy record says why.
 
 HF PEFT files have no layout for the adapters of grouped MoE experts (one ``[E, r, in]`` /
 ``[E, out, r]`` pair per projection): ``hf_adapter/`` then holds the other layers' adapters only
@@ -15,13 +21,61 @@ from typing import Any
 
 from torch import nn
 
+from ..checkpoint.deploy import ADAPTERS_DIR, WEIGHTS_FILE, export_hf_checkpoint
 from ..checkpoint.full import save
 from ..checkpoint.hf_peft import export_hf_peft, grouped_experts_layers
 from ..lora.convert import lora_layers
 
-__all__ = ["save_student", "hf_left_out"]
+__all__ = ["save_student", "hf_left_out", "write_deploy"]
 
 ADAPTER = "default"
+DEPLOY = "deploy"
+
+
+def _mib(files: list[Path]) -> float:
+    return sum(f.stat().st_size for f in files) / 2**20
+
+
+def write_deploy(
+    student: nn.Module, tokenizer: Any, folder: Path, dense_mb: float
+) -> dict[str, Any]:
+    """Write ``folder/deploy/`` with :func:`qpeft.export_hf_checkpoint` (compressed-tensors, the
+    tokenizer, adapters under ``deploy/adapters/<name>/``) and measure it.
+
+    Args:
+        student: the quantized student (compressed or not) with its adapters.
+        tokenizer: saved into ``deploy/`` too.
+        folder: the run's output folder.
+        dense_mb: the dense model's weight size (MiB), for the ratio.
+
+    Returns:
+        ``{"written": True, "path", "format", "model_mb", "adapters_mb", "dense_mb", "ratio"}``
+        (``model_mb``: ``deploy/model.safetensors``; ``adapters_mb``: the adapter safetensors
+        under ``deploy/adapters/``; ``ratio``: ``model_mb / dense_mb``), or
+        ``{"written": False, "reason": one line}`` when the export refused the student (a
+        ``ValueError``: a layer the format cannot hold) or lacks a package (int4 packs with
+        compressed-tensors); nothing is written then.
+    """
+    try:
+        path = export_hf_checkpoint(student, folder / DEPLOY, tokenizer=tokenizer)
+    except ValueError as err:
+        return {"written": False, "reason": str(err).splitlines()[0]}
+    except ImportError as err:  # int4's int32 packing is compressed-tensors' own
+        return {
+            "written": False,
+            "reason": f"export_hf_checkpoint needs the package "
+            f"{(err.name or '?').split('.')[0]} for this format (pip install 'qpeft[deploy]')",
+        }
+    model_mb = _mib([path / WEIGHTS_FILE])
+    return {
+        "written": True,
+        "path": DEPLOY,
+        "format": "compressed-tensors",
+        "model_mb": model_mb,
+        "adapters_mb": _mib(sorted((path / ADAPTERS_DIR).rglob("*.safetensors"))),
+        "dense_mb": dense_mb,
+        "ratio": model_mb / max(dense_mb, 1e-12),
+    }
 
 
 def hf_left_out(student: nn.Module) -> dict[str, Any]:
@@ -42,7 +96,7 @@ def hf_left_out(student: nn.Module) -> dict[str, Any]:
 def save_student(student: nn.Module, tokenizer: Any, folder: Path) -> dict[str, str]:
     """Write ``checkpoint/``, ``checkpoint/tokenizer/`` and ``hf_adapter/`` under ``folder``
     (``hf_adapter/`` without grouped-experts adapters, none when all are; see
-    :func:`hf_left_out`).
+    :func:`hf_left_out`). ``deploy/`` is :func:`write_deploy`'s.
 
     Returns:
         ``{what: path relative to folder}``.

@@ -1,0 +1,76 @@
+"""``deploy/`` of a run: written with ``export_hf_checkpoint`` and measured, or, for a student the
+format cannot hold, not written with the reason in the record and the summary."""
+
+import sys
+
+import pytest
+import torch
+
+import qpeft
+from qpeft.recover.quantizing import quantize_student
+from qpeft.recover.report import deploy_lines
+from qpeft.recover.saving import write_deploy
+from tests.models import tiny_gpt2, tiny_llama, token_ids
+
+pytest.importorskip("compressed_tensors")
+
+
+def _wide_llama():
+    """One Llama block whose 128-wide layers hold whole int4 blocks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _student(build, fmt):
+    model = build()
+    quantize_student(model, fmt, lambda m: m(token_ids()))
+    qpeft.update_model(model, {"adapter_cfg": {"*layers.*": {"rank": 2}, "*.h.*": {"rank": 2}}})
+    return model
+
+
+def test_deploy_is_written_and_measured(tmp_path):
+    record = write_deploy(_student(tiny_llama, "nvfp4_weight_only"), None, tmp_path, 0.5)
+    deploy = tmp_path / "deploy"
+    weights = (deploy / "model.safetensors").stat().st_size / 2**20
+    adapter = (deploy / "adapters" / "default" / "adapter_model.safetensors").stat().st_size
+    assert record["written"] and record["path"] == "deploy"
+    assert record["model_mb"] == weights and record["adapters_mb"] == adapter / 2**20
+    assert record["ratio"] == weights / 0.5 and record["dense_mb"] == 0.5
+    line = deploy_lines({"deploy": record})[0]
+    assert line.startswith("deploy/ (compressed-tensors): model ") and "vs dense 0.50 MiB" in line
+
+
+@pytest.mark.parametrize(
+    ("build", "fmt", "why"),
+    [
+        (tiny_llama, "int4", "32 input features in blocks of 128"),
+        (tiny_gpt2, "fp8_weight_only", "Conv1D layers have no compressed-tensors layout"),
+    ],
+    ids=["int4-blocks", "conv1d"],
+)
+def test_a_student_the_format_cannot_hold_gets_no_deploy_and_a_reason(tmp_path, build, fmt, why):
+    record = write_deploy(_student(build, fmt), None, tmp_path, dense_mb=1.0)
+    assert record == {"written": False, "reason": record["reason"]}
+    assert why in record["reason"] and "\n" not in record["reason"]
+    assert list(tmp_path.iterdir()) == []
+    assert deploy_lines({"deploy": record}) == [f"deploy/ not written: {record['reason']}"]
+    assert deploy_lines({}) == []  # a report written before deploy/ existed
+
+
+def test_a_missing_deploy_package_is_a_reason_not_a_failed_run(tmp_path, monkeypatch):
+    assert write_deploy(_student(_wide_llama, "int4"), None, tmp_path / "ok", 1.0)["written"]
+    monkeypatch.setitem(sys.modules, "compressed_tensors.compressors.pack_quantized.helpers", None)
+    record = write_deploy(_student(_wide_llama, "int4"), None, tmp_path, dense_mb=1.0)
+    assert not record["written"] and "pip install 'qpeft[deploy]'" in record["reason"]
+    assert "needs the package compressed_tensors" in record["reason"]
+    assert not (tmp_path / "deploy").exists()
