@@ -68,17 +68,19 @@ def _default_model() -> str:
 
 
 def _cmd_recover(args: argparse.Namespace) -> int:
-    from .recover.outputs import output_directory
+    from .recover.launch import parallel_output, resolve_mode, save_run, start_parallel
     from .recover.pipeline import RecoverOptions, run_recipe
     from .recover.quantizing import FORMATS
     from .recover.report import summary_table, write_report
-    from .recover.saving import save_student
     from .recover.tasks import check_model_dir
 
     if args.format not in FORMATS:
         raise ValueError(f"unknown format {args.format!r}; choose from {', '.join(FORMATS)}")
     if args.eval_texts < 2:
         raise ValueError("--eval-texts must be at least 2")
+    mode = resolve_mode(args.parallel)
+    if args.compress and mode != "none":
+        raise ValueError(f"--compress is not supported with --parallel {mode} (one process only)")
     opts = RecoverOptions(
         model=args.model or _default_model(),
         data=args.data,
@@ -99,6 +101,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         patience=args.patience,
         compress=args.compress,
         progress=not args.no_progress,
+        parallel=mode,
     )
     check_model_dir(opts.model)
     if args.threads:
@@ -106,15 +109,24 @@ def _cmd_recover(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
-    with output_directory(args.output, opts.model) as tmp:
-        run = run_recipe(opts)
-        files = save_student(run.student, run.tokenizer, tmp)
-        result = run.to_json()
-        result["files"] = files
-        result["wall_seconds"] = round(time.perf_counter() - started, 1)
-        result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
-        plotted = _plots(result, tmp)
-        write_report(result, tmp)
+    par = start_parallel(mode, args.dist_timeout)
+    opts.progress = opts.progress and par.rank == 0
+    try:
+        with parallel_output(par, args.output, opts.model) as tmp:  # rank 0 alone writes
+            run = run_recipe(opts, print if par.rank == 0 else lambda _s: None, par)
+            files = save_run(par, run.student, run.tokenizer, tmp)
+            if tmp is not None:
+                result = run.to_json()
+                result["files"] = files
+                result["world_size"] = par.world
+                result["wall_seconds"] = round(time.perf_counter() - started, 1)
+                result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
+                plotted = _plots(result, tmp)
+                write_report(result, tmp)
+    finally:
+        par.close()
+    if par.rank != 0:
+        return 0
     print(summary_table(result))
     print(f"wall time {result['wall_seconds']:.1f} s, CPU time {result['cpu_seconds']:.1f} s")
     plots = "layer_error.png, training_loss.png, metrics.png, " if plotted else ""

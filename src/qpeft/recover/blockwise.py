@@ -7,6 +7,10 @@ inputs of block 0. Then, block by block, the student's block ``i`` is fed the ou
 already-reconstructed blocks ``X_i`` (so it learns to correct the error that reaches it) and its
 adapters minimise the relative error ``sum mask ||f_i(X_i) - T_i||^2 / sum mask ||T_i||^2`` with
 AdamW under a one-cycle (warm-up then cosine) schedule. ``X_{i+1} = f_i(X_i)`` once it is trained.
+
+On several ranks (``collective``, :class:`qpeft.recover.distributed.Parallel`) each rank holds its
+share of every batch; the denominators are summed over ranks, so that the rank-averaged gradient
+and the logged losses and errors are the one-process ones.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 
 from ..lora.layer import LoRAModule
-from .metrics import check_finite, masked_relative_mse
+from .metrics import check_finite, loss_mask, masked_relative_mse, masked_squared_error
 
 __all__ = ["find_blocks", "reconstruct_blocks", "BlockReport"]
 
@@ -85,7 +89,15 @@ def _teacher_trace(
     return inputs, outputs
 
 
-def _block_error(block: nn.Module, xs, kwargs, targets, masks) -> float:
+def _block_error(block: nn.Module, xs, kwargs, targets, masks, collective=None) -> float:
+    if collective is not None:
+        with torch.no_grad():
+            parts = [
+                torch.stack(masked_squared_error(_first(block(x, *kw[0], **kw[1])), t, m))
+                for x, kw, t, m in zip(xs, kwargs, targets, masks, strict=True)
+            ]
+            num, den = collective.sum(torch.stack(parts).double().sum(0)).tolist()
+        return (num / max(den, 1e-30)) ** 0.5
     with torch.no_grad():
         num = den = 0.0
         for x, kw, t, m in zip(xs, kwargs, targets, masks, strict=True):
@@ -95,7 +107,22 @@ def _block_error(block: nn.Module, xs, kwargs, targets, masks) -> float:
     return (num / max(den, 1e-30)) ** 0.5
 
 
-def _fit_block(block, xs, kwargs, targets, masks, epochs, lr, generator, losses, tick) -> None:
+def _norms(targets, masks, collective) -> list[torch.Tensor] | None:
+    """Per batch: the global ``sum mask ||T||^2`` over the ranks' number (None in one process)."""
+    if collective is None:
+        return None
+    with torch.no_grad():
+        energy = torch.stack(
+            [masked_squared_error(t, t, m)[1] for t, m in zip(targets, masks, strict=True)]
+        )
+    total = collective.sum(energy).clamp(min=1e-12) / collective.world
+    return list(total.unbind())
+
+
+def _fit_block(
+    block, xs, kwargs, targets, masks, epochs, lr, generator, losses, tick, collective=None
+) -> None:
+    norms = _norms(targets, masks, collective)
     params = [p for p in block.parameters() if p.requires_grad]
     if not params or epochs == 0:
         return
@@ -105,15 +132,20 @@ def _fit_block(block, xs, kwargs, targets, masks, epochs, lr, generator, losses,
     )
     for _ in range(epochs):
         for j in torch.randperm(len(xs), generator=generator).tolist():
-            loss = masked_relative_mse(
-                _first(block(xs[j], *kwargs[j][0], **kwargs[j][1])), targets[j], masks[j]
-            )
-            check_finite(loss, "block-wise", len(losses) + 1, "--block-lr")
+            out = _first(block(xs[j], *kwargs[j][0], **kwargs[j][1]))
+            if norms is None:
+                loss = logged = masked_relative_mse(out, targets[j], masks[j])
+            else:
+                loss = masked_squared_error(out, targets[j], masks[j])[0] / norms[j]
+                logged = collective.mean(loss)
+            check_finite(logged, "block-wise", len(losses) + 1, "--block-lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if collective is not None:
+                collective.sync_grads(params)
             opt.step()
             sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(logged.detach()))
             tick()
 
 
@@ -126,6 +158,7 @@ def reconstruct_blocks(
     lr: float,
     seed: int,
     progress: Callable[[int], Any] | None = None,
+    collective: Any = None,
 ) -> BlockReport:
     """Fit the adapters of every student block, in order, to the teacher's block outputs.
 
@@ -137,6 +170,8 @@ def reconstruct_blocks(
         lr: peak learning rate of the one-cycle schedule.
         seed: seeds the batch order.
         progress: called with 1 after each step (e.g. a tqdm ``update``).
+        collective: on several ranks, the run's :class:`~qpeft.recover.distributed.Parallel`
+            (``batches`` are then this rank's shares); None in one process.
 
     Raises:
         ValueError: when the student has no block list (see :func:`find_blocks`).
@@ -146,12 +181,12 @@ def reconstruct_blocks(
     inputs, targets = _teacher_trace(teacher, teacher_blocks, forward, batches)
     xs = [x for x, _ in inputs]
     kwargs = [kw for _, kw in inputs]
-    masks = [b["attention_mask"] for b in batches]
+    masks = [loss_mask(b) for b in batches]
     generator = torch.Generator().manual_seed(seed)
     report = BlockReport()
     tick = progress or (lambda _n: None)
     for i, block in enumerate(blocks):
-        report.before.append(_block_error(block, xs, kwargs, targets[i], masks))
+        report.before.append(_block_error(block, xs, kwargs, targets[i], masks, collective))
         _fit_block(
             block,
             xs,
@@ -163,8 +198,9 @@ def reconstruct_blocks(
             generator,
             report.losses,
             lambda: tick(1),
+            collective,
         )
-        report.after.append(_block_error(block, xs, kwargs, targets[i], masks))
+        report.after.append(_block_error(block, xs, kwargs, targets[i], masks, collective))
         with torch.no_grad():
             xs = [_first(block(x, *kw[0], **kw[1])) for x, kw in zip(xs, kwargs, strict=True)]
     return report

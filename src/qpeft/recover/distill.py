@@ -5,7 +5,8 @@ between the student's and the teacher's outputs on one batch (teacher outputs ar
 cached). The learning rate warms up linearly for 10% of the steps, then decays on a cosine to 0.
 Every ``eval_every`` steps the loss on held-out validation batches is measured; the best adapter
 weights seen are kept and restored at the end, and training stops after ``patience`` checks
-without improvement.
+without improvement. On several ranks (``reduce``: the average over ranks) the logged and
+validation losses are averaged, so every rank takes the same decisions.
 """
 
 from __future__ import annotations
@@ -46,12 +47,12 @@ def warmup_cosine(step: int, total: int) -> float:
 
 
 @torch.no_grad()
-def _valid_loss(student, task, batches, targets) -> float:
-    losses = [
-        float(task.loss(task.forward(student, b), t, b))
-        for b, t in zip(batches, targets, strict=True)
-    ]
-    return sum(losses) / len(losses)
+def _valid_loss(student, task, batches, targets, reduce) -> float:
+    losses = torch.stack(
+        [task.loss(task.forward(student, b), t, b) for b, t in zip(batches, targets, strict=True)]
+    )
+    values = (losses if reduce is None else reduce(losses.double())).tolist()
+    return sum(values) / len(values)
 
 
 def distill(
@@ -66,6 +67,7 @@ def distill(
     eval_every: int = 0,
     patience: int = 3,
     progress: Callable[[int], Any] | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> DistillReport:
     """Train the student's trainable parameters to match the teacher's outputs.
 
@@ -79,6 +81,8 @@ def distill(
         eval_every: steps between validation checks (0: once per epoch).
         patience: checks without improvement before stopping.
         progress: called with 1 after each step.
+        reduce: on several ranks, averages a loss over the ranks (``train`` and ``valid`` are then
+            this rank's shares); None in one process.
     """
     report = DistillReport()
     params = [p for p in student.parameters() if p.requires_grad]
@@ -91,7 +95,11 @@ def distill(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total))
     every = eval_every or len(train)
-    best, best_state, waited = _valid_loss(student, task, valid, valid_t), _snapshot(params), 0
+    best, best_state, waited = (
+        _valid_loss(student, task, valid, valid_t, reduce),
+        _snapshot(params),
+        0,
+    )
     report.valid.append((0, best))
     generator = torch.Generator().manual_seed(seed)
     order = [
@@ -99,16 +107,17 @@ def distill(
     ]
     for step, j in enumerate(order, 1):
         loss = task.loss(task.forward(student, train[j]), train_t[j], train[j])
-        check_finite(loss, "end-to-end", step, "--lr")
+        logged = loss.detach() if reduce is None else reduce(loss.detach())
+        check_finite(logged, "end-to-end", step, "--lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        report.losses.append(float(loss.detach()))
+        report.losses.append(float(logged))
         if progress:
             progress(1)
         if step % every == 0 or step == total:
-            current = _valid_loss(student, task, valid, valid_t)
+            current = _valid_loss(student, task, valid, valid_t, reduce)
             report.valid.append((step, current))
             if current < best:
                 best, best_state, waited, report.best_step = current, _snapshot(params), 0, step

@@ -19,28 +19,27 @@ from __future__ import annotations
 
 import math
 import random
-import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.wrapping import innermost
-from ..lora.convert import lora_layers, update_model
-from ..lora.layer import LoRAModule
+from ..lora.convert import update_model
 from ..quant.compress import compress
-from ..quant.compressed import is_compressed
 from . import tasks
 from .blockwise import find_blocks, reconstruct_blocks
 from .data import load_texts
 from .distill import distill
+from .distributed import Parallel
+from .gathered import evaluate as gathered_evaluate
+from .measure import check_rank, layer_errors, model_sizes, peak_rss_mb, quantized_names
 from .quantizing import quantize_student, quantizes_inputs
 
-__all__ = ["RecoverOptions", "RecoverRun", "run_recipe"]
+__all__ = ["RecoverOptions", "RecoverRun", "run_recipe", "check_rank", "peak_rss_mb"]
 
 ADAPTER = "default"
 
@@ -68,6 +67,7 @@ class RecoverOptions:
     patience: int = 3
     compress: bool = False
     progress: bool = True
+    parallel: str = "none"  # none, ddp, fsdp2 (qpeft.recover.distributed)
 
 
 @dataclass
@@ -92,7 +92,8 @@ class RecoverRun:
 
     def to_json(self) -> dict[str, Any]:
         """The run as plain JSON (without the model and tokenizer)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("student", "tokenizer")}
+        plain = asdict(replace(self, student=None, tokenizer=None))  # no copy of the model
+        return {k: v for k, v in plain.items() if k not in ("student", "tokenizer")}
 
 
 def _seed(seed: int) -> None:
@@ -108,48 +109,6 @@ def _bar(opts: RecoverOptions, total: int, desc: str) -> tqdm:
         leave=False,
         dynamic_ncols=True,
     )
-
-
-def _layer_errors(model: nn.Module, names: list[str]) -> dict[str, float]:
-    """``||W - Q(W) - sum scale*B@A|| / ||W||`` per quantized layer (no adapter: ``||W - Q(W)|| /
-    ||W||``)."""
-    errors = {}
-    with torch.no_grad():
-        for name in names:
-            layer = model.get_submodule(name)
-            weight = innermost(layer).weight.float()
-            residual = weight - layer.weight_quantizer(innermost(layer).weight).float()
-            if isinstance(layer, LoRAModule):
-                residual = layer.to_out_in(residual)
-                for adapter in layer.adapters.values():
-                    if adapter.enable:
-                        residual = residual - adapter.delta_weight()
-            errors[name] = float(residual.norm() / weight.norm().clamp(min=1e-30))
-    return errors
-
-
-def _quantized_names(model: nn.Module) -> list[str]:
-    """Quantized layers inside the transformer blocks (the module list holding most of them)."""
-    names = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(getattr(m, "weight_quantizer", None), nn.Module)
-        and m.weight_quantizer.is_enabled
-    ]
-    lists = [n + "." for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-    best = max(lists, key=lambda p: sum(n.startswith(p) for n in names), default=None)
-    inside = [n for n in names if best and n.startswith(best)]
-    return inside or names
-
-
-def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
-    """Raise ValueError naming the first layer whose smaller side is below ``rank``."""
-    for name in names:
-        weight = model.get_submodule(name).weight
-        if rank > min(weight.shape):
-            raise ValueError(
-                f"--rank {rank} is above the size of layer {name!r} (weight {tuple(weight.shape)})"
-            )
 
 
 def _attach(opts: RecoverOptions, model: nn.Module, names: list[str]) -> None:
@@ -186,22 +145,32 @@ def _stage(
         )
 
 
-def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> RecoverRun:
+def run_recipe(
+    opts: RecoverOptions, say: Callable[[str], None] = print, par: Parallel | None = None
+) -> RecoverRun:
     """Run the whole recipe (see the module docstring) and return what it measured.
+
+    ``par``: the ranks of a ``ddp`` / ``fsdp2`` run (:mod:`qpeft.recover.distributed`; every
+    rank calls this); None is one process.
 
     Raises:
         ValueError: bad input (model directory, data, format, rank), with a message naming it.
     """
+    par = par or Parallel()
     _seed(opts.seed)
     t = time.perf_counter()
     splits = load_texts(opts.data)
-    teacher, student, tokenizer, task = tasks.load_models(opts.model)
+    teacher, student, tokenizer, task = tasks.load_models(
+        opts.model, par.prepare_teacher if par.active else None
+    )
+    student = student.to(par.device)
     batch = lambda texts: tasks.make_batches(tokenizer, texts, opts.batch_size, opts.max_length)  # noqa: E731
-    train, valid, evals = (
+    every, valid, evals = (
         batch(splits.train[: opts.train_texts]),
         batch(splits.valid[: opts.valid_texts]),
         batch(splits.eval[: opts.eval_texts]),
     )
+    train, valid, evals = (par.share(b, task.kind) for b in (every, valid, evals))
     run = RecoverRun(
         options=asdict(opts), kind=task.kind, headline=task.headline, tokenizer=tokenizer
     )
@@ -210,31 +179,33 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
         "valid": min(len(splits.valid), opts.valid_texts),
         "eval": min(len(splits.eval), opts.eval_texts),
     }
-    evaluate = lambda: task.evaluate(student, teacher, evals)  # noqa: E731
+    evaluate = lambda: gathered_evaluate(par, task, student, teacher, evals)  # noqa: E731
     _stage(run, "original", t, evaluate)
 
     t = time.perf_counter()
-    with _bar(opts, len(train) if quantizes_inputs(opts.format) else 0, "calibrate") as bar:
+    with _bar(opts, len(every) if quantizes_inputs(opts.format) else 0, "calibrate") as bar:
 
-        def forward_loop(model: nn.Module) -> None:
+        def forward_loop(model: nn.Module) -> None:  # every rank: all texts, same amaxes
             with torch.no_grad():
-                for b in train:
+                for b in par.place(every):
                     task.forward(model, b)
                     bar.update(1)
 
         quantize_student(student, opts.format, forward_loop)
-    names = _quantized_names(student)
+    par.quantized(student)
+    names = quantized_names(student)
     if not names:
         raise ValueError(f"format {opts.format!r} quantized no layer of {opts.model!r}")
     check_rank(student, names, opts.rank)
-    run.layer_error["quantized"] = _layer_errors(student, names)
+    run.layer_error["quantized"] = layer_errors(student, names)
     _stage(run, "quantized", t, evaluate)
 
     t = time.perf_counter()
     _attach(opts, student, names)
-    run.layer_error["init"] = _layer_errors(student, names)
+    run.layer_error["init"] = layer_errors(student, names)
     if opts.compress:
         student = compress(student, layer_patterns=names)
+    student = par.shard_student(student)
     _stage(run, "init", t, evaluate)
     say(
         f"quantized {len(names)} layers to {opts.format}; LoRA rank {opts.rank} ({opts.init}) "
@@ -253,6 +224,7 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
             opts.block_lr,
             opts.seed,
             bar.update,
+            collective=par.block_collective(),
         )
     run.block_error = {"before": report.before, "after": report.after}
     run.block_losses = report.losses
@@ -261,7 +233,7 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
     t = time.perf_counter()
     with _bar(opts, opts.epochs * len(train), "end-to-end") as bar:
         dreport = distill(
-            student,
+            par.for_training(student),
             teacher,
             task,
             train,
@@ -272,33 +244,14 @@ def run_recipe(opts: RecoverOptions, say: Callable[[str], None] = print) -> Reco
             patience=opts.patience,
             eval_every=max(1, len(train) // 2),
             progress=bar.update,
+            reduce=par.loss_mean(),
         )
     run.train_losses, run.valid_losses = dreport.losses, dreport.valid
     run.early_stopping = {"best_step": dreport.best_step, "stopped_early": dreport.stopped_early}
     if not opts.compress:
-        run.layer_error["recovered"] = _layer_errors(student, names)
+        run.layer_error["recovered"] = par.unsharded(layer_errors, student, names)
     _stage(run, "recovered", t, evaluate)
 
-    run.sizes = _sizes(student)
+    run.sizes = model_sizes(student)
     run.student = student
     return run
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory so far (``getrusage`` max RSS), MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _sizes(model: nn.Module) -> dict[str, float]:
-    adapter = {id(p) for layer in lora_layers(model).values() for p in layer.adapters.parameters()}
-    params = list(model.parameters())
-    packed = [b for m in model.modules() if is_compressed(m) for b in m.buffers(recurse=False)]
-    adapter_bytes = sum(p.numel() * p.element_size() for p in params if id(p) in adapter)
-    model_bytes = sum(
-        p.numel() * p.element_size() for p in [*params, *packed] if id(p) not in adapter
-    )
-    return {
-        "adapter_mb": adapter_bytes / 2**20,
-        "model_mb": model_bytes / 2**20,
-        "peak_rss_mb": peak_rss_mb(),
-    }
