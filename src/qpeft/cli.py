@@ -9,6 +9,8 @@ and exits with status 2; an interrupted run exits with 130 and leaves no partial
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except (_UsageError, ValueError, OSError) as err:
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: exit 2, not torchrun's SIGTERM
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         text = (
             f"{err.strerror}: {err.filename}"
             if isinstance(err, OSError) and err.strerror and err.filename

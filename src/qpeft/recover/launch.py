@@ -106,8 +106,19 @@ def parallel_output(par: Parallel, output: str, model: str) -> Iterator[Path | N
                 tmp = stack.enter_context(output_directory(output, model))
             except (ValueError, OSError) as err:
                 error = err
-        par.agree(error)
-        yield tmp
+        try:
+            par.agree(error)
+            yield tmp
+        except (ValueError, OSError):
+            if par.active:
+                _finish_own_exit()
+            raise
+
+
+def _finish_own_exit() -> None:
+    """A rank ending with a reported error ignores torchrun's SIGTERM (sent when another rank
+    exits first), so it removes its temporary files and exits with its own status."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def save_run(par: Parallel, student: nn.Module, tokenizer: Any, tmp: Path | None) -> dict:
