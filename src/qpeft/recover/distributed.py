@@ -12,13 +12,15 @@ nothing. With ``mode`` ``ddp`` or ``fsdp2`` over ``world`` ranks:
   sharded with ``fully_shard`` (every transformer block, then the root); with ``ddp`` the student
   is wrapped in ``DistributedDataParallel`` for the end-to-end phase (the block-wise phase
   averages the block's gradients itself);
-* the quantized student forgets ``Q(W)`` after each layer's forward under ``fsdp2`` (a cached
-  whole ``Q(W)`` per layer would undo the sharding);
+* under ``fsdp2`` the quantized student forgets ``Q(W)`` after each layer's forward and its
+  blocks recompute their forward in the backward pass (a cached or autograd-saved whole ``Q(W)``
+  per layer would undo the sharding); the numbers are the same;
 * logged losses are averaged over ranks, so every rank takes the same early-stopping decisions.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -104,9 +106,16 @@ class Parallel:
                 module.register_forward_hook(_forget_weights)
 
     def shard_student(self, student: nn.Module) -> nn.Module:
-        """The student sharded like the teacher under fsdp2 (after quantization and init)."""
-        if self.mode == "fsdp2":
-            self._fully_shard(student)
+        """The student sharded like the teacher under fsdp2 (after quantization and init), each
+        block recomputing its forward in the backward pass (activation checkpointing: autograd
+        would otherwise keep every layer's whole ``Q(W)`` until the backward)."""
+        if self.mode != "fsdp2":
+            return student
+        from torch.utils.checkpoint import checkpoint
+
+        for block in block_list(student) or []:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        self._fully_shard(student)
         return student
 
     def for_training(self, student: nn.Module) -> nn.Module:
