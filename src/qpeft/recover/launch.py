@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import signal
 import sys
@@ -131,6 +132,7 @@ def save_run(par: Parallel, student: nn.Module, tokenizer: Any, tmp: Path | None
     """
     if not is_sharded(student):
         return save_student(student, tokenizer, tmp) if tmp is not None else {}
+    gc.collect()  # the sharded teacher is gone (FSDP modules hold reference cycles): room to gather
     save(student, (tmp or Path(".")) / "checkpoint")  # only rank 0 writes (its path)
     config, tensors = peft_files(student, ADAPTER)
     tensors = gather_tensors(tensors)  # every rank, same order
