@@ -159,8 +159,9 @@ def add_recover_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
         "--parallel",
         choices=["none", "ddp", "fsdp2"],
         help="how the run is spread over torchrun's ranks (default: fsdp2 under torchrun with "
-        "N > 1, else none). fsdp2 shards the teacher and the student (each transformer block, "
-        "then the root) after quantization and adapter init; ddp replicates them. Each rank "
+        "N > 1, else none). fsdp2 shards the teacher once loaded and the student after "
+        "quantization and adapter init (each transformer block, then the root); ddp replicates "
+        "them. Each rank "
         "takes its share of every batch; the steps and the result are the one-process run's. "
         "Without torchrun, ddp and fsdp2 run as one rank. gloo on CPU, nccl on CUDA",
     )
