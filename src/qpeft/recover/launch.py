@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint.full import save
-from ..checkpoint.hf_peft import peft_files, write_peft_files
+from ..checkpoint.hf_peft import PREFIX, peft_files, write_peft_files
 from ..checkpoint.sharded import gather_tensors, is_sharded
 from .distributed import MODES, Parallel
 from .outputs import output_directory
@@ -134,8 +134,12 @@ def save_run(par: Parallel, student: nn.Module, tokenizer: Any, tmp: Path | None
         return save_student(student, tokenizer, tmp) if tmp is not None else {}
     gc.collect()  # the sharded teacher is gone (FSDP modules hold reference cycles): room to gather
     save(student, (tmp or Path(".")) / "checkpoint")  # only rank 0 writes (its path)
-    config, tensors = peft_files(student, ADAPTER)
-    tensors = gather_tensors(tensors)  # every rank, same order
+    config, local = peft_files(student, ADAPTER)
+    factors = {}  # HF PEFT key -> the (sharded, on-device) factor it holds
+    for key in local:
+        name, factor, _ = key[len(PREFIX) :].rsplit(".", 2)  # <layer>.lora_A.weight
+        factors[key] = getattr(student.get_submodule(name).adapters[ADAPTER], factor.lower())
+    tensors = gather_tensors(factors)  # every rank, same order: whole CPU copies
     if tmp is None:
         return {}
     tokenizer.save_pretrained(str(tmp / "checkpoint" / "tokenizer"))
