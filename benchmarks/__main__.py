@@ -12,7 +12,7 @@ import torch
 
 from .report import machine, save
 
-SCENARIOS = ["train", "infer", "quant", "svd", "serve", "memory", "compress"]
+SCENARIOS = ["train", "infer", "quant", "svd", "serve", "memory", "compress", "recover_dist"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,8 @@ resume state (``--resume``, :mod:`qpeft.recover.resume`).
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 
@@ -69,18 +71,20 @@ def _default_model() -> str:
 
 
 def _cmd_recover(args: argparse.Namespace) -> int:
-    from .recover.outputs import output_directory
+    from .recover.launch import parallel_output, resolve_mode, save_run, start_parallel
     from .recover.pipeline import RecoverOptions, run_recipe
     from .recover.quantizing import FORMATS
     from .recover.report import summary_table, write_report
     from .recover.resume import open_state
-    from .recover.saving import hf_left_out, save_student, write_deploy
     from .recover.tasks import check_model_dir
 
     if args.format not in FORMATS:
         raise ValueError(f"unknown format {args.format!r}; choose from {', '.join(FORMATS)}")
     if args.eval_texts < 2:
         raise ValueError("--eval-texts must be at least 2")
+    mode = resolve_mode(args.parallel)
+    if args.compress and mode != "none":
+        raise ValueError(f"--compress is not supported with --parallel {mode} (one process only)")
     opts = RecoverOptions(
         model=args.model or _default_model(),
         data=args.data,
@@ -101,42 +105,53 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         patience=args.patience,
         compress=args.compress,
         progress=not args.no_progress,
+        parallel=mode,
     )
     check_model_dir(opts.model)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    state = open_state(args.output, opts, resume=args.resume, every=args.save_every)
+    if args.resume and mode != "none":
+        raise ValueError(f"--resume is not supported with --parallel {mode} (one process only)")
+    state = (
+        open_state(args.output, opts, resume=args.resume, every=args.save_every)
+        if mode == "none"
+        else None
+    )
     if args.resume:
         print(f"resuming from {state.describe()}")
     started, cpu_started = time.perf_counter(), time.process_time()
+    par = start_parallel(mode, args.dist_timeout)
+    opts.progress = opts.progress and par.rank == 0
     try:
-        with output_directory(args.output, opts.model) as tmp:
-            run = run_recipe(opts, state=state)
-            files = save_student(run.student, run.tokenizer, tmp)
-            deploy = write_deploy(run.student, run.tokenizer, tmp, run.sizes["dense_mb"])
-            if deploy["written"]:
-                files["deploy"] = deploy["path"]
-            result = run.to_json()
-            result["files"], result["deploy"] = files, deploy
-            result["hf_adapter_left_out"] = hf_left_out(run.student)
-            result["wall_seconds"] = round(time.perf_counter() - started, 1)
-            result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
-            plotted = _plots(result, tmp)
-            write_report(result, tmp)
+        with parallel_output(par, args.output, opts.model) as tmp:  # rank 0 alone writes
+            run = run_recipe(opts, print if par.rank == 0 else lambda _s: None, state, par)
+            files = save_run(par, run.student, run.tokenizer, tmp)
+            if tmp is not None:
+                result = _run_result(run, files, tmp, par.world)
+                result["wall_seconds"] = round(time.perf_counter() - started, 1)
+                result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
+                plotted = _plots(result, tmp)
+                write_report(result, tmp)
     except KeyboardInterrupt:  # the state stays, as after a kill or a failed output write
-        if state.saves or args.resume:
+        if state and (state.saves or args.resume):
             print(
                 f"qpeft: the training state is saved in {state.folder}; --resume continues it",
                 file=sys.stderr,
             )
         raise
     except ValueError:  # the run's own failure (diverged, bad input): a resume would fail again
-        if state.saves:
+        if state and state.saves:
             state.finish()
         raise
-    state.finish()
+    finally:
+        par.close()
+    if state:
+        state.finish()
+    if par.rank != 0:
+        return 0
+    deploy = result["deploy"]
     print(summary_table(result))
     print(f"wall time {result['wall_seconds']:.1f} s, CPU time {result['cpu_seconds']:.1f} s")
     plots = "layer_error.png, training_loss.png, metrics.png, " if plotted else ""
@@ -152,6 +167,28 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _run_result(run, files: dict, tmp, world: int) -> dict:
+    """report.json's contents (rank 0): the run, its files, ``deploy/`` (written here when the
+    student is whole on this rank) and what the HF PEFT files leave out."""
+    from .checkpoint.sharded import is_sharded
+    from .recover.saving import hf_left_out, write_deploy
+
+    if is_sharded(run.student):
+        deploy = {
+            "written": False,
+            "reason": "not written by a sharded (fsdp2) run; export the restored checkpoint "
+            "with qpeft.export_hf_checkpoint",
+        }
+    else:
+        deploy = write_deploy(run.student, run.tokenizer, tmp, run.sizes["dense_mb"])
+    if deploy["written"]:
+        files["deploy"] = deploy["path"]
+    result = run.to_json()
+    result["files"], result["deploy"], result["world_size"] = files, deploy, world
+    result["hf_adapter_left_out"] = hf_left_out(run.student)
+    return result
 
 
 def _plots(result: dict, folder) -> bool:
@@ -181,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except (_UsageError, ValueError, OSError) as err:
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: exit 2, not torchrun's SIGTERM
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         text = (
             f"{err.strerror}: {err.filename}"
             if isinstance(err, OSError) and err.strerror and err.filename

@@ -126,6 +126,11 @@ class QuantModule(ModuleWrapper):
         frozen)."""
         return self._weight_caches[name].get(self.weights()[name], getattr(self, name))
 
+    def clear_weight_caches(self) -> None:
+        """Forget every cached ``Q(W)`` (the next forward quantizes afresh)."""
+        for cache in self._weight_caches.values():
+            cache.clear()
+
     def __getstate__(self) -> dict[str, Any]:
         # A deepcopy/pickle must not carry a cached tensor tied to the old weight.
         state = super().__getstate__()

@@ -157,13 +157,31 @@ def add_recover_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     g.add_argument(
         "--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)"
     )
+    g = p.add_argument_group("ranks (torchrun --nproc-per-node N -m qpeft recover ...)")
+    g.add_argument(
+        "--parallel",
+        choices=["none", "ddp", "fsdp2"],
+        help="how the run is spread over torchrun's ranks (default: fsdp2 under torchrun with "
+        "N > 1, else none). fsdp2 shards the teacher once loaded and the student after "
+        "quantization and adapter init (each transformer block, then the root); ddp replicates "
+        "them. Each rank "
+        "takes its share of every batch; the steps and the result are the one-process run's. "
+        "Without torchrun, ddp and fsdp2 run as one rank. gloo on CPU, nccl on CUDA",
+    )
+    g.add_argument(
+        "--dist-timeout",
+        type=_positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long a collective waits for the other ranks before failing (default 600)",
+    )
     g = p.add_argument_group("output")
     g.add_argument(
         "--output",
         metavar="DIR",
         default="runs/recover",
-        help="output folder, written at the end of the run; an existing one is replaced only if "
-        "it is an earlier run's (default runs/recover)",
+        help="output folder, written at the end of the run (by rank 0 alone); an existing one is "
+        "replaced only if it is an earlier run's (default runs/recover)",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("interruption and resume")

@@ -5,7 +5,8 @@ between the student's and the teacher's outputs on one batch (teacher outputs ar
 cached). The learning rate warms up linearly for 10% of the steps, then decays on a cosine to 0.
 Every ``eval_every`` steps the loss on held-out validation batches is measured; the best adapter
 weights seen are kept and restored at the end, and training stops after ``patience`` checks
-without improvement.
+without improvement. On several ranks (``reduce``: the average over ranks) the logged and
+validation losses are averaged, so every rank takes the same decisions.
 """
 
 from __future__ import annotations
@@ -46,12 +47,12 @@ def warmup_cosine(step: int, total: int) -> float:
 
 
 @torch.no_grad()
-def _valid_loss(student, task, batches, targets) -> float:
-    losses = [
-        float(task.loss(task.forward(student, b), t, b))
-        for b, t in zip(batches, targets, strict=True)
-    ]
-    return sum(losses) / len(losses)
+def _valid_loss(student, task, batches, targets, reduce) -> float:
+    losses = torch.stack(
+        [task.loss(task.forward(student, b), t, b) for b, t in zip(batches, targets, strict=True)]
+    )
+    values = (losses if reduce is None else reduce(losses.double())).tolist()
+    return sum(values) / len(values)
 
 
 def distill(
@@ -67,6 +68,7 @@ def distill(
     patience: int = 3,
     progress: Callable[[int], Any] | None = None,
     state: Any = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> DistillReport:
     """Train the student's trainable parameters to match the teacher's outputs.
 
@@ -82,6 +84,8 @@ def distill(
         progress: called with 1 after each step.
         state: a :class:`~qpeft.recover.resume.PhaseState`: continue its saved step, save every
             ``--save-every`` steps (None: no saving).
+        reduce: on several ranks, averages a loss over the ranks (``train`` and ``valid`` are then
+            this rank's shares); None in one process.
 
     Raises:
         ValueError: the loss is not finite; a damaged saved state.
@@ -105,7 +109,11 @@ def distill(
         if progress:
             progress(done)
     else:
-        best, best_state, waited = _valid_loss(student, task, valid, valid_t), _snapshot(params), 0
+        best, best_state, waited = (
+            _valid_loss(student, task, valid, valid_t, reduce),
+            _snapshot(params),
+            0,
+        )
         report.valid.append((0, best))
         done = 0
     generator = torch.Generator().manual_seed(seed)
@@ -114,16 +122,17 @@ def distill(
     ]
     for step, j in enumerate(order[done:], done + 1):
         loss = task.loss(task.forward(student, train[j]), train_t[j], train[j])
-        check_finite(loss, "end-to-end", step, "--lr")
+        logged = loss.detach() if reduce is None else reduce(loss.detach())
+        check_finite(logged, "end-to-end", step, "--lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        report.losses.append(float(loss.detach()))
+        report.losses.append(float(logged))
         if progress:
             progress(1)
         if step % every == 0 or step == total:
-            current = _valid_loss(student, task, valid, valid_t)
+            current = _valid_loss(student, task, valid, valid_t, reduce)
             report.valid.append((step, current))
             if current < best:
                 best, best_state, waited, report.best_step = current, _snapshot(params), 0, step

@@ -21,6 +21,8 @@ __all__ = [
     "token_kl",
     "next_token_nll",
     "masked_relative_mse",
+    "masked_squared_error",
+    "loss_mask",
 ]
 
 
@@ -51,15 +53,26 @@ def neighbour_agreement(student: torch.Tensor, teacher: torch.Tensor) -> float:
 
 
 def token_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    norm: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Mean over masked positions of ``KL(softmax(teacher) || softmax(student))`` (a 0-dim
-    tensor)."""
+    tensor); with ``norm``, the ``mask``-weighted sum divided by ``norm`` instead."""
     log_s = F.log_softmax(student_logits.float(), dim=-1)
     log_t = F.log_softmax(teacher_logits.float(), dim=-1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)
     m = mask.to(kl.dtype)
-    return (kl * m).sum() / m.sum().clamp(min=1)
+    return (kl * m).sum() / (m.sum().clamp(min=1) if norm is None else norm)
+
+
+def loss_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's ``attention_mask``, times its per-row ``row_weight`` when it has one (a rank's
+    share of a batch, :mod:`qpeft.recover.distributed`; padding rows weigh 0)."""
+    mask = batch["attention_mask"]
+    weight = batch.get("row_weight")
+    return mask if weight is None else mask * weight.to(mask.device).unsqueeze(-1)
 
 
 def next_token_nll(
@@ -71,6 +84,14 @@ def next_token_nll(
     nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     m = (mask[:, 1:] * mask[:, :-1]).to(nll.dtype)
     return float((nll * m).sum()), int(m.sum())
+
+
+def masked_squared_error(
+    output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum mask ||o - t||^2, sum mask ||t||^2)`` over ``[b, s, h]`` outputs (0-dim tensors)."""
+    m = mask.unsqueeze(-1).to(output.dtype)
+    return ((output - target).pow(2) * m).sum(), (target.pow(2) * m).sum()
 
 
 def masked_relative_mse(

@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,6 +33,8 @@ from . import tasks
 from .blockwise import find_blocks, reconstruct_blocks
 from .data import load_texts
 from .distill import distill
+from .distributed import Parallel
+from .gathered import evaluate as gathered_evaluate
 from .layers import check_compressible, check_rank, layer_errors, quantized_names
 from .quantizing import quantize_student, quantizes_inputs
 from .resume import RunState, start_phase
@@ -65,6 +67,7 @@ class RecoverOptions:
     patience: int = 3
     compress: bool = False
     progress: bool = True
+    parallel: str = "none"  # none, ddp, fsdp2 (qpeft.recover.distributed)
 
 
 @dataclass
@@ -89,7 +92,8 @@ class RecoverRun:
 
     def to_json(self) -> dict[str, Any]:
         """The run as plain JSON (without the model and tokenizer)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("student", "tokenizer")}
+        plain = asdict(replace(self, student=None, tokenizer=None))  # no copy of the model
+        return {k: v for k, v in plain.items() if k not in ("student", "tokenizer")}
 
 
 def _seed(seed: int) -> None:
@@ -123,7 +127,10 @@ def _stage(
 
 
 def run_recipe(
-    opts: RecoverOptions, say: Callable[[str], None] = print, state: RunState | None = None
+    opts: RecoverOptions,
+    say: Callable[[str], None] = print,
+    state: RunState | None = None,
+    par: Parallel | None = None,
 ) -> RecoverRun:
     """Run the whole recipe (see the module docstring) and return what it measured.
 
@@ -132,21 +139,28 @@ def run_recipe(
         say: prints a line of progress.
         state: saves the training state while it trains and resumes a saved one
             (:func:`qpeft.recover.resume.open_state`); None: no saving.
+        par: the ranks of a ``ddp`` / ``fsdp2`` run (:mod:`qpeft.recover.distributed`; every
+            rank calls this); None is one process.
 
     Raises:
         ValueError: bad input (model directory, data, format, rank), with a message naming it; a
             saved state that does not fit.
     """
+    par = par or Parallel()
     _seed(opts.seed)
     t = time.perf_counter()
     splits = load_texts(opts.data)
-    teacher, student, tokenizer, task = tasks.load_models(opts.model)
+    teacher, student, tokenizer, task = tasks.load_models(
+        opts.model, par.prepare_teacher if par.active else None
+    )
+    student = student.to(par.device)
     batch = lambda texts: tasks.make_batches(tokenizer, texts, opts.batch_size, opts.max_length)  # noqa: E731
-    train, valid, evals = (
+    every, valid, evals = (
         batch(splits.train[: opts.train_texts]),
         batch(splits.valid[: opts.valid_texts]),
         batch(splits.eval[: opts.eval_texts]),
     )
+    train, valid, evals = (par.share(b, task.kind) for b in (every, valid, evals))
     run = RecoverRun(
         options=asdict(opts), kind=task.kind, headline=task.headline, tokenizer=tokenizer
     )
@@ -157,19 +171,20 @@ def run_recipe(
     }
     if state:
         state.restore_run(run)
-    evaluate = lambda: task.evaluate(student, teacher, evals)  # noqa: E731
+    evaluate = lambda: gathered_evaluate(par, task, student, teacher, evals)  # noqa: E731
     _stage(run, "original", t, evaluate)
 
     t = time.perf_counter()
-    with _bar(opts, len(train) if quantizes_inputs(opts.format) else 0, "calibrate") as bar:
+    with _bar(opts, len(every) if quantizes_inputs(opts.format) else 0, "calibrate") as bar:
 
-        def forward_loop(model: nn.Module) -> None:
+        def forward_loop(model: nn.Module) -> None:  # every rank: all texts, same amaxes
             with torch.no_grad():
-                for b in train:
+                for b in par.place(every):
                     task.forward(model, b)
                     bar.update(1)
 
         quantize_student(student, opts.format, forward_loop)
+    par.quantized(student)
     names = quantized_names(student)
     if not names:
         raise ValueError(f"format {opts.format!r} quantized no layer of {opts.model!r}")
@@ -186,6 +201,7 @@ def run_recipe(
     run.layer_error["init"] = layer_errors(student, names)
     if opts.compress:
         student = compress(student, layer_patterns=names)
+    student = par.shard_student(student)
     _stage(run, "init", t, evaluate)
     say(
         f"quantized {len(names)} layers to {opts.format}; LoRA rank {opts.rank} ({opts.init}) "
@@ -206,6 +222,7 @@ def run_recipe(
                 opts.seed,
                 b.update,
                 state=phase,
+                collective=par.block_collective(),
             )
             run.block_error = {"before": report.before, "after": report.after}
             run.block_losses = report.losses
@@ -214,7 +231,7 @@ def run_recipe(
     phase = start_phase(state, "end-to-end", student)
     with _bar(opts, opts.epochs * len(train), "end-to-end") as bar:
         dreport = distill(
-            student,
+            par.for_training(student),
             teacher,
             task,
             train,
@@ -226,11 +243,12 @@ def run_recipe(
             eval_every=max(1, len(train) // 2),
             progress=bar.update,
             state=phase,
+            reduce=par.loss_mean(),
         )
     run.train_losses, run.valid_losses = dreport.losses, dreport.valid
     run.early_stopping = {"best_step": dreport.best_step, "stopped_early": dreport.stopped_early}
     if not opts.compress:
-        run.layer_error["recovered"] = layer_errors(student, names)
+        run.layer_error["recovered"] = par.unsharded(layer_errors, student, names)
     _stage(run, "recovered", phase.started, evaluate)
 
     run.sizes = model_sizes(student, teacher)

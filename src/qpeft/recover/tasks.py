@@ -46,6 +46,8 @@ def _encoder_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
 def _encoder_loss(student: torch.Tensor, teacher: torch.Tensor, batch: Batch) -> torch.Tensor:
     mask = batch["attention_mask"]
     pooled = (metrics.mean_pool(student, mask) * metrics.mean_pool(teacher, mask)).sum(-1)
+    if "row_weight" in batch:  # a rank's share: weighted sum / (global rows / ranks)
+        return ((1 - pooled) * batch["row_weight"]).sum() / batch["norm"]
     return (1 - pooled).mean()
 
 
@@ -75,7 +77,7 @@ def _causal_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def _causal_loss(student: torch.Tensor, teacher: torch.Tensor, batch: Batch) -> torch.Tensor:
-    return metrics.token_kl(student, teacher, batch["attention_mask"])
+    return metrics.token_kl(student, teacher, metrics.loss_mask(batch), batch.get("norm"))
 
 
 @torch.no_grad()
@@ -141,11 +143,15 @@ def check_model_dir(model_dir: str | Path) -> None:
         )
 
 
-def load_models(model_dir: str | Path) -> tuple[nn.Module, nn.Module, Any, Task]:
+def load_models(
+    model_dir: str | Path, prepare_teacher: Callable[[nn.Module], nn.Module] | None = None
+) -> tuple[nn.Module, nn.Module, Any, Task]:
     """Teacher (frozen, eval mode), an independent student copy, the tokenizer and the task.
 
     The kind is ``causal`` when the config's ``architectures`` name a causal LM head, else
-    ``encoder``. Loading is offline: nothing is ever downloaded.
+    ``encoder``. Loading is offline: nothing is ever downloaded. With ``prepare_teacher`` (e.g.
+    sharding it), the teacher is passed through it first and the student is read from
+    ``model_dir`` again instead of copied, so the whole teacher and the student never coexist.
 
     Raises:
         ValueError: the directory is missing, has no ``config.json`` or tokenizer, or cannot be
@@ -176,8 +182,11 @@ def load_models(model_dir: str | Path) -> tuple[nn.Module, nn.Module, Any, Task]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     teacher.eval().requires_grad_(False)
-    student = copy.deepcopy(teacher)
-    return teacher, student, tokenizer, TASKS[kind]
+    if prepare_teacher is None:
+        return teacher, copy.deepcopy(teacher), tokenizer, TASKS[kind]
+    teacher = prepare_teacher(teacher)
+    student = loader.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    return teacher, student.eval().requires_grad_(False), tokenizer, TASKS[kind]
 
 
 def make_batches(tokenizer: Any, texts: list[str], batch_size: int, max_length: int) -> list[Batch]:
