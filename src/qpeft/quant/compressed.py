@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.wrapping import ModuleWrapper, innermost
+from .dequant import dequantize
 from .layer import QuantConv1D, QuantLinear
-from .packing import PackSpec, packed_layout, unpack
+from .packing import PackSpec, packed_layout
 
 __all__ = [
     "PackedDense",
@@ -61,7 +62,7 @@ class PackedDense(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """``Q(W)`` in the compute dtype and the stored layout, bit for bit."""
-        w = unpack(self.packed_tensors(), self.spec, self.compute_dtype)
+        w = dequantize(self.packed_tensors(), self.spec, self.compute_dtype)
         return w.transpose(-2, -1) if self.transposed else w
 
     @property

@@ -229,10 +229,13 @@ def _fp4_pairs(device: torch.device) -> torch.Tensor:
 
 
 def _fp4_values(tensors: dict[str, torch.Tensor], spec: PackSpec) -> torch.Tensor:
-    # one gather per byte instead of unpacking nibbles, looking up and signing them
+    # one gather per byte instead of unpacking nibbles, looking up and signing them: the pair
+    # of fp32 values read as one int64, so the gather is a plain 1-D index_select
     packed = tensors["packed"]
-    q = _fp4_pairs(packed.device)[packed.long()].reshape(*packed.shape[:-1], -1)
-    return q.reshape(*q.shape[:-1], -1, fp4_block(spec))
+    pairs = _fp4_pairs(packed.device).view(torch.int64).view(-1)
+    index = packed.reshape(-1).to(torch.int32 if packed.device.type == "cpu" else torch.int64)
+    q = pairs.index_select(0, index).view(torch.float32)
+    return q.reshape(*packed.shape[:-1], -1, fp4_block(spec))
 
 
 @torch.no_grad()
