@@ -5,7 +5,8 @@ After :func:`qpeft.compress` a quantized layer ``L`` (a :class:`CompressedLinear
 instead of its raw layer. That module holds the raw layer's ``bias`` and the buffers of
 :mod:`qpeft.quant.packing` (``state_dict`` keys ``L.weight_packed``, ``L.weight_scale`` and, for
 nvfp4, ``L.weight_scale_2``); nothing dense. Every forward dequantizes ``Q(W)`` into the compute
-dtype, uses it and drops it; the backward dequantizes again for ``dx`` (the weight gets no
+dtype (band by band, :mod:`qpeft.quant.dequant`: the fp32 temporaries stay a few MiB whatever the
+layer's size), uses it and drops it; the backward dequantizes again for ``dx`` (the weight gets no
 gradient), so no dense weight is saved for backward (:class:`_DequantMatmul`, as QLoRA does).
 ``L.weight`` still reads: it returns the dequantized weight (no grad) in the stored layout.
 
