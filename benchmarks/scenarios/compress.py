@@ -3,7 +3,8 @@
 Memory: each variant (compressed, fake-quant with cached ``Q(W)``, HF PEFT on the dense bf16
 model, torchao NF4 + LoRA when torchao is installed) runs in its own fresh process
 (``benchmarks.compress_probe``); the figure is the peak RSS of the steps alone, after set-up.
-Speed: one process, the compressed and the cached fake-quant models' steps interleaved.
+Speed: one process, the steps of the compressed, the cached fake-quant and (when torchao is
+installed) the torchao NF4 models interleaved, median of the repeats.
 """
 
 from __future__ import annotations
@@ -142,5 +143,10 @@ def run(repeats: int) -> Section:
         "Llama-shaped (hidden 1024, 12 layers, bf16, vocab 512, batch 2 x 128 tokens); each "
         "memory variant in a fresh process, peak measured after set-up; speed: median of "
         "interleaved steps of the three models in one process. Needs a quiet machine."
+    )
+    section.notes.append(
+        "The price against the cached fake-quant step is the dequantization, run twice per "
+        "step and layer (forward, and backward for dx) as plain PyTorch ops; removing it takes a "
+        "fused dequantize-GEMM kernel that reads the packed codes inside the matmul."
     )
     return section
