@@ -89,7 +89,16 @@ def unpack_into(
     return out
 
 
-def dequantize(tensors: dict[str, torch.Tensor], spec: PackSpec, dtype: torch.dtype):
-    """``unpack(tensors, spec, dtype)`` built band by band into a fresh tensor."""
+def dequantize(
+    tensors: dict[str, torch.Tensor], spec: PackSpec, dtype: torch.dtype
+) -> torch.Tensor:
+    """``unpack(tensors, spec, dtype)`` built band by band (:func:`unpack_into`) into a fresh
+    tensor on the codes' device.
+
+    Args:
+        tensors: the packed tensors of :func:`qpeft.quant.packing.pack`.
+        spec: their packing spec.
+        dtype: the compute dtype (fp32, bf16 or fp16).
+    """
     device = tensors["packed"].device
     return unpack_into(torch.empty(spec.shape, dtype=dtype, device=device), tensors, spec)
