@@ -11,8 +11,9 @@ from tests.quant.test_packing import FORMATS, _packed, _weight
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bands_of_rows_rebuild_the_quantizer_bit_for_bit(name, dtype):
-    w = _weight((300, 200), dtype)  # 300 rows: bands end inside a 128-row block's tail
+@pytest.mark.parametrize("cols", [200, 256])  # 256: fp4 bands multiplied straight into out
+def test_bands_of_rows_rebuild_the_quantizer_bit_for_bit(name, dtype, cols):
+    w = _weight((300, cols), dtype)  # 300 rows: bands end inside a 128-row block's tail
     q, tensors, spec = _packed(FORMATS[name], w)
     expected = q(w)
     for band in (1, 999, 1 << 30):  # one row (or row block) per band, a few bands, one band

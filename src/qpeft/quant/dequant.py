@@ -20,7 +20,8 @@ from dataclasses import replace
 import torch
 
 from . import blocks as bl
-from .packing import PackSpec, unpack
+from .packed_layout import fp4_block
+from .packing import PackSpec, fp4_into, unpack
 
 __all__ = ["BAND_ELEMS", "unpack_into", "dequantize"]
 
@@ -47,6 +48,15 @@ def _band(tensors: dict[str, torch.Tensor], spec: PackSpec, start: int, stop: in
             t = t[..., start // block : -(-stop // block), :]
         out[name] = t
     return out
+
+
+def _direct(spec: PackSpec, rows_out: torch.Tensor) -> bool:
+    """Whether an fp4 band can be multiplied straight into its rows of ``out`` (no padding)."""
+    return (
+        spec.fmt in ("nvfp4", "mxfp4")
+        and spec.shape[-1] % fp4_block(spec) == 0
+        and rows_out.is_contiguous()
+    )
 
 
 @torch.no_grad()
@@ -84,8 +94,12 @@ def unpack_into(
         stop = min(rows, start + step)
         band = replace(spec, shape=(*spec.shape[:-2], stop - start, spec.shape[-1]))
         # fp32, cast once by the copy: the same rounding as unpack(..., out.dtype)
-        values = unpack(_band(tensors, spec, start, stop, block), band, torch.float32)
-        out[..., start:stop, :].copy_(values)
+        rows_out, codes = out[..., start:stop, :], _band(tensors, spec, start, stop, block)
+        if _direct(spec, rows_out):
+            fp4_into(rows_out, codes, band)
+            continue
+        values = unpack(codes, band, torch.float32)
+        rows_out.copy_(values)
     return out
 
 

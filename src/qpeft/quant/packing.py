@@ -245,12 +245,22 @@ def unpack(tensors: dict[str, torch.Tensor], spec: PackSpec, dtype: torch.dtype)
         return _unpack_int(tensors, spec, dtype)
     if spec.fmt == "fp8":
         return _unpack_fp8(tensors, spec, dtype)
-    q = _fp4_values(tensors, spec)
+    q, scale = _fp4_values(tensors, spec), fp4_scales(tensors, spec)
+    y = (q * scale).reshape(*spec.shape[:-1], -1)[..., : spec.shape[-1]]
+    return y.to(dtype)
+
+
+def fp4_scales(tensors: dict[str, torch.Tensor], spec: PackSpec) -> torch.Tensor:
+    """The fp32 scale of every fp4 block, ``[..., blocks, 1]`` (broadcasts against the codes)."""
     if spec.fmt == "nvfp4":
         g = tensors["scale_2"]
         gb = g.unsqueeze(-1) if g.dim() else g
-        scale = tensors["scale"].unsqueeze(-1).float() * gb
-    else:
-        scale = pow2(tensors["scale"].to(torch.int32).unsqueeze(-1) - 127)
-    y = (q * scale).reshape(*spec.shape[:-1], -1)[..., : spec.shape[-1]]
-    return y.to(dtype)
+        return tensors["scale"].unsqueeze(-1).float() * gb
+    return pow2(tensors["scale"].to(torch.int32).unsqueeze(-1) - 127)
+
+
+def fp4_into(out: torch.Tensor, tensors: dict[str, torch.Tensor], spec: PackSpec) -> torch.Tensor:
+    """``unpack`` of fp4 codes written straight into a contiguous ``out`` (no padded last dim):
+    the fp32 product is rounded once into ``out``'s dtype, as ``unpack`` rounds it."""
+    q = _fp4_values(tensors, spec)
+    return torch.mul(q, fp4_scales(tensors, spec), out=out.view(q.shape))
