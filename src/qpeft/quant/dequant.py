@@ -3,7 +3,8 @@
 :func:`unpack_into` writes :func:`qpeft.quant.packing.unpack` of a packed weight into ``out``
 (compute dtype, the spec's ``[..., rows, cols]`` shape), one band of rows (dim -2) after the other.
 Every band runs the very fp32 element-wise operations of ``unpack`` on its slice of the codes and
-scales and is cast once into its rows of ``out``, so the result is ``unpack``'s bit for bit (each
+scales and is cast once into its rows of ``out`` (fp4 without a padded last dim: the fp32 product
+is written straight into them), so the result is ``unpack``'s bit for bit (each
 element depends only on its own code and its group's scales), while the fp32 temporaries (codes
 looked up, products) are bounded by one band (:data:`BAND_ELEMS` weights) instead of the layer.
 
