@@ -134,7 +134,26 @@ def main(variant: str, small: bool) -> None:
         opt.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
-    print(json.dumps({"setup_mb": setup, "step_peak_mb": _status_mb("VmHWM")}))
+    found = {"setup_mb": setup, "step_peak_mb": _status_mb("VmHWM")}
+    if variant == "compressed":
+        found.update(weight_mb(model))
+    print(json.dumps(found))
+
+
+def weight_mb(model: nn.Module) -> dict[str, float]:
+    """MiB of the compressed layers' weights: dense (in the compute dtype) and packed."""
+    import math
+
+    from qpeft.quant.compressed import PackedDense
+    from qpeft.quant.packing import packed_bytes
+
+    layers = [m for m in model.modules() if isinstance(m, PackedDense)]
+    dense = sum(
+        math.prod(m.spec.shape) * torch.empty((), dtype=m.compute_dtype).element_size()
+        for m in layers
+    )
+    packed = sum(packed_bytes(m.packed_tensors()) for m in layers)
+    return {"dense_mb": dense / 2**20, "packed_mb": packed / 2**20}
 
 
 if __name__ == "__main__":

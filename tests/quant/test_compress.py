@@ -243,3 +243,20 @@ def test_unmerge_of_an_adapter_merged_before_compress_is_refused():
     qpeft.merge_adapters(model)
     model = qpeft.compress(model)
     _refused(model, "unmerge_adapters.*compressed", qpeft.unmerge_adapters)
+
+
+@pytest.mark.parametrize("preset", ["nvfp4_weight_only", "int4", "fp8_block128"])
+def test_a_layer_dequantized_in_several_bands_stays_bit_identical(preset):
+    from qpeft.quant.dequant import BAND_ELEMS
+
+    torch.manual_seed(0)
+    layer = nn.Linear(384, BAND_ELEMS // 384 * 2 + 5).to(torch.bfloat16)  # 3 bands of rows
+    x = torch.randn(6, 384, dtype=torch.bfloat16)
+    layer = qpeft.quantize(layer, preset, forward_loop=lambda m: m(x))
+    layer.weight.requires_grad_(False)
+    layer = qpeft.update_model(layer, LORA)
+    reference = copy.deepcopy(layer)
+    layer = qpeft.compress(layer)
+    run = _run(layer, x)
+    assert len(run[2]) == 2  # the LoRA factors got gradients
+    _assert_same_run(run, _run(reference, x))

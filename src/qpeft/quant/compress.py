@@ -66,8 +66,9 @@ def _refusal(name: str, layer: QuantModule, frozen: bool = True) -> str | None:
     """Why ``layer`` cannot be compressed, or None."""
     if isinstance(layer, QuantExperts):
         return (
-            "grouped experts are not compressed (only quantized nn.Linear / Conv1D layers); "
-            "leave it out with layer_patterns"
+            "grouped experts are not compressed yet (only quantized nn.Linear / Conv1D layers): "
+            "their 3-D weights have no packed forward that dequantizes without saving dense "
+            "expert weights for backward; leave it out with layer_patterns"
         )
     if type(layer) not in _KINDS:
         return f"{type(layer).__name__} layers cannot be compressed (only QuantLinear, QuantConv1D)"

@@ -5,7 +5,8 @@ After :func:`qpeft.compress` a quantized layer ``L`` (a :class:`CompressedLinear
 instead of its raw layer. That module holds the raw layer's ``bias`` and the buffers of
 :mod:`qpeft.quant.packing` (``state_dict`` keys ``L.weight_packed``, ``L.weight_scale`` and, for
 nvfp4, ``L.weight_scale_2``); nothing dense. Every forward dequantizes ``Q(W)`` into the compute
-dtype, uses it and drops it; the backward dequantizes again for ``dx`` (the weight gets no
+dtype (band by band, :mod:`qpeft.quant.dequant`: the fp32 temporaries stay a few MiB whatever the
+layer's size), uses it and drops it; the backward dequantizes again for ``dx`` (the weight gets no
 gradient), so no dense weight is saved for backward (:class:`_DequantMatmul`, as QLoRA does).
 ``L.weight`` still reads: it returns the dequantized weight (no grad) in the stored layout.
 
@@ -22,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.wrapping import ModuleWrapper, innermost
+from .dequant import dequantize
 from .layer import QuantConv1D, QuantLinear
-from .packing import PackSpec, packed_layout, unpack
+from .packing import PackSpec, packed_layout
 
 __all__ = [
     "PackedDense",
@@ -61,7 +63,7 @@ class PackedDense(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """``Q(W)`` in the compute dtype and the stored layout, bit for bit."""
-        w = unpack(self.packed_tensors(), self.spec, self.compute_dtype)
+        w = dequantize(self.packed_tensors(), self.spec, self.compute_dtype)
         return w.transpose(-2, -1) if self.transposed else w
 
     @property

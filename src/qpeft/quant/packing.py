@@ -229,10 +229,13 @@ def _fp4_pairs(device: torch.device) -> torch.Tensor:
 
 
 def _fp4_values(tensors: dict[str, torch.Tensor], spec: PackSpec) -> torch.Tensor:
-    # one gather per byte instead of unpacking nibbles, looking up and signing them
+    # one gather per byte instead of unpacking nibbles, looking up and signing them: the pair
+    # of fp32 values read as one int64, so the gather is a plain 1-D index_select
     packed = tensors["packed"]
-    q = _fp4_pairs(packed.device)[packed.long()].reshape(*packed.shape[:-1], -1)
-    return q.reshape(*q.shape[:-1], -1, fp4_block(spec))
+    pairs = _fp4_pairs(packed.device).view(torch.int64).view(-1)
+    index = packed.reshape(-1).to(torch.int32 if packed.device.type == "cpu" else torch.int64)
+    q = pairs.index_select(0, index).view(torch.float32)
+    return q.reshape(*packed.shape[:-1], -1, fp4_block(spec))
 
 
 @torch.no_grad()
@@ -242,12 +245,22 @@ def unpack(tensors: dict[str, torch.Tensor], spec: PackSpec, dtype: torch.dtype)
         return _unpack_int(tensors, spec, dtype)
     if spec.fmt == "fp8":
         return _unpack_fp8(tensors, spec, dtype)
-    q = _fp4_values(tensors, spec)
+    q, scale = _fp4_values(tensors, spec), fp4_scales(tensors, spec)
+    y = (q * scale).reshape(*spec.shape[:-1], -1)[..., : spec.shape[-1]]
+    return y.to(dtype)
+
+
+def fp4_scales(tensors: dict[str, torch.Tensor], spec: PackSpec) -> torch.Tensor:
+    """The fp32 scale of every fp4 block, ``[..., blocks, 1]`` (broadcasts against the codes)."""
     if spec.fmt == "nvfp4":
         g = tensors["scale_2"]
         gb = g.unsqueeze(-1) if g.dim() else g
-        scale = tensors["scale"].unsqueeze(-1).float() * gb
-    else:
-        scale = pow2(tensors["scale"].to(torch.int32).unsqueeze(-1) - 127)
-    y = (q * scale).reshape(*spec.shape[:-1], -1)[..., : spec.shape[-1]]
-    return y.to(dtype)
+        return tensors["scale"].unsqueeze(-1).float() * gb
+    return pow2(tensors["scale"].to(torch.int32).unsqueeze(-1) - 127)
+
+
+def fp4_into(out: torch.Tensor, tensors: dict[str, torch.Tensor], spec: PackSpec) -> torch.Tensor:
+    """``unpack`` of fp4 codes written straight into a contiguous ``out`` (no padded last dim):
+    the fp32 product is rounded once into ``out``'s dtype, as ``unpack`` rounds it."""
+    q = _fp4_values(tensors, spec)
+    return torch.mul(q, fp4_scales(tensors, spec), out=out.view(q.shape))
