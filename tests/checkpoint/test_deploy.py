@@ -8,6 +8,7 @@ import torch
 
 import qpeft
 from qpeft.quant.targets import quantized_layers
+from tests.checkpoint.helpers import deploy_llama
 from tests.models import tiny_gpt2, tiny_llama, tiny_qwen3_moe
 from tests.tolerances import BF16_ATOL, BF16_RTOL, FP32_ATOL, FP32_RTOL
 
@@ -24,17 +25,7 @@ INT = {"int8", "int8_weight_only", "int8_dynamic", "int4"}
 
 def _llama(dtype=torch.float32):
     """A one-block Llama whose 128-wide layers take int4's 128-blocks."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    return deploy_llama(None, dtype)
 
 
 def _quantized(preset, dtype=torch.float32, compress=False):

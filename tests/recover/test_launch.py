@@ -119,9 +119,10 @@ def test_two_ranks_give_the_one_process_run(work, tmp_path, mode):
     expected = _files(one)
     if mode == "fsdp2":  # a sharded student is not exported: the summary says so
         expected = {f for f in expected if not f.startswith("deploy")}
-        assert "deploy/ not written: not written by a sharded (fsdp2) run" in (
-            two / "summary.txt"
-        ).read_text()
+        assert (
+            "deploy/ not written: not written by a sharded (fsdp2) run"
+            in (two / "summary.txt").read_text()
+        )
     assert _files(two) == expected
 
     a, b = (json.loads((d / "report.json").read_text()) for d in (one, two))

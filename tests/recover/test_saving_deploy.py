@@ -4,12 +4,12 @@ format cannot hold, not written with the reason in the record and the summary.""
 import sys
 
 import pytest
-import torch
 
 import qpeft
 from qpeft.recover.quantizing import quantize_student
 from qpeft.recover.report import deploy_lines
 from qpeft.recover.saving import write_deploy
+from tests.checkpoint.helpers import deploy_llama
 from tests.models import tiny_gpt2, tiny_llama, token_ids
 
 pytest.importorskip("compressed_tensors")
@@ -17,18 +17,7 @@ pytest.importorskip("compressed_tensors")
 
 def _wide_llama():
     """One Llama block whose 128-wide layers hold whole int4 blocks."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return deploy_llama()
 
 
 def _student(build, fmt):
