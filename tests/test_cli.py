@@ -53,6 +53,7 @@ def tiny_run(tiny, tmp_path_factory):
                 "8",
                 "--output",
                 str(out),
+                "--tie-fused-scales",  # deploy/ then serves exactly the trained student
                 *FEW_STEPS,
             ]
         )
@@ -215,6 +216,7 @@ def test_same_seed_same_run(capsys, tiny, tiny_run, tmp_path):
                 "8",
                 "--output",
                 str(tmp_path / "again"),
+                "--tie-fused-scales",
                 *FEW_STEPS,
             ]
         )

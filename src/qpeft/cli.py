@@ -104,6 +104,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         lr=args.lr,
         patience=args.patience,
         compress=args.compress,
+        tie_fused_scales=args.tie_fused_scales,
         progress=not args.no_progress,
         parallel=mode,
     )

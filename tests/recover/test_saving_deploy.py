@@ -20,9 +20,9 @@ def _wide_llama():
     return deploy_llama()
 
 
-def _student(build, fmt):
+def _student(build, fmt, tie=False):
     model = build()
-    quantize_student(model, fmt, lambda m: m(token_ids()))
+    quantize_student(model, fmt, lambda m: m(token_ids()), tie)
     qpeft.update_model(model, {"adapter_cfg": {"*layers.*": {"rank": 2}, "*.h.*": {"rank": 2}}})
     return model
 
@@ -37,6 +37,19 @@ def test_deploy_is_written_and_measured(tmp_path):
     assert record["ratio"] == weights / 0.5 and record["dense_mb"] == 0.5
     line = deploy_lines({"deploy": record})[0]
     assert line.startswith("deploy/ (compressed-tensors): model ") and "vs dense 0.50 MiB" in line
+
+
+def test_untied_fused_scales_are_recorded_and_summarized_tied_ones_export_silently(tmp_path):
+    untied = write_deploy(_student(tiny_llama, "fp8", False), None, tmp_path / "untied", 1.0)
+    tied = write_deploy(_student(tiny_llama, "fp8", True), None, tmp_path / "tied", 1.0)
+    assert tied["written"] and tied["warnings"] == []
+    assert len(deploy_lines({"deploy": tied})) == 1
+    assert untied["written"] and len(untied["warnings"]) == 1
+    assert "do not share their scales" in untied["warnings"][0]
+    line = deploy_lines({"deploy": untied})[1]
+    groups = untied["warnings"][0].count(" weight elements change")
+    assert groups >= 2 and line.startswith(f"deploy/ holds {groups} fused groups")
+    assert "--tie-fused-scales" in line
 
 
 @pytest.mark.parametrize(

@@ -119,6 +119,13 @@ def add_recover_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
         "--lora-dtype", choices=list(LORA_DTYPES), help="adapter dtype (default: the weight's)"
     )
     g.add_argument("--compress", action="store_true", help="train a compressed student")
+    g.add_argument(
+        "--tie-fused-scales",
+        action="store_true",
+        help="q/k/v and gate/up share their per-tensor scales, as serving engines fuse them, so "
+        "deploy/ holds exactly what was trained (default: untied; deploy/ then ties them at "
+        "export and the summary gives the change)",
+    )
     g = p.add_argument_group("training")
     g.add_argument(
         "--block-epochs",

@@ -66,6 +66,7 @@ class RecoverOptions:
     lr: float = 3e-4
     patience: int = 3
     compress: bool = False
+    tie_fused_scales: bool = False
     progress: bool = True
     parallel: str = "none"  # none, ddp, fsdp2 (qpeft.recover.distributed)
 
@@ -183,7 +184,7 @@ def run_recipe(
                     task.forward(model, b)
                     bar.update(1)
 
-        quantize_student(student, opts.format, forward_loop)
+        quantize_student(student, opts.format, forward_loop, opts.tie_fused_scales)
     par.quantized(student)
     names = quantized_names(student)
     if not names:

@@ -1,5 +1,5 @@
 """Quantize the student with a ``qpeft.quantize`` preset; calibrate inputs only when the format has
-them. The layers an engine fuses (q/k/v, gate/up) share their per-tensor scales
+them. With ``tie`` the layers an engine fuses (q/k/v, gate/up) share their per-tensor scales
 (``tie_fused_scales=True``), so the student trains on the numerics its ``deploy/`` checkpoint
 serves."""
 
@@ -23,10 +23,10 @@ def quantizes_inputs(fmt: str) -> bool:
 
 
 def quantize_student(
-    model: nn.Module, fmt: str, forward_loop: Callable[[nn.Module], None]
+    model: nn.Module, fmt: str, forward_loop: Callable[[nn.Module], None], tie: bool = False
 ) -> nn.Module:
-    """Fake-quantize ``model`` in place with preset ``fmt``, fused groups' per-tensor scales tied;
-    ``forward_loop`` calibrates input formats.
+    """Fake-quantize ``model`` in place with preset ``fmt`` (``tie``: fused groups' per-tensor
+    scales tied); ``forward_loop`` calibrates input formats.
 
     Raises:
         ValueError: unknown format (lists the known ones), or what ``qpeft.quantize`` raises.
@@ -34,5 +34,5 @@ def quantize_student(
     if fmt not in PRESETS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     return quantize(
-        model, fmt, forward_loop if quantizes_inputs(fmt) else None, tie_fused_scales=True
+        model, fmt, forward_loop if quantizes_inputs(fmt) else None, tie_fused_scales=tie
     )

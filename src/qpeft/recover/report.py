@@ -83,7 +83,19 @@ def deploy_lines(run: dict[str, Any]) -> list[str]:
         f"deploy/ ({deploy['format']}): model {deploy['model_mb']:.2f} MiB vs dense "
         f"{deploy['dense_mb']:.2f} MiB ({100 * deploy['ratio']:.1f}%), "
         f"adapters {deploy['adapters_mb']:.2f} MiB"
-    ]
+    ] + [_warning_line(w) for w in deploy.get("warnings", [])]
+
+
+def _warning_line(text: str) -> str:
+    """One summary line for a warning of the export (the whole text is in report.json)."""
+    if "do not share their scales" in text:
+        groups = text.count(" weight elements change")
+        return (
+            f"deploy/ holds {groups} fused groups (q/k/v, gate/up) requantized with a shared "
+            "scale, as engines run them: not exactly the trained student (the change per group is "
+            "in report.json, deploy.warnings); --tie-fused-scales trains on the served numerics"
+        )
+    return f"deploy/ export warned: {text.splitlines()[0][:200]}"
 
 
 def write_report(run: dict[str, Any], folder: Path) -> Path:

@@ -16,6 +16,7 @@ missing there, for the summary. The checkpoint holds every adapter.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +50,19 @@ def write_deploy(
         dense_mb: the dense model's weight size (MiB), for the ratio.
 
     Returns:
-        ``{"written": True, "path", "format", "model_mb", "adapters_mb", "dense_mb", "ratio"}``
+        ``{"written": True, "path", "format", "model_mb", "adapters_mb", "dense_mb", "ratio",
+        "warnings"}``
         (``model_mb``: ``deploy/model.safetensors``; ``adapters_mb``: the adapter safetensors
-        under ``deploy/adapters/``; ``ratio``: ``model_mb / dense_mb``), or
+        under ``deploy/adapters/``; ``ratio``: ``model_mb / dense_mb``; ``warnings``: what the
+        export warned, e.g. fused groups whose scales it tied, with the measured change), or
         ``{"written": False, "reason": one line}`` when the export refused the student (a
         ``ValueError``: a layer the format cannot hold) or lacks a package (int4 packs with
         compressed-tensors); nothing is written then.
     """
     try:
-        path = export_hf_checkpoint(student, folder / DEPLOY, tokenizer=tokenizer)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            path = export_hf_checkpoint(student, folder / DEPLOY, tokenizer=tokenizer)
     except ValueError as err:
         return {"written": False, "reason": str(err).splitlines()[0]}
     except ImportError as err:  # int4's int32 packing is compressed-tensors' own
@@ -75,6 +80,7 @@ def write_deploy(
         "adapters_mb": _mib(sorted((path / ADAPTERS_DIR).rglob("*.safetensors"))),
         "dense_mb": dense_mb,
         "ratio": model_mb / max(dense_mb, 1e-12),
+        "warnings": [str(w.message) for w in caught if issubclass(w.category, UserWarning)],
     }
 
 
