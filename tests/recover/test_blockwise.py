@@ -67,3 +67,12 @@ def test_zero_epochs_only_measure():
     teacher, student, batches = _pair()
     report = reconstruct_blocks(student, teacher, _forward, batches, epochs=0, lr=1e-2, seed=0)
     assert report.losses == [] and report.before == report.after
+
+
+def test_ten_steps_per_block_train_where_torchs_one_cycle_warm_up_would_be_one_step():
+    """10 steps x 10% warm-up is a one-step phase, on which torch's OneCycleLR divides by zero;
+    the schedule then warms up over two steps."""
+    teacher, student, batches = _pair()
+    batches = (batches * 4)[:10]  # one epoch of 10 batches: 10 steps per block
+    report = reconstruct_blocks(student, teacher, _forward, batches, epochs=1, lr=1e-2, seed=0)
+    assert len(report.losses) == 20 and all(after < 1 for after in report.after)
