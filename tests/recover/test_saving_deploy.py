@@ -76,3 +76,22 @@ def test_a_missing_deploy_package_is_a_reason_not_a_failed_run(tmp_path, monkeyp
     assert not record["written"] and "pip install 'qpeft[deploy]'" in record["reason"]
     assert "needs the package compressed_tensors" in record["reason"]
     assert not (tmp_path / "deploy").exists()
+
+
+def test_other_libraries_warnings_during_the_export_pass_through_and_stay_out_of_the_record(
+    tmp_path, monkeypatch
+):
+    import warnings
+
+    import qpeft.recover.saving as saving
+
+    export = saving.export_hf_checkpoint
+
+    def noisy(*args, **kwargs):
+        warnings.warn("a reader library's deprecation notice", UserWarning, stacklevel=1)
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(saving, "export_hf_checkpoint", noisy)
+    with pytest.warns(UserWarning, match="deprecation notice"):
+        record = write_deploy(_student(tiny_llama, "fp8", True), None, tmp_path, 1.0)
+    assert record["written"] and record["warnings"] == []

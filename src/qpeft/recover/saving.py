@@ -31,6 +31,7 @@ __all__ = ["save_student", "hf_left_out", "write_deploy"]
 
 ADAPTER = "default"
 DEPLOY = "deploy"
+_OWN_WARNING = "export_hf_checkpoint"  # how the export's own warnings start
 
 
 def _mib(files: list[Path]) -> float:
@@ -63,6 +64,10 @@ def write_deploy(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             path = export_hf_checkpoint(student, folder / DEPLOY, tokenizer=tokenizer)
+        own = [str(w.message) for w in caught if str(w.message).startswith(_OWN_WARNING)]
+        for w in caught:  # other libraries' warnings are not the record's: pass them on
+            if not str(w.message).startswith(_OWN_WARNING):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except ValueError as err:
         return {"written": False, "reason": str(err).splitlines()[0]}
     except ImportError as err:  # int4's int32 packing is compressed-tensors' own
@@ -80,7 +85,7 @@ def write_deploy(
         "adapters_mb": _mib(sorted((path / ADAPTERS_DIR).rglob("*.safetensors"))),
         "dense_mb": dense_mb,
         "ratio": model_mb / max(dense_mb, 1e-12),
-        "warnings": [str(w.message) for w in caught if issubclass(w.category, UserWarning)],
+        "warnings": own,
     }
 
 
