@@ -71,11 +71,12 @@ def _default_model() -> str:
 
 
 def _cmd_recover(args: argparse.Namespace) -> int:
-    from .recover.launch import parallel_output, resolve_mode, save_run, start_parallel
+    from .recover.launch import deploy_run, parallel_output, resolve_mode, save_run, start_parallel
     from .recover.pipeline import RecoverOptions, run_recipe
     from .recover.quantizing import FORMATS
     from .recover.report import summary_table, write_report
     from .recover.resume import open_state
+    from .recover.saving import hf_left_out
     from .recover.tasks import check_model_dir
 
     if args.format not in FORMATS:
@@ -129,8 +130,10 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         with parallel_output(par, args.output, opts.model) as tmp:  # rank 0 alone writes
             run = run_recipe(opts, print if par.rank == 0 else lambda _s: None, state, par)
             files = save_run(par, run.student, run.tokenizer, tmp)
+            left_out = hf_left_out(run.student)
+            deploy = deploy_run(par, run, tmp)  # frees a sharded student first
             if tmp is not None:
-                result = _run_result(run, files, tmp, par.world)
+                result = _run_result(run, files, deploy, left_out, par.world)
                 result["wall_seconds"] = round(time.perf_counter() - started, 1)
                 result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
                 plotted = _plots(result, tmp)
@@ -170,25 +173,14 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_result(run, files: dict, tmp, world: int) -> dict:
-    """report.json's contents (rank 0): the run, its files, ``deploy/`` (written here when the
-    student is whole on this rank) and what the HF PEFT files leave out."""
-    from .checkpoint.sharded import is_sharded
-    from .recover.saving import hf_left_out, write_deploy
-
-    if is_sharded(run.student):
-        deploy = {
-            "written": False,
-            "reason": "not written by a sharded (fsdp2) run; export the restored checkpoint "
-            "with qpeft.export_hf_checkpoint",
-        }
-    else:
-        deploy = write_deploy(run.student, run.tokenizer, tmp, run.sizes["dense_mb"])
+def _run_result(run, files: dict, deploy: dict, left_out: dict, world: int) -> dict:
+    """report.json's contents (rank 0): the run, its files, the ``deploy/`` record and what the
+    HF PEFT files leave out."""
     if deploy["written"]:
         files["deploy"] = deploy["path"]
     result = run.to_json()
     result["files"], result["deploy"], result["world_size"] = files, deploy, world
-    result["hf_adapter_left_out"] = hf_left_out(run.student)
+    result["hf_adapter_left_out"] = left_out
     return result
 
 

@@ -168,6 +168,51 @@ def _same_hf_adapter(one: Path, two: Path) -> None:
     assert all(torch.allclose(hf[0][k], hf[1][k], rtol=1e-2, atol=1e-6) for k in hf[0])
 
 
+def _deploy_lines(run: Path) -> list[str]:
+    return [t for t in (run / "summary.txt").read_text().splitlines() if t.startswith("deploy/")]
+
+
+def _same_deploy(one: Path, two: Path) -> None:
+    """``deploy/`` of the ranks against one process's: the frozen base with its bit-equal amaxes
+    packs to the same bytes (``model.safetensors`` is byte-identical), the adapters agree within
+    the ranks' tolerance, and transformers reads both to the same weights."""
+    a, b = (json.loads((d / "report.json").read_text())["deploy"] for d in (one, two))
+    assert b["written"] and {k: v for k, v in a.items() if k != "warnings"} == {
+        k: v for k, v in b.items() if k != "warnings"
+    }
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (one / "deploy" / name).read_bytes() == (two / "deploy" / name).read_bytes(), name
+    configs = [json.loads((d / "deploy" / "config.json").read_text()) for d in (one, two)]
+    for config in configs:  # the --model path as given: relative in one process, not on ranks
+        config.pop("_name_or_path")
+    assert configs[0] == configs[1]
+    adapters = [d / "deploy" / "adapters" / "default" for d in (one, two)]
+    configs = [json.loads((d / "adapter_config.json").read_text()) for d in adapters]
+    assert configs[0] == configs[1]
+    ta, tb = (load_file(d / "adapter_model.safetensors") for d in adapters)
+    assert ta.keys() == tb.keys() and ta
+    for key in ta:
+        assert (ta[key] - tb[key]).norm() <= DIST_RECOVER_ADAPTER_RTOL * ta[key].norm(), key
+    served = [_served_weights(d / "deploy") for d in (one, two)]
+    assert served[0].keys() == served[1].keys()
+    assert all(torch.equal(served[0][k], served[1][k]) for k in served[0])
+
+
+def _served_weights(deploy: Path) -> dict[str, torch.Tensor]:
+    """The weights transformers reads from ``deploy`` (compressed-tensors, dequantized)."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(
+            deploy, quantization_config=CompressedTensorsConfig(dequantize=True)
+        )
+    return model.state_dict()
+
+
 # Llama and Qwen3-MoE (grouped 3-D experts and their adapters) under both modes; GPT-2 (Conv1D,
 # the head tied to the input embedding, blocks under ``transformer.h``) under fsdp2
 CASES = [("llama", "fsdp2"), ("llama", "ddp"), ("qwen3_moe", "fsdp2"), ("qwen3_moe", "ddp")]
@@ -187,13 +232,13 @@ def test_two_ranks_give_the_one_process_run(references, tmp_path, arch, mode):
     expected = _files(one)
     assert ("deploy" in expected) is (arch == "llama")  # no compressed-tensors experts, Conv1D
     summary = (two / "summary.txt").read_text()
-    if mode == "fsdp2":  # a sharded student is not exported: the summary says so
-        expected = {f for f in expected if not f.startswith("deploy")}
-        assert "deploy/ not written: not written by a sharded (fsdp2) run" in summary
-    elif arch != "llama":  # ddp: refused for the same layer as in one process
-        refusal = [t for t in summary.splitlines() if t.startswith("deploy/ not written")]
-        assert len(refusal) == 1 and refusal[0] in (one / "summary.txt").read_text()
     assert _files(two) == expected
+    lines = [_deploy_lines(d) for d in (one, two)]  # the same deploy/ lines as one process
+    assert lines[1] and lines[1] == lines[0]
+    if arch == "llama":  # fsdp2: rank 0 exports the restored checkpoint; ddp: its whole student
+        _same_deploy(one, two)
+    else:  # refused for the same layer as in one process (grouped experts, Conv1D)
+        assert lines[1][0].startswith("deploy/ not written: ")
     if arch == "qwen3_moe":  # the grouped experts' adapters: in the checkpoint, not hf_adapter/
         line = next(t for t in summary.splitlines() if "not in the HF PEFT files" in t)
         assert line in (one / "summary.txt").read_text().splitlines()

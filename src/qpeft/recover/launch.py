@@ -11,7 +11,10 @@ Rank 0 alone opens the atomic output folder (:func:`qpeft.recover.outputs.output
 whether that worked is agreed over a collective, so a refused ``--output`` ends every rank with
 the same error before any heavy work. Saving a sharded student is a collective: ``qpeft.save``
 gathers it and rank 0 writes the checkpoint; the adapter factors are gathered for the HF PEFT
-files.
+files. ``deploy/`` of a sharded student: every rank frees its shards, rank 0 restores the
+checkpoint it has just written into a fresh one-process student read from ``--model`` and
+exports that, as one process does; the others wait for it in a collective that also carries its
+error, if any.
 """
 
 from __future__ import annotations
@@ -31,14 +34,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint.full import save
+from ..checkpoint.full import restore, save
 from ..checkpoint.hf_peft import PREFIX, peft_files, write_peft_files
 from ..checkpoint.sharded import gather_tensors, is_sharded
 from .distributed import MODES, Parallel
 from .outputs import output_directory
-from .saving import ADAPTER, hf_left_out, save_student
+from .saving import ADAPTER, hf_left_out, save_student, write_deploy
+from .tasks import load_student
 
-__all__ = ["resolve_mode", "start_parallel", "parallel_output", "save_run"]
+__all__ = ["resolve_mode", "start_parallel", "parallel_output", "save_run", "deploy_run"]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -164,3 +168,42 @@ def save_run(par: Parallel, student: nn.Module, tokenizer: Any, tmp: Path | None
         write_peft_files(tmp / "hf_adapter", config, tensors)
         files["hf_adapter"] = "hf_adapter"
     return files
+
+
+def deploy_run(par: Parallel, run: Any, tmp: Path | None) -> dict | None:
+    """Write ``tmp/deploy/`` from rank 0 (:func:`~qpeft.recover.saving.write_deploy`) after
+    :func:`save_run`; a collective for a sharded student.
+
+    A whole student (one process, ddp) is exported as it is. A sharded (fsdp2) one is dropped on
+    every rank (``run.student`` becomes None, its memory freed), then rank 0 restores
+    ``tmp/checkpoint`` into a fresh student read from ``run.options["model"]`` and exports it.
+
+    Args:
+        par: how the run is spread.
+        run: the :class:`~qpeft.recover.pipeline.RecoverRun` (``student``, ``tokenizer``,
+            ``options``, ``sizes``).
+        tmp: the output folder on rank 0, None on the other ranks.
+
+    Returns:
+        The deploy record on rank 0, None on the other ranks.
+
+    Raises:
+        ValueError, OSError: rank 0 could not read the model or the checkpoint back (on every
+            rank: the others raise a ``ValueError`` quoting rank 0's error).
+    """
+    dense_mb = run.sizes["dense_mb"]
+    if not is_sharded(run.student):
+        return None if tmp is None else write_deploy(run.student, run.tokenizer, tmp, dense_mb)
+    run.student = None
+    gc.collect()  # FSDP modules hold reference cycles: free the shards before the whole copy
+    record, error = None, None
+    if tmp is not None:
+        try:
+            student = restore(load_student(run.options["model"]), tmp / "checkpoint")
+            record = write_deploy(student, run.tokenizer, tmp, dense_mb)
+        except (ValueError, OSError) as err:
+            error = err
+        student = None
+        gc.collect()
+    par.agree(error)  # the other ranks wait here for rank 0's export
+    return record

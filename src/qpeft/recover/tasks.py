@@ -21,7 +21,7 @@ from torch import nn
 
 from . import metrics
 
-__all__ = ["Task", "TASKS", "load_models", "make_batches"]
+__all__ = ["Task", "TASKS", "load_models", "load_student", "make_batches"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -167,11 +167,7 @@ def load_models(
     hf_logging.set_verbosity_error()
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        kind = (
-            "causal"
-            if any(a.endswith(_CAUSAL_SUFFIXES) for a in config.architectures or [])
-            else "encoder"
-        )
+        kind = _kind(config)
         loader = AutoModelForCausalLM if kind == "causal" else AutoModel
         teacher = loader.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -187,6 +183,36 @@ def load_models(
     teacher = prepare_teacher(teacher)
     student = loader.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     return teacher, student.eval().requires_grad_(False), tokenizer, TASKS[kind]
+
+
+def load_student(model_dir: str | Path) -> nn.Module:
+    """A fresh, plain student read from ``model_dir`` as :func:`load_models` reads it (fp32,
+    eval mode, frozen, offline), e.g. to restore a checkpoint of the run into.
+
+    Raises:
+        ValueError: the directory is missing, has no ``config.json`` or tokenizer, or cannot be
+            loaded.
+    """
+    path = Path(model_dir)
+    check_model_dir(path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        loader = AutoModelForCausalLM if _kind(config) == "causal" else AutoModel
+        student = loader.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"cannot load model from {str(path)!r}: {str(err).splitlines()[0]}"
+        ) from None
+    return student.eval().requires_grad_(False)
+
+
+def _kind(config: Any) -> str:
+    """``causal`` when the config's ``architectures`` name a causal LM head, else ``encoder``."""
+    heads = config.architectures or []
+    return "causal" if any(a.endswith(_CAUSAL_SUFFIXES) for a in heads) else "encoder"
 
 
 def make_batches(tokenizer: Any, texts: list[str], batch_size: int, max_length: int) -> list[Batch]:
