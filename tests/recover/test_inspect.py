@@ -55,3 +55,22 @@ def test_grouped_experts_adapters_are_listed_per_projection(tmp_path, capsys):
         assert "adapters (13 layer adapters)" in text  # 2 x (4 attention + 2 expert proj.) + 1
     assert main(["inspect", str(tmp_path / "ckpt")]) == 0
     assert "model.layers.1.mlp.experts.down_proj  [default]  rank 2" in capsys.readouterr().out
+
+
+def test_a_run_folder_counts_its_adapters_once_and_names_the_copies(tmp_path):
+    import qpeft
+    from tests.models import tiny_llama
+
+    model = tiny_llama()
+    qpeft.update_model(model, {"adapter_cfg": {"*layers.*": {"rank": 2}}})
+    layers = len(qpeft.lora_layers(model))
+    qpeft.save(model, tmp_path / "checkpoint")  # what a run writes: three folders of adapters
+    qpeft.export_hf_peft(model, tmp_path / "hf_adapter")
+    qpeft.export_hf_peft(model, tmp_path / "deploy" / "adapters" / "default")
+    text = describe(tmp_path)
+    assert f"adapters ({layers} layer adapters, from checkpoint/):" in text
+    copies = "copies of these adapters (not counted again): deploy/adapters/default/, hf_adapter/"
+    assert copies in text
+    assert text.count("model.layers.0.self_attn.q_proj  [default]  rank 2") == 1
+    only_hf = describe(tmp_path / "hf_adapter")  # one folder: its own adapters, no copies
+    assert f"adapters ({layers} layer adapters):" in only_hf and "copies" not in only_hf

@@ -3,8 +3,10 @@ or Hugging Face PEFT adapter files) without building a model.
 
 Reads only JSON and safetensors headers (shapes and dtypes; no tensor data, nothing unpickled):
 the mode log, every adapter (layer, name, rank, scale, dtype), quantization formats and
-quantizer counts, and file sizes. qpeft adapters are the ones the checkpoint's manifest
-(``qpeft.json``) lists, with their factors found under the keys those adapters have (grouped
+quantizer counts, and file sizes. In a folder holding a full checkpoint beside other adapter
+files (a run's ``checkpoint/``, ``hf_adapter/``, ``deploy/adapters/``), the adapters are the
+checkpoint's, listed once, and the other folders are named as copies. qpeft adapters are the
+ones the checkpoint's manifest (``qpeft.json``) lists, with their factors found under the keys those adapters have (grouped
 experts: one line per projection); Hugging Face PEFT files are read by their key names.
 """
 
@@ -24,6 +26,7 @@ from ..checkpoint.validate import MANIFEST, check_full_manifest, read_manifest
 
 __all__ = ["describe"]
 
+MODE_CHECKPOINT = "qpeft-checkpoint"
 _HF_KEY = re.compile(r"^base_model\.model\.(?P<layer>.+)\.lora_A(?:\.(?P<name>[^.]+))?\.weight$")
 
 
@@ -170,14 +173,25 @@ def describe(path: str | Path) -> str:
         raise ValueError(f"{str(root)!r} holds no JSON or safetensors file")
     headers, log = _headers(tensors), _mode_log(jsons)
     hf_config = _hf_scale(jsons)
-    adapters = _qpeft_adapter_lines([f for f in jsons if f.name == MANIFEST], headers)
-    if hf_config is not None:
-        adapters += _hf_adapter_lines(headers, hf_config)
+    manifests = [f for f in jsons if f.name == MANIFEST]
+    sources = manifests + [f for f in jsons if f.name == "adapter_config.json"]
+    primary = next((f for f in manifests if read_json(f).get("format") == MODE_CHECKPOINT), None)
+    copies = [f.parent for f in sources if f is not primary] if primary else []
+    if copies:  # a run folder: the checkpoint's adapters, once; the other folders hold copies
+        adapters = _qpeft_adapter_lines([primary], headers)
+    else:
+        adapters = _qpeft_adapter_lines(manifests, headers)
+        if hf_config is not None:
+            adapters += _hf_adapter_lines(headers, hf_config)
     quantizers = [k for shapes in headers.values() for k in shapes if "quantizer" in k]
     formats = _formats(log)
     out = [f"checkpoint {root}", f"mode log ({len(log)} entries):"]
     out += [f"  {i}. {e['mode']}  {_brief(e.get('config', {}))}" for i, e in enumerate(log, 1)]
-    out += [f"adapters ({len(adapters)} layer adapters):", *adapters]
+    where = f", from {_rel(primary.parent, root)}" if copies else ""
+    out += [f"adapters ({len(adapters)} layer adapters{where}):", *adapters]
+    if copies:
+        held = ", ".join(_rel(c, root) for c in copies)
+        out.append(f"  copies of these adapters (not counted again): {held}")
     out += [f"quantization ({len(quantizers)} quantizer tensors):"]
     out += [f"  {what}: {count} layers" for what, count in sorted(formats.items())] or [
         "  none recorded"
@@ -189,6 +203,10 @@ def describe(path: str | Path) -> str:
     ]
     out.append(f"total {_mb(sum(f.stat().st_size for f in files))}")
     return "\n".join(out)
+
+
+def _rel(folder: Path, root: Path) -> str:
+    return (folder.relative_to(root).as_posix() if root.is_dir() else ".") + "/"
 
 
 def _served_lines(root: Path, jsons: list[Path]) -> list[str]:
