@@ -6,8 +6,9 @@ the mode log, every adapter (layer, name, rank, scale, dtype), quantization form
 quantizer counts, and file sizes. In a folder holding a full checkpoint beside other adapter
 files (a run's ``checkpoint/``, ``hf_adapter/``, ``deploy/adapters/``), the adapters are the
 checkpoint's, listed once, and the other folders are named as copies. qpeft adapters are the
-ones the checkpoint's manifest (``qpeft.json``) lists, with their factors found under the keys those adapters have (grouped
-experts: one line per projection); Hugging Face PEFT files are read by their key names.
+ones the checkpoint's manifest (``qpeft.json``) lists, with their factors found under the keys
+those adapters have (grouped experts: one line per projection); Hugging Face PEFT files are
+read by their key names.
 """
 
 from __future__ import annotations
