@@ -81,7 +81,7 @@ def test_layout_and_decoding_are_modelopt_and_exact(tmp_path, preset, dtype):
     quantization = {"quant_algo": algo, "kv_cache_quant_algo": None}
     if algo != "FP8":
         quantization["group_size"] = 16
-    quantization["exclude_modules"] = ["lm_head"]
+    quantization["exclude_modules"] = ["lm_head", "model.embed_tokens"]  # as ModelOpt 0.47
     hf_quant = json.loads((out / "hf_quant_config.json").read_text())
     assert hf_quant == {
         "producer": {"name": "qpeft", "version": qpeft.__version__},
@@ -91,15 +91,15 @@ def test_layout_and_decoding_are_modelopt_and_exact(tmp_path, preset, dtype):
     weights = {"dynamic": False, "num_bits": 8 if algo == "FP8" else 4, "type": "float"}
     if algo != "FP8":
         weights["group_size"] = 16
-        assert quant["group_size"] == 16
+    assert "group_size" not in quant  # ModelOpt 0.47 keeps it in config_groups only
     group = quant["config_groups"]["group_0"]
-    assert group == {
-        "input_activations": None if algo == "W4A16_NVFP4" else weights,
-        "weights": weights,
-        "targets": ["Linear"],
-    }
+    inputs = {} if algo == "W4A16_NVFP4" else {"input_activations": weights}  # key left out
+    assert group == {**inputs, "weights": weights, "targets": ["Linear"]}
     assert quant["quant_method"] == "modelopt" and quant["quant_algo"] == algo
-    assert quant["ignore"] == ["lm_head"] and quant["producer"] == hf_quant["producer"]
+    assert (
+        quant["ignore"] == ["lm_head", "model.embed_tokens"]
+        and quant["producer"] == hf_quant["producer"]
+    )
     config = transformers.AutoConfig.from_pretrained(out)  # transformers still reads the config
     assert config.quantization_config["quant_algo"] == algo
     assert config.hidden_size == model.config.hidden_size
@@ -164,7 +164,11 @@ def test_exclude_modules_summarize_unquantized_blocks_as_modelopt_does(tmp_path)
     qpeft.quantize(model, {"quant_cfg": cfg}, lambda m: m(DEPLOY_IDS), tie_fused_scales=True)
     out = qpeft.export_hf_checkpoint(model, tmp_path / "hf", format="modelopt")
     hf_quant = json.loads((out / "hf_quant_config.json").read_text())
-    assert hf_quant["quantization"]["exclude_modules"] == ["lm_head", "model.layers.1*"]
+    assert hf_quant["quantization"]["exclude_modules"] == [
+        "lm_head",
+        "model.embed_tokens",
+        "model.layers.1*",
+    ]
     tensors = _weights(out)
     assert tensors["model.layers.1.mlp.up_proj.weight"].dtype == F32  # written unquantized
     assert "model.layers.1.mlp.up_proj.weight_scale" not in tensors

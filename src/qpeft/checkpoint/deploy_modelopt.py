@@ -17,11 +17,20 @@ decode to the fake-quantized weight. Per quantized linear layer ``L``:
   weight_scale_2)``.
 
 Files: ``hf_quant_config.json`` (``{"producer", "quantization": {"quant_algo",
-"kv_cache_quant_algo", "group_size", "exclude_modules"}}``) and, in ``config.json``, the
-``quantization_config`` ModelOpt derives from it (``quant_method: "modelopt"``, ``quant_algo``,
-``config_groups``, ``ignore``). ``exclude_modules`` summarizes the unquantized linear layers with
-prefix wildcards as ModelOpt does (``lm_head``; ``model.layers.3*`` when a whole block is left
-out).
+"kv_cache_quant_algo", "group_size" (nvfp4), "exclude_modules"}}``) and, in ``config.json``, the
+``quantization_config`` ModelOpt derives from it (``config_groups``, with no
+``input_activations`` for W4A16_NVFP4; ``ignore``; ``quant_algo``; ``producer``;
+``quant_method: "modelopt"``). ``exclude_modules`` summarizes, with ModelOpt's prefix wildcards,
+the unquantized modules ModelOpt gives a quantizer to (those with a weight among linear,
+embedding, convolution and norm layers: ``["lm_head", "model.embed_tokens"]`` for a Llama;
+``model.layers.3*`` when a whole block is left out; ``model.layers.1.*`` where ``model.layers.1*``
+would also match ``model.layers.10``).
+
+Checked against ModelOpt 0.47's own export (``benchmarks/modelopt_export.py``): the same tensor
+names, dtypes and shapes and the same two JSON documents but the producer. The codes differ on
+purpose: ModelOpt writes a negative element that rounds to zero as E2M1 ``-0`` (code 8), qpeft
+as ``+0`` (the same value; a compressed layer no longer knows the sign); ModelOpt's FP8 codes of a
+bf16 model are rounded in bf16 first; ModelOpt leaves FP8 weight scales of fused layers untied.
 """
 
 from __future__ import annotations
@@ -31,12 +40,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.wrapping import ModuleWrapper
 from ..quant.numerics import E2M1_MAX, E4M3_MAX, TINY_AMAX
+from ..quant.targets import logical_named_modules
 from .deploy_layers import LayerExport, model_tensors
 
 __all__ = ["HF_QUANT_CONFIG", "modelopt_collect"]
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
+# The module types ModelOpt 0.47 gives quantizers to that have a weight: an unquantized one with
+# a weight is listed in exclude_modules (its QuantModuleRegistry; norms carry input quantizers).
+_MODELOPT_MODULES = (
+    nn.Linear,
+    nn.Embedding,
+    nn.LayerNorm,
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
 _HINT = (
     "format='modelopt' writes FP8 per tensor (preset 'fp8'), NVFP4 ('nvfp4') and W4A16_NVFP4 "
     "('nvfp4_weight_only'), the algorithms vLLM and TensorRT-LLM read from a ModelOpt "
@@ -134,8 +155,9 @@ def _candidates(name: str) -> list[list[str]]:
 def exclude_modules(unquantized: list[str], quantized: list[str]) -> list[str]:
     """ModelOpt's prefix-wildcard summary of the unquantized layers (sorted).
 
-    Each unquantized name gets the shortest dotted-prefix wildcard (``prefix*``, else the pair
-    ``prefix`` / ``prefix.*``, else the name itself) that no quantized layer matches.
+    Each unquantized name gets the shortest dotted-prefix wildcard (``prefix*``, else
+    ``prefix.*`` where neither ``prefix`` nor ``prefix.*`` is a quantized layer's, else the name
+    itself) that no quantized layer matches.
     """
     blocked = set(quantized) | {q[:i] + "*" for q in quantized for i in range(len(q) + 1)}
     found: set[str] = set()
@@ -143,9 +165,21 @@ def exclude_modules(unquantized: list[str], quantized: list[str]) -> list[str]:
         for wildcards in _candidates(name):
             if any(w in blocked for w in wildcards):
                 continue
-            found.update(wildcards)
+            found.add(wildcards[-1])  # of the pair, ModelOpt 0.47 writes ``prefix.*`` only
             break
     return sorted(found)
+
+
+def unquantized_modules(model: nn.Module, layers: dict[str, LayerExport]) -> list[str]:
+    """Logical names of the modules ModelOpt would list as unquantized (module order)."""
+    return [
+        logical
+        for _, logical, module in logical_named_modules(model)
+        if not isinstance(module, ModuleWrapper)
+        and logical not in layers
+        and isinstance(module, _MODELOPT_MODULES)
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+    ]
 
 
 def _configs(algo: str, exclude: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -160,14 +194,12 @@ def _configs(algo: str, exclude: list[str]) -> tuple[dict[str, Any], dict[str, A
         quantization["group_size"] = 16
         weights["group_size"] = 16
     quantization["exclude_modules"] = exclude
-    inputs = None if algo == "W4A16_NVFP4" else dict(weights)
+    group: dict[str, Any] = {} if algo == "W4A16_NVFP4" else {"input_activations": dict(weights)}
+    group.update(weights=weights, targets=["Linear"])
     config = {
-        "config_groups": {
-            "group_0": {"input_activations": inputs, "weights": weights, "targets": ["Linear"]}
-        },
+        "config_groups": {"group_0": group},
         "ignore": exclude,
         "quant_algo": algo,
-        **({"group_size": 16} if algo != "FP8" else {}),
         "producer": producer,
         "quant_method": "modelopt",
     }
@@ -192,8 +224,9 @@ def modelopt_collect(
             f"({algos[other]}) are quantized differently; a ModelOpt checkpoint written here "
             "holds one algorithm (use format='compressed-tensors' or one preset)"
         )
-    tensors, unquantized = model_tensors(
+    tensors, _ = model_tensors(
         model, layers, lambda export: modelopt_tensors(export, algos[export.name])
     )
-    hf_quant, config = _configs(next(iter(algos.values())), exclude_modules(unquantized, layers))
+    exclude = exclude_modules(unquantized_modules(model, layers), list(layers))
+    hf_quant, config = _configs(next(iter(algos.values())), exclude)
     return hf_quant, config, tensors
