@@ -70,7 +70,9 @@ def test_transformers_reads_back_qpeft_weights(tmp_path, preset, dtype):
     model, want = _quantized(preset, dtype)
     out = qpeft.export_hf_checkpoint(model, tmp_path / "hf")
     assert out == tmp_path / "hf"
-    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [type(model).__name__]  # engines choose the class by it
+    quant = config["quantization_config"]
     assert quant["quant_method"] == "compressed-tensors" and quant["ignore"] == ["lm_head"]
     _check_weights(_load(out, dtype), want, preset, dtype)
 

@@ -125,6 +125,8 @@ def _model_config(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[st
             "only transformers models are exported"
         )
     out = config.to_dict()
+    if not out.get("architectures"):  # engines pick the model class from it, as save_pretrained
+        out["architectures"] = [type(model).__name__]
     floats = [v.dtype for v in tensors.values() if v.dtype in (torch.bfloat16, torch.float16)]
     floats += [v.dtype for v in tensors.values() if v.dtype == torch.float32]
     if floats:
