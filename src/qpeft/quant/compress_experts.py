@@ -50,8 +50,9 @@ def experts_spec(layer: QuantExperts, name: str) -> PackSpec:
     return PackSpec(q.fmt, shape, q.num_bits, axis, blocks, q.narrow_range)
 
 
-def experts_refusal(layer: QuantExperts, frozen: bool = True) -> str | None:
-    """Why the experts ``layer`` cannot be compressed, or None."""
+def experts_refusal(layer: QuantExperts, frozen: bool = True, values: bool = True) -> str | None:
+    """Why the experts ``layer`` cannot be compressed, or None (``values``: check the weights are
+    finite; a replay skips it, since the checkpoint's packed tensors replace them)."""
     if compressed_experts_class(layer) is None:
         return f"{type(layer).__name__} grouped experts have no packed forward"
     raw = innermost(layer)
@@ -71,7 +72,7 @@ def experts_refusal(layer: QuantExperts, frozen: bool = True) -> str | None:
             return f"projection {name!r}: {reason}"
         if str(weight.dtype).removeprefix("torch.") not in _DTYPES:
             return f"weights of dtype {weight.dtype} are not compressed"
-        if not bool(torch.isfinite(weight).all()):
+        if values and not bool(torch.isfinite(weight).all()):
             return f"its weight {name!r} has non-finite values"
     return None
 
@@ -147,7 +148,7 @@ def replay_experts(name: str, layer: QuantExperts, entry: Any, restoring: bool) 
         ValueError: the entry is malformed or disagrees with the layer (names it); model unchanged.
     """
     specs = _check_entry(name, layer, entry)
-    reason = experts_refusal(layer, frozen=False)
+    reason = experts_refusal(layer, frozen=False, values=not restoring)
     if reason is not None:
         raise ValueError(f"compress replay: layer {name!r}: {reason}")
     if not restoring:
