@@ -211,15 +211,29 @@ def test_refuses_non_finite_weights_and_nothing_to_compress():
     _refused(TinyBlock(), "no quantized layer")
 
 
-def test_refuses_grouped_experts_naming_the_layer():
+def test_grouped_experts_compress_bit_exactly_with_lora_on_the_experts():
     from tests.models import MOE_MODELS
 
     ids = token_ids()
-    model = MOE_MODELS["mixtral"]()
+    torch.manual_seed(0)
+    model = MOE_MODELS["qwen3_moe"]()
     model = qpeft.quantize(model, "nvfp4", forward_loop=lambda m: m(input_ids=ids))
     model.requires_grad_(False)
-    _refused(model, r"'model\.layers\.0\.mlp\.experts'.*grouped experts")
-    qpeft.compress(model, layer_patterns="*self_attn*")  # the rest can be compressed
+    qpeft.update_model(model, LORA)
+    reference = copy.deepcopy(model)
+    model = qpeft.compress(model)
+    experts = model.model.layers[0].mlp.experts
+    assert type(experts.base).__name__ == "CompressedHFExperts"
+    assert "model.layers.0.mlp.experts.gate_up_proj_packed" in model.state_dict()
+    runs = []
+    for m in (model, reference):
+        y = m(input_ids=ids).logits
+        y.float().square().mean().backward()
+        runs.append((y, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    assert_bits_equal(runs[0][0], runs[1][0])
+    assert runs[0][1].keys() == runs[1][1].keys() and any("experts" in n for n in runs[0][1])
+    for name, grad in runs[1][1].items():
+        assert_bits_equal(runs[0][1][name], grad)
 
 
 def _compressed_lora(**lora):

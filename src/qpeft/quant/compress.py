@@ -22,6 +22,7 @@ from torch import nn
 from ..core.modes import is_restoring, record, register_mode, swap_module
 from ..core.patterns import matches_pattern
 from ..core.wrapping import innermost
+from .compress_experts import experts_refusal, pack_experts, replay_experts
 from .compressed import (
     CompressedConv1D,
     CompressedLinear,
@@ -30,6 +31,7 @@ from .compressed import (
     PackedLinear,
     is_compressed,
 )
+from .compressed_experts import packed_buffer_names
 from .experts import QuantExperts
 from .layer import QuantConv1D, QuantLinear, QuantModule
 from .packing import PackSpec, check_packable, pack, packed_layout
@@ -65,11 +67,7 @@ def _spec(layer: QuantModule) -> PackSpec:
 def _refusal(name: str, layer: QuantModule, frozen: bool = True) -> str | None:
     """Why ``layer`` cannot be compressed, or None."""
     if isinstance(layer, QuantExperts):
-        return (
-            "grouped experts are not compressed yet (only quantized nn.Linear / Conv1D layers): "
-            "their 3-D weights have no packed forward that dequantizes without saving dense "
-            "expert weights for backward; leave it out with layer_patterns"
-        )
+        return experts_refusal(layer, frozen)
     if type(layer) not in _KINDS:
         return f"{type(layer).__name__} layers cannot be compressed (only QuantLinear, QuantConv1D)"
     weight, quantizer = innermost(layer).weight, layer.weight_quantizer
@@ -135,6 +133,8 @@ def packed_weight(layer: QuantModule) -> tuple[PackSpec, dict[str, torch.Tensor]
     Raises:
         ValueError: as :func:`compress` refuses the layer (the name is left to the caller).
     """
+    if isinstance(layer, QuantExperts):
+        raise ValueError("grouped experts have no 2-D packed weight (one per expert projection)")
     if is_compressed(layer):
         raw = innermost(layer)
         return raw.spec, raw.packed_tensors()
@@ -169,6 +169,10 @@ def compress(model: nn.Module, layer_patterns: Any = None) -> nn.Module:
     log = {}
     for name in list(chosen):
         slot, layer = chosen.pop(name)  # no reference left: the master goes with the old layer
+        if isinstance(layer, QuantExperts):
+            new, log[name] = pack_experts(layer)
+            model = swap_module(model, slot, new)
+            continue
         dtype = innermost(layer).weight.dtype
         spec, tensors = _pack_layer(layer)
         model = swap_module(model, slot, _build(layer, spec, tensors, dtype))
@@ -190,8 +194,7 @@ def ddp_skips_packed(model: nn.Module) -> None:
     packed = {
         f"{name}.{key}" if name else key
         for name, module in model.named_modules()
-        if isinstance(module, PackedDense)
-        for key in module._buffers
+        for key in _packed_buffers(module)
     }
     known = getattr(model, "_ddp_params_and_buffers_to_ignore", None)
     if not packed and known is None:
@@ -201,10 +204,22 @@ def ddp_skips_packed(model: nn.Module) -> None:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
 
 
+def _packed_buffers(module: nn.Module) -> list[str]:
+    if isinstance(module, PackedDense):
+        return list(module._buffers)
+    return packed_buffer_names(module)  # a compressed raw experts module's packed projections
+
+
 @register_mode("compress")
 def _replay_compress(model: nn.Module, config: dict[str, Any]) -> nn.Module:
     slots = _slots(model)
     for name, entry in config["layers"].items():
+        layer = slots.get(name, (None, None))[1]
+        if isinstance(layer, QuantExperts) and not is_compressed(layer):
+            model = swap_module(
+                model, slots[name][0], replay_experts(name, layer, entry, is_restoring())
+            )
+            continue
         if name not in slots or type(slots[name][1]) not in _KINDS:
             raise ValueError(f"compress replay: model has no quantized layer {name!r}")
         slot, layer = slots[name]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.wrapping import ModuleWrapper, innermost
+from .compressed_experts import packed_projections
 from .dequant import dequantize
 from .layer import QuantConv1D, QuantLinear
 from .packing import PackSpec, packed_layout
@@ -199,8 +200,10 @@ class CompressedConv1D(_Compressed, QuantConv1D):
 
 
 def is_compressed(module: nn.Module) -> bool:
-    """Whether ``module`` (a layer, looking through wrappers) is compressed."""
-    return isinstance(innermost(module), PackedDense)
+    """Whether ``module`` (a layer, looking through wrappers) is compressed (grouped experts:
+    with at least one packed projection)."""
+    inner = innermost(module)
+    return isinstance(inner, PackedDense) or bool(packed_projections(inner))
 
 
 def compressed_error(what: str, layer_name: str, hint: str | None = None) -> ValueError:

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from transformers.integrations.moe import _batched_linear, _grouped_linear
 
+from ...quant.compressed import is_compressed
+from ...quant.compressed_experts import projection_shape
 from ...quant.layer import QuantModule
 from ...quant.plugins.moe import hf_expert_projections, is_hf_experts
 from ..experts import LoRAExperts, Projection
@@ -59,20 +61,25 @@ class LoRAHFExperts(LoRAExperts):
 
     @staticmethod
     def num_experts(base: nn.Module) -> int:
-        return base.down_proj.shape[0]
+        return projection_shape(base, "down_proj")[0]
 
     def _project(self, name: str, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         inner = self._inner()
-        weight = self.effective_weight(name)
         bias = getattr(inner, f"{name}_bias")[routing.expert_ids] if inner.has_bias else None
-        if routing.kind == "grouped":
-            out = _grouped_linear(
-                x, weight, routing.offsets, bias=bias, is_transposed=inner.is_transposed
-            )
-        else:
-            out = _batched_linear(
+
+        def product(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None):
+            if routing.kind == "grouped":
+                return _grouped_linear(
+                    x, weight, routing.offsets, bias=bias, is_transposed=inner.is_transposed
+                )
+            return _batched_linear(
                 x, weight[routing.expert_ids], bias=bias, is_transposed=inner.is_transposed
             )
+
+        if is_compressed(self.base):  # dequantized per call, not saved for backward
+            out = self.base.packed_apply(name, product, x, bias)
+        else:
+            out = product(self.effective_weight(name), x, bias)
         return self.lora_delta(name, x, routing, out)
 
     def forward(

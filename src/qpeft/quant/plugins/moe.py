@@ -10,12 +10,20 @@ are not quantized.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
+from ..compressed_experts import (
+    CompressedExperts,
+    packed_projections,
+    projection_shape,
+    register_compressed_experts,
+)
 from ..experts import QuantExperts
 from ..registry import register_quant_matcher
 
-__all__ = ["QuantHFExperts", "is_hf_experts", "hf_expert_projections"]
+__all__ = ["QuantHFExperts", "CompressedHFExperts", "is_hf_experts", "hf_expert_projections"]
 
 
 def is_hf_experts(module: nn.Module) -> bool:
@@ -24,8 +32,10 @@ def is_hf_experts(module: nn.Module) -> bool:
     return (
         hasattr(module, "has_gate")
         and hasattr(module, "is_transposed")
-        and isinstance(down, nn.Parameter)
-        and down.dim() == 3
+        and (
+            (isinstance(down, nn.Parameter) and down.dim() == 3)
+            or "down_proj" in packed_projections(module)
+        )
     )
 
 
@@ -34,7 +44,7 @@ def hf_expert_projections(module: nn.Module) -> dict[str, tuple[int, int, bool]]
     names = ("gate_up_proj" if module.has_gate else "up_proj", "down_proj")
     found = {}
     for name in names:
-        shape = getattr(module, name).shape
+        shape = projection_shape(module, name)  # packed (qpeft.compress) or not
         transposed = bool(module.is_transposed)
         in_f, out_f = (shape[1], shape[2]) if transposed else (shape[2], shape[1])
         found[name] = (in_f, out_f, transposed)
@@ -50,4 +60,12 @@ class QuantHFExperts(QuantExperts):
         return {name: layout[2] for name, layout in hf_expert_projections(raw).items()}
 
 
+class CompressedHFExperts(CompressedExperts, QuantHFExperts):
+    """A compressed :class:`QuantHFExperts` (:func:`qpeft.compress`): packed projections."""
+
+    def __init__(self, base: nn.Module, **quantizers: Any) -> None:
+        self._init_compressed(base, quantizers)
+
+
 register_quant_matcher(is_hf_experts, QuantHFExperts)
+register_compressed_experts(QuantHFExperts, CompressedHFExperts)
