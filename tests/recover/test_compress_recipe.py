@@ -47,3 +47,31 @@ def test_compressed_recovery_matches_the_uncompressed_one(tmp_path, fmt):
         assert "peak memory" in table and "deploy/ (compressed-tensors): model" in table
         deployed.append((tmp_path / name / "deploy" / "model.safetensors").read_bytes())
     assert deployed[0] == deployed[1]
+
+
+def test_compressed_recovery_of_an_moe_model_matches_the_uncompressed_one(tmp_path):
+    lm = build_tiny_causal_lm(tmp_path / "lm", arch="qwen3_moe")
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    runs = {}
+    for compress in (False, True):
+        opts = RecoverOptions(
+            model=str(lm),
+            data=str(corpus),
+            format="nvfp4_weight_only",
+            rank=8,
+            train_texts=16,
+            valid_texts=4,
+            eval_texts=8,
+            batch_size=8,
+            block_epochs=1,
+            epochs=1,
+            compress=compress,
+            progress=False,
+        )
+        runs[compress] = run_recipe(opts, say=lambda _: None)
+    plain, packed = runs[False], runs[True]
+    kinds = {type(m).__name__ for m in packed.student.modules()}
+    assert {"CompressedHFExperts", "CompressedLinear"} <= kinds  # the experts are packed too
+    assert packed.stages == plain.stages
+    assert packed.train_losses == plain.train_losses and packed.block_losses == plain.block_losses
+    assert packed.sizes["model_mb"] < 0.3 * plain.sizes["model_mb"]

@@ -16,6 +16,7 @@ from torch import nn
 from ..core.wrapping import ModuleWrapper
 from ..lora.experts import LoRAExperts
 from ..lora.layer import LoRAModule
+from ..quant.compress_experts import experts_refusal
 from ..quant.layer import QuantModule
 
 __all__ = [
@@ -79,14 +80,15 @@ def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
 
 
 def check_compressible(model: nn.Module, names: list[str]) -> None:
-    """Raise ValueError naming the first grouped-experts layer: ``--compress`` packs linear and
-    ``Conv1D`` weights only (checked before the adapters are attached)."""
+    """Raise ValueError naming the first grouped-experts layer ``--compress`` cannot pack (kinds
+    with no packed forward, e.g. Megatron's; checked before the adapters are attached)."""
     for name in names:
-        if set(_quantized_weights(model.get_submodule(name))) != {_SUFFIX}:
-            raise ValueError(
-                f"--compress: layer {name!r} is grouped MoE experts, which are not compressed "
-                "(only linear and Conv1D layers); run without --compress"
-            )
+        layer = model.get_submodule(name)
+        if set(_quantized_weights(layer)) == {_SUFFIX}:
+            continue
+        reason = experts_refusal(layer, frozen=False)
+        if reason is not None:
+            raise ValueError(f"--compress: layer {name!r}: {reason}; run without --compress")
 
 
 def _minus_adapters(layer: nn.Module, qname: str, residual: torch.Tensor) -> torch.Tensor:
