@@ -10,9 +10,8 @@ from qpeft.recover.saving import write_deploy
 from tests.recover.tiny_lm import build_tiny_causal_lm, write_corpus
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4_weight_only", "int8"])
-def test_compressed_recovery_matches_the_uncompressed_one(tmp_path, fmt):
-    model, corpus = build_tiny_causal_lm(tmp_path / "lm"), write_corpus(tmp_path / "corpus.txt")
+def _runs(model, corpus, fmt, **options):
+    """The recipe without and with ``--compress``: ``(plain, packed)``."""
     runs = {}
     for compress in (False, True):
         opts = RecoverOptions(
@@ -27,11 +26,18 @@ def test_compressed_recovery_matches_the_uncompressed_one(tmp_path, fmt):
             block_epochs=1,
             epochs=1,
             compress=compress,
-            tie_fused_scales=True,  # exact deploy/ bytes: nothing is requantized at export
             progress=False,
+            **options,
         )
         runs[compress] = run_recipe(opts, say=lambda _: None)
-    plain, packed = runs[False], runs[True]
+    return runs[False], runs[True]
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4_weight_only", "int8"])
+def test_compressed_recovery_matches_the_uncompressed_one(tmp_path, fmt):
+    model, corpus = build_tiny_causal_lm(tmp_path / "lm"), write_corpus(tmp_path / "corpus.txt")
+    # tie_fused_scales: exact deploy/ bytes, nothing is requantized at export
+    plain, packed = _runs(model, corpus, fmt, tie_fused_scales=True)
     assert any(isinstance(m, CompressedLinear) for m in packed.student.modules())
     assert not any(isinstance(m, CompressedLinear) for m in plain.student.modules())
     assert packed.stages == plain.stages
@@ -52,24 +58,7 @@ def test_compressed_recovery_matches_the_uncompressed_one(tmp_path, fmt):
 def test_compressed_recovery_of_an_moe_model_matches_the_uncompressed_one(tmp_path):
     lm = build_tiny_causal_lm(tmp_path / "lm", arch="qwen3_moe")
     corpus = write_corpus(tmp_path / "corpus.txt")
-    runs = {}
-    for compress in (False, True):
-        opts = RecoverOptions(
-            model=str(lm),
-            data=str(corpus),
-            format="nvfp4_weight_only",
-            rank=8,
-            train_texts=16,
-            valid_texts=4,
-            eval_texts=8,
-            batch_size=8,
-            block_epochs=1,
-            epochs=1,
-            compress=compress,
-            progress=False,
-        )
-        runs[compress] = run_recipe(opts, say=lambda _: None)
-    plain, packed = runs[False], runs[True]
+    plain, packed = _runs(lm, corpus, "nvfp4_weight_only")
     kinds = {type(m).__name__ for m in packed.student.modules()}
     assert {"CompressedHFExperts", "CompressedLinear"} <= kinds  # the experts are packed too
     assert packed.stages == plain.stages

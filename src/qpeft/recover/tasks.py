@@ -157,14 +157,9 @@ def load_models(
         ValueError: the directory is missing, has no ``config.json`` or tokenizer, or cannot be
             loaded.
     """
-    path = Path(model_dir)
-    check_model_dir(path)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = _offline_dir(model_dir)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own bars show progress; errors stay one line
-    hf_logging.set_verbosity_error()
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         kind = _kind(config)
@@ -193,9 +188,7 @@ def load_student(model_dir: str | Path) -> nn.Module:
         ValueError: the directory is missing, has no ``config.json`` or tokenizer, or cannot be
             loaded.
     """
-    path = Path(model_dir)
-    check_model_dir(path)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = _offline_dir(model_dir)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     try:
@@ -207,6 +200,18 @@ def load_student(model_dir: str | Path) -> nn.Module:
             f"cannot load model from {str(path)!r}: {str(err).splitlines()[0]}"
         ) from None
     return student.eval().requires_grad_(False)
+
+
+def _offline_dir(model_dir: str | Path) -> Path:
+    """The checked model directory; transformers set to load offline and quietly."""
+    path = Path(model_dir)
+    check_model_dir(path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars show progress; errors stay one line
+    hf_logging.set_verbosity_error()
+    return path
 
 
 def _kind(config: Any) -> str:
