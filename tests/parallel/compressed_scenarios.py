@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
@@ -13,11 +15,14 @@ from torch.distributed.tensor import DTensor
 
 import qpeft
 from qpeft.quant.compressed import PackedDense
+from qpeft.quant.compressed_experts import packed_buffer_names
+from tests.models import tiny_qwen3_moe, token_ids
 from tests.parallel import cases
-from tests.parallel.cases import block_loss, block_model, train
-from tests.parallel.scenarios import _ddp, _local_batch
+from tests.parallel.cases import block_loss, block_model, shard, train
+from tests.parallel.scenarios import _ddp, _local_batch, _to
 
 PRESETS = ("int8", "nvfp4")
+MOE_PRESET = "nvfp4"
 
 
 def packed_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -25,13 +30,38 @@ def packed_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     (fp8 scales viewed as bytes, so comparisons are bitwise)."""
     out = {}
     for name, module in sorted(model.named_modules()):
-        if isinstance(module, PackedDense):
-            for key, t in sorted(module.packed_tensors().items()):
-                t = cases.full(t)
-                out[f"{cases.clean(name)}.{key}"] = (
-                    t.view(torch.uint8) if t.is_floating_point() and t.element_size() == 1 else t
-                )
+        found = module.packed_tensors() if isinstance(module, PackedDense) else {}
+        found.update({key: getattr(module, key) for key in packed_buffer_names(module)})
+        for key, t in sorted(found.items()):
+            t = cases.full(t)
+            out[f"{cases.clean(name)}.{key}"] = (
+                t.view(torch.uint8) if t.is_floating_point() and t.element_size() == 1 else t
+            )
     return out
+
+
+def moe_model() -> nn.Module:
+    """Tiny Qwen3-MoE quantized with ``MOE_PRESET`` and compressed, grouped experts included;
+    adapter ``a`` on every layer, experts too."""
+    model = tiny_qwen3_moe()
+    ids = moe_batch()[0]
+    qpeft.quantize(model, MOE_PRESET, forward_loop=lambda m: m(input_ids=ids))
+    model.requires_grad_(False)
+    torch.manual_seed(0)
+    lora = {"rank": 4, "lora_b_init": "torch.nn.init.normal_"}
+    qpeft.update_model(model, {"adapter_name": "a", "adapter_cfg": {"*": lora}})
+    return qpeft.compress(model)
+
+
+def moe_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    return token_ids(length=8, batch=4), torch.randn(4, 8, 64, generator=gen)
+
+
+def moe_loss(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, target = batch
+    out = model(input_ids=ids).logits
+    return out, F.mse_loss(out, target)
 
 
 def _fsdp2(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
@@ -76,4 +106,25 @@ def c_fsdp2(mesh: DeviceMesh, outdir: Path) -> dict:
     }
 
 
-COMPRESSED = [c_ddp, c_fsdp2]
+def _moe_run(model: nn.Module, outdir: Path, name: str) -> dict:
+    before = packed_buffers(model)
+    local = _to(shard(moe_batch(), dist.get_rank(), dist.get_world_size()))
+    record = train(model, local, moe_loss)
+    qpeft.save_adapters(model, outdir / f"{name}_adapters")
+    return {**record, "packed_before": before, "packed_after": packed_buffers(model)}
+
+
+def c_moe_ddp(mesh: DeviceMesh, outdir: Path) -> dict:
+    """The compressed MoE model (packed experts) under DDP."""
+    return _moe_run(_ddp(moe_model()), outdir, f"c_moe_ddp_r{mesh.get_rank()}")
+
+
+def c_moe_fsdp2(mesh: DeviceMesh, outdir: Path) -> dict:
+    """The compressed MoE model under FSDP2, ``fully_shard`` per decoder layer then the root."""
+    model = moe_model().to(cases.device())
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    return _moe_run(fully_shard(model, mesh=mesh), outdir, "c_moe_fsdp2")
+
+
+COMPRESSED = [c_ddp, c_fsdp2, c_moe_ddp, c_moe_fsdp2]

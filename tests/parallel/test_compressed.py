@@ -1,6 +1,7 @@
 """Compressed models (``qpeft.compress``) under DDP and FSDP2 (``fully_shard`` per block) on 2 gloo
 ranks vs. one process: the adapters train alike, the packed buffers stay whole and equal on every
-rank, and ``qpeft.save`` / ``save_adapters`` restore on one process."""
+rank, and ``qpeft.save`` / ``save_adapters`` restore on one process. Dense layers, and a Qwen3-MoE
+whose grouped experts are packed too (adapters on the experts)."""
 
 import pytest
 import torch
@@ -9,7 +10,13 @@ import qpeft
 from tests.models import TinyBlock
 from tests.parallel.cases import block_batch, block_loss, block_model, train, trained_block
 from tests.parallel.checks import assert_close, assert_like_reference, assert_same_tensors, load
-from tests.parallel.compressed_scenarios import PRESETS, packed_buffers
+from tests.parallel.compressed_scenarios import (
+    PRESETS,
+    moe_batch,
+    moe_loss,
+    moe_model,
+    packed_buffers,
+)
 
 WORLD = 2
 
@@ -69,3 +76,23 @@ def test_gathered_state_dict_of_a_compressed_fsdp2_model(outdir, preset):
         _assert_bitwise({k: got[k].view(torch.uint8) for k in bytes_}, bytes_, f"rank {rank}")
         others = {k: v for k, v in want.items() if k not in bytes_}
         assert_same_tensors({k: got[k] for k in others}, others, f"rank {rank}")
+
+
+@pytest.mark.parametrize("engine", ["c_moe_ddp", "c_moe_fsdp2"])
+def test_compressed_moe_model_trains_like_one_process(outdir, engine):
+    ref_model = moe_model()
+    packed = packed_buffers(ref_model)
+    assert any("experts" in k for k in packed), "the experts are not packed"
+    ref = train(ref_model, moe_batch(), moe_loss)
+    assert any("experts" in k for k in ref["grads"]), "no adapter on the experts"
+    for rank in range(WORLD):
+        record = load(outdir, engine, rank)
+        what = f"{engine} rank {rank}"
+        assert_like_reference(record, ref, what, (rank, WORLD))
+        _assert_bitwise(record["packed_before"], packed, f"{what} packed before")
+        _assert_bitwise(record["packed_after"], packed, f"{what} packed after")
+    name = f"{engine}_r0" if engine == "c_moe_ddp" else engine
+    fresh = moe_model()
+    qpeft.delete_adapter(fresh, "a")
+    qpeft.load_adapters(fresh, outdir / f"{name}_adapters")
+    assert_same_tensors(_adapters(fresh), _adapters(ref_model), f"{name} adapter file")

@@ -49,6 +49,26 @@ def test_compressed_experts_run_bit_identically_with_adapters_on_them(preset, dt
     _assert_same(_run(model, ids), ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapters_attach_to_experts_after_compress(dtype, tmp_path):
+    """A new adapter (update_model, load_adapters) on packed experts takes the compute dtype and
+    device without a dense weight, and runs as on the fake-quantized model."""
+    model, ids = _moe("nvfp4", dtype, lora=False)
+    reference = copy.deepcopy(model)
+    model = qpeft.compress(model)
+    for m in (model, reference):
+        torch.manual_seed(3)
+        qpeft.update_model(m, LORA)
+    adapter = model.model.layers[0].mlp.experts.adapters["default"]
+    assert {p.dtype for p in adapter.parameters()} == {dtype}
+    _assert_same(_run(model, ids), _run(reference, ids))
+    qpeft.save_adapters(model, tmp_path / "a")
+    qpeft.delete_adapter(model, "default")
+    qpeft.load_adapters(model, tmp_path / "a")
+    reference.zero_grad(set_to_none=True)
+    _assert_same(_run(model, ids), _run(reference, ids))
+
+
 def test_no_dense_expert_weight_is_kept_or_saved_for_backward():
     model, ids = _moe("nvfp4")
     raw = model.model.layers[0].mlp.experts.base

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.wrapping import innermost
+from ..quant.compressed_experts import packed_projections, projection_tensors
 from ..quant.layer import QuantModule, find_weight_quantizer
 from .adapter import AdapterState
 from .config import PEFTAttributeConfig
@@ -167,6 +168,17 @@ class LoRAExperts(LoRAModule):
         """The original 3-D weights (or 3-D views of them), by projection name."""
         return {name: self.expert_weight(name) for name in self.projections(self._inner())}
 
+    def weight_kind(self) -> tuple[torch.dtype, torch.device]:
+        """The compute dtype and device of the experts' weights, packed (``qpeft.compress``) or
+        not, read without dequantizing."""
+        inner = self._inner()
+        packed = packed_projections(inner)
+        if packed:
+            name, projection = next(iter(packed.items()))
+            return projection.dtype, projection_tensors(inner, name)["packed"].device
+        weight = next(iter(self.base_weights().values()))
+        return weight.dtype, weight.device
+
     def weight_quantizer(self, name: str) -> nn.Module | None:
         """``<name>_weight_quantizer`` of the wrapped chain (a quantized experts wrapper), or
         None."""
@@ -211,9 +223,9 @@ class LoRAExperts(LoRAModule):
                     f"of {list(projections)}"
                 )
             projections = {p: proj for p, proj in projections.items() if p in only}
-        weight = next(iter(self.base_weights().values()))
+        weight_dtype, device = self.weight_kind()
         return ExpertsLoRAAdapter(
-            self.num_experts(inner), projections, config, dtype or weight.dtype, weight.device
+            self.num_experts(inner), projections, config, dtype or weight_dtype, device
         )
 
     @torch.no_grad()
@@ -257,11 +269,11 @@ class LoRAExperts(LoRAModule):
     def probe_inputs(self, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """``(x [rows, H], experts [rows, 1], weights [rows, 1])``: row ``i`` to expert ``i%E``."""
         inner = self._inner()
-        weight = next(iter(self.base_weights().values()))
+        dtype, device = self.weight_kind()
         hidden = next(iter(self.projections(inner).values())).in_features
-        x = torch.randn(rows, hidden, generator=generator).to(weight.device, weight.dtype)
-        experts = torch.arange(rows, device=weight.device) % self.num_experts(inner)
-        ones = torch.ones(rows, 1, device=weight.device, dtype=weight.dtype)
+        x = torch.randn(rows, hidden, generator=generator).to(device, dtype)
+        experts = torch.arange(rows, device=device) % self.num_experts(inner)
+        ones = torch.ones(rows, 1, device=device, dtype=dtype)
         return x, experts.unsqueeze(-1), ones
 
     # -- forward pieces -----------------------------------------------------------------------
