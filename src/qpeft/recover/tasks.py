@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,25 +159,18 @@ def load_models(
             loaded.
     """
     path = _offline_dir(model_dir)
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        kind = _kind(config)
-        loader = AutoModelForCausalLM if kind == "causal" else AutoModel
-        teacher = loader.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    teacher, kind = _read_model(path)
+    with _one_line_error(path):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(
-            f"cannot load model from {str(path)!r}: {str(err).splitlines()[0]}"
-        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     teacher.eval().requires_grad_(False)
     if prepare_teacher is None:
         return teacher, copy.deepcopy(teacher), tokenizer, TASKS[kind]
     teacher = prepare_teacher(teacher)
-    student = loader.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    student, _ = _read_model(path)
     return teacher, student.eval().requires_grad_(False), tokenizer, TASKS[kind]
 
 
@@ -188,18 +182,30 @@ def load_student(model_dir: str | Path) -> nn.Module:
         ValueError: the directory is missing, has no ``config.json`` or tokenizer, or cannot be
             loaded.
     """
-    path = _offline_dir(model_dir)
+    student, _ = _read_model(_offline_dir(model_dir))
+    return student.eval().requires_grad_(False)
+
+
+def _read_model(path: Path) -> tuple[nn.Module, str]:
+    """The fp32 model of a checked directory with the head its kind needs, and that kind."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    try:
+    with _one_line_error(path):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        loader = AutoModelForCausalLM if _kind(config) == "causal" else AutoModel
-        student = loader.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        kind = _kind(config)
+        loader = AutoModelForCausalLM if kind == "causal" else AutoModel
+        return loader.from_pretrained(path, local_files_only=True, dtype=torch.float32), kind
+
+
+@contextmanager
+def _one_line_error(path: Path) -> Iterator[None]:
+    """transformers' loading errors as one ``ValueError`` line naming the directory."""
+    try:
+        yield
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(
             f"cannot load model from {str(path)!r}: {str(err).splitlines()[0]}"
         ) from None
-    return student.eval().requires_grad_(False)
 
 
 def _offline_dir(model_dir: str | Path) -> Path:
