@@ -145,7 +145,7 @@ def test_vllm_loads_the_adapter_as_trained(read, case):
 
 def _lora_delta(tensors, info, name, x):
     """vLLM's LoRA term of one layer: scaling * (x A^T) B^T, from the tensors vLLM loaded."""
-    rank, scaling = info["adapters"]["default"][name]
+    _, scaling = info["adapters"]["default"][name]
     a, b = (tensors[f"lora.default.{name}.{k}"].float() for k in ("lora_a", "lora_b"))
     return scaling * (x.float() @ a.t()) @ b.t()
 
